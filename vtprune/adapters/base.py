@@ -1,0 +1,122 @@
+"""Model-family adapters: everything vtprune knows about a VLM class lives here.
+
+An adapter names the modules to hook (backbone, language model, decoder layers), finds the image
+placeholder tokens, describes each image's token layout, and says how position ids look.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import VTPruneError
+from ..view import ImageLayout
+
+
+@dataclass
+class ImageSpans:
+    """Where the images sit in a prefill batch: for each image (batch order) its row, the sequence
+    positions of its placeholder tokens, and its layout."""
+
+    rows: list[int]
+    positions: list[torch.Tensor]
+    layouts: list[ImageLayout]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses set :attr:`family`, :attr:`model_classes` and implement :meth:`layouts`."""
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+    #: 1 for plain [b, L] position ids, 3 for M-RoPE [3, b, L] (plus an optional text row 0: [4, b, L]).
+    position_axes: int = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.backbone: nn.Module = model.model
+        self.language_model: nn.Module = self.backbone.language_model
+        self.layers: nn.ModuleList = self.language_model.layers
+        self.image_token_id: int = int(model.config.image_token_id)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.language_model.config._attn_implementation or "eager"
+
+    # ---- locating images ---------------------------------------------------------------------------
+    def image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """[b, L] bool mask of image placeholder tokens, from ids or (failing those) from embeddings."""
+        if input_ids is not None:
+            return input_ids == self.image_token_id
+        if inputs_embeds is None:
+            raise VTPruneError("the model was called with neither input_ids nor inputs_embeds")
+        emb = self.backbone.get_input_embeddings()(torch.tensor(self.image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == emb.to(inputs_embeds.dtype)).all(-1)
+
+    def layouts(self, counts_per_row: list[int], inputs: dict[str, Any]) -> list[ImageLayout] | None:
+        """Per-image layouts (batch order) from the backbone's inputs; ``None`` if not derivable."""
+        raise NotImplementedError
+
+    def locate_images(self, inputs: dict[str, Any]) -> ImageSpans | None:
+        """Image spans for a prefill call of the backbone, or ``None`` when there are no image tokens."""
+        mask = self.image_mask(inputs.get("input_ids"), inputs.get("inputs_embeds"))
+        if not bool(mask.any()):
+            return None
+        counts_per_row = mask.sum(1).tolist()
+        layouts = self.layouts(counts_per_row, inputs)
+        if layouts is None:  # one image per contiguous run of placeholders
+            layouts = [ImageLayout.flat(n) for n in _run_lengths(mask)]
+        rows, positions, li = [], [], 0
+        for row in range(mask.shape[0]):
+            pos = mask[row].nonzero().flatten()
+            start = 0
+            while start < pos.numel():
+                if li >= len(layouts):
+                    raise VTPruneError("more image placeholder tokens than the images' features account for")
+                n = layouts[li].size
+                if start + n > pos.numel():
+                    raise VTPruneError(f"image {li} needs {n} placeholder tokens but row {row} has only "
+                                       f"{pos.numel() - start} left")
+                rows.append(row)
+                positions.append(pos[start:start + n])
+                start, li = start + n, li + 1
+        if li != len(layouts):
+            raise VTPruneError(f"{len(layouts)} images given but placeholder tokens for only {li}")
+        return ImageSpans(rows, positions, layouts)
+
+    # ---- positions -----------------------------------------------------------------------------------
+    def default_positions(self, batch: int, length: int, past: int, device: torch.device) -> torch.Tensor:
+        """The position ids the language model uses when given none: [A, b, L]."""
+        pos = torch.arange(past, past + length, device=device)
+        return pos.view(1, 1, -1).expand(self.position_axes, batch, -1)
+
+    def to_model_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """[A, b, L] -> the shape the language model expects."""
+        return pos[0] if self.position_axes == 1 else pos
+
+    @staticmethod
+    def as_axes(pos: torch.Tensor) -> torch.Tensor:
+        """Model position ids ([b, L] or [A, b, L]) -> [A, b, L]."""
+        return pos[None] if pos.dim() == 2 else pos
+
+
+def _run_lengths(mask: torch.Tensor) -> list[int]:
+    """Lengths of contiguous True runs, row by row."""
+    out = []
+    for row in mask:
+        pos = row.nonzero().flatten()
+        if pos.numel() == 0:
+            continue
+        breaks = ((pos[1:] - pos[:-1]) != 1).nonzero().flatten() + 1
+        edges = [0] + breaks.tolist() + [pos.numel()]
+        out.extend(b - a for a, b in zip(edges[:-1], edges[1:]))
+    return out

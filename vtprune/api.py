@@ -1,0 +1,89 @@
+"""The public entry point: ``vtprune.apply(model, pruner, **options)`` -> :class:`PruneHandle`."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+
+from .adapters import adapter_for
+from .config import PrunerConfig
+from .engine import Engine
+from .errors import VTPruneError
+from .registry import build_pruner, make_config
+from .stats import PruneStats
+
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
+
+
+class PruneHandle:
+    """Pruning hooks installed on one model. Use as a context manager or call :meth:`remove`."""
+
+    def __init__(self, model: nn.Module, engine: Engine) -> None:
+        self.model = model
+        self._engine: Engine | None = engine
+
+    @property
+    def config(self) -> PrunerConfig:
+        return self._engine_or_raise().config
+
+    @property
+    def pruner(self):
+        return self._engine_or_raise().pruner
+
+    @property
+    def active(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def stats(self) -> PruneStats:
+        """What the last prefill did (visual tokens per sample, sequence length per decoder layer) and how
+        many decode steps followed it."""
+        return self._engine_or_raise().recorder.finalize()
+
+    def remove(self) -> None:
+        """Remove every hook; the model behaves exactly as before :func:`apply`. Idempotent."""
+        if self._engine is not None:
+            self._engine.remove()
+            self._engine = None
+            if _ACTIVE.get(self.model) is self:
+                del _ACTIVE[self.model]
+
+    def _engine_or_raise(self) -> Engine:
+        if self._engine is None:
+            raise VTPruneError("this handle was removed")
+        return self._engine
+
+    def __enter__(self) -> "PruneHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"PruneHandle({self.config if self.active else 'removed'})"
+
+
+def apply(model: nn.Module, pruner: str | PrunerConfig, **options: Any) -> PruneHandle:
+    """Install visual-token pruning on ``model`` (a supported ``*ForConditionalGeneration``).
+
+    ``pruner`` is a registered name (see :func:`list_pruners`) with its options as keyword arguments, or a
+    :class:`PrunerConfig` instance. Common options: ``keep`` (float fraction in (0, 1] or int tokens per
+    image), ``site`` ("pre_llm" | "layer"), ``layer`` (K), ``positions`` ("original" | "compact"), ``seed``.
+    """
+    config = make_config(pruner, **options)
+    adapter = adapter_for(model)
+    instance = build_pruner(config)
+    if config.site not in instance.sites:
+        raise VTPruneError(f"pruner {config.name!r} supports site(s) {instance.sites}, not {config.site!r}")
+    if config.site == "layer" and not 1 <= config.layer < adapter.num_layers:
+        raise VTPruneError(f"layer={config.layer} is out of range: this model has {adapter.num_layers} decoder "
+                           f"layers, so K must be in [1, {adapter.num_layers - 1}]")
+    if model in _ACTIVE:
+        raise VTPruneError("this model already has vtprune hooks installed; call handle.remove() first")
+    engine = Engine(model, adapter, instance, config)
+    engine.install()
+    handle = PruneHandle(model, engine)
+    _ACTIVE[model] = handle
+    return handle

@@ -1,0 +1,72 @@
+"""Pruner configuration: one dataclass per pruner, validated on construction (torchao style)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import VTPruneError
+
+SITES = ("pre_llm", "layer")
+POSITION_POLICIES = ("original", "compact")
+
+
+@dataclass
+class PrunerConfig:
+    """Options shared by every pruner.
+
+    keep:      float in (0, 1] = fraction of each image's visual tokens kept; int >= 1 = tokens kept per
+               image (capped by what the image has).
+    site:      ``"pre_llm"`` drops projected visual tokens before the first decoder layer; ``"layer"`` drops
+               them from the input of decoder layer ``layer`` during prefill (layers < K see everything).
+    layer:     K for ``site="layer"`` (1 <= K < number of decoder layers).
+    positions: ``"original"`` keeps the position ids computed on the full sequence (M-RoPE triples for
+               Qwen); ``"compact"`` renumbers kept tokens 0..N'-1 (pre-LLM only).
+    seed:      seeds every random choice a pruner makes.
+    """
+
+    name: ClassVar[str] = ""
+    keep: float | int = 1.0
+    site: str = "pre_llm"
+    layer: int | None = None
+    positions: str = "original"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`VTPruneError` naming the offending field."""
+        keep = self.keep
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise VTPruneError(f"keep must be a float in (0, 1] or an int >= 1, got {keep!r}")
+        if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+            raise VTPruneError(
+                f"keep={keep!r}: a float keep is a fraction of visual tokens and must be in (0, 1]; "
+                "pass an int for an absolute token count")
+        if isinstance(keep, int) and keep < 1:
+            raise VTPruneError(f"keep={keep!r}: an int keep is a token count and must be >= 1")
+        if self.site not in SITES:
+            raise VTPruneError(f"site={self.site!r}: expected one of {SITES}")
+        if self.site == "layer":
+            if self.layer is None:
+                self.layer = 2
+            if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+                raise VTPruneError(f"layer={self.layer!r}: in-LLM pruning needs an int layer K >= 1 "
+                                   "(use site='pre_llm' to prune before the first layer)")
+        elif self.layer is not None:
+            raise VTPruneError(f"layer={self.layer!r} is only meaningful with site='layer' (site is {self.site!r})")
+        if self.positions not in POSITION_POLICIES:
+            raise VTPruneError(f"positions={self.positions!r}: expected one of {POSITION_POLICIES}")
+        if self.positions == "compact" and self.site != "pre_llm":
+            raise VTPruneError("positions='compact' is only supported with site='pre_llm': after an in-LLM prune "
+                               "the layers before K have cached the original positions, so decoding could not "
+                               "continue consistently")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise VTPruneError(f"seed must be an int, got {self.seed!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of the options this config accepts."""
+        return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,143 @@
+"""The keep plan of one prefill and the tensor surgery that applies it.
+
+A plan lists, per batch row, the sequence indices that survive (non-visual tokens + the selected visual
+tokens, in original order). Rows with fewer survivors are re-padded on the left; ``valid`` marks real slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KeepPlan:
+    """index: [b, Lk] full-sequence index per slot; valid: [b, Lk]; full_len: L before pruning;
+    replace_mask/replace_values: slots whose state is replaced (merged tokens) and their new states."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    full_len: int
+    replace_mask: torch.Tensor | None = None
+    replace_values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.index.shape[1]
+
+    @property
+    def has_padding_slots(self) -> bool:
+        return not bool(self.valid.all())
+
+    @classmethod
+    def from_keep_mask(cls, keep: torch.Tensor,
+                       replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = ()) -> "KeepPlan":
+        """Build from a [b, L] bool mask of surviving tokens and optional merged states given as
+        ``(row, sequence positions [k], states [k, D])``."""
+        b, full_len = keep.shape
+        counts = keep.sum(1)
+        lk = int(counts.max())
+        # a stable sort puts kept tokens last, in original order: left re-padding for free
+        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, full_len - lk:]
+        valid = torch.arange(lk, device=keep.device)[None, :] >= (lk - counts)[:, None]
+        first = order.gather(1, (lk - counts).clamp(max=lk - 1)[:, None])
+        index = torch.where(valid, order, first)  # padding slots copy the row's first kept token
+        plan = cls(index=index, valid=valid, full_len=full_len)
+        if replacements:
+            slot_of = torch.full((b, full_len), -1, dtype=torch.long, device=keep.device)
+            rows_v, slots_v = valid.nonzero(as_tuple=True)
+            slot_of[rows_v, index[rows_v, slots_v]] = slots_v
+            dim = replacements[0][2].shape[-1]
+            values = torch.zeros(b, lk, dim, dtype=replacements[0][2].dtype, device=keep.device)
+            mask = torch.zeros(b, lk, dtype=torch.bool, device=keep.device)
+            for row, pos, states in replacements:
+                slots = slot_of[row, pos]
+                mask[row, slots] = True
+                values[row, slots] = states
+            plan.replace_mask, plan.replace_values = mask, values[mask]
+        return plan
+
+    # ---- gathering --------------------------------------------------------------------------------
+    def gather(self, x: torch.Tensor, seq_dim: int, batch_dim: int = 0, index: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Gather ``x`` along ``seq_dim`` with the plan's per-row index (batch along ``batch_dim``);
+        a batch dimension of size 1 is broadcast first."""
+        index = self.index if index is None else index
+        seq_dim, batch_dim = seq_dim % x.dim(), batch_dim % x.dim()
+        b, lk = index.shape
+        if x.shape[batch_dim] != b:
+            x = x.expand(*[b if d == batch_dim else -1 for d in range(x.dim())])
+        shape = [1] * x.dim()
+        shape[batch_dim], shape[seq_dim] = b, lk
+        idx = (index if batch_dim < seq_dim else index.t()).reshape(shape)
+        target = list(x.shape)
+        target[seq_dim] = lk
+        return x.gather(seq_dim, idx.expand(target))
+
+    def apply_states(self, states: torch.Tensor) -> torch.Tensor:
+        """[b, L, D] -> [b, Lk, D], with merged tokens' states substituted."""
+        out = self.gather(states, seq_dim=1)
+        if self.replace_mask is not None:
+            out = out.clone()
+            out[self.replace_mask] = self.replace_values.to(out.dtype)
+        return out
+
+    def gather_2d_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A [b, L(+extra)] padding mask -> kept columns (invalid slots zeroed), extra columns appended."""
+        head = self.gather(mask[:, :self.full_len], seq_dim=1)
+        head = head & self.valid if head.dtype == torch.bool else head * self.valid.to(head.dtype)
+        return torch.cat([head, mask[:, self.full_len:]], dim=1)
+
+    def gather_4d_mask(self, mask: torch.Tensor, rows: bool) -> torch.Tensor:
+        """A [b, h, q, L(+extra)] boolean or additive mask -> kept key columns (invalid slots masked),
+        and kept query rows when ``rows`` (prefill). Padding-slot rows attend to themselves only, so
+        no row is fully masked (which would put NaNs into the cache)."""
+        head = self.gather(mask[..., :self.full_len], seq_dim=3)
+        col_ok = self.valid[:, None, None, :]
+        head = _restrict(head, col_ok)
+        out = torch.cat([head, mask[..., self.full_len:]], dim=3)
+        if rows:
+            out = self.gather(out, seq_dim=2)
+            out = _self_only_rows(out, self.valid)
+        return out
+
+    def causal_mask(self, q_len: int, extra: int, like: str, dtype: torch.dtype) -> torch.Tensor:
+        """Build a [b, 1, q, Lk+extra] mask from scratch (when the model passed none): causal over the
+        kept slots (prefill) or all-visible (decode), with invalid slots masked."""
+        b, lk = self.valid.shape
+        dev = self.valid.device
+        kv = lk + extra
+        col_ok = torch.cat([self.valid, torch.ones(b, extra, dtype=torch.bool, device=dev)], 1)
+        qpos = torch.arange(kv - q_len, kv, device=dev)[:, None]
+        allowed = (torch.arange(kv, device=dev)[None, :] <= qpos)[None, None] & col_ok[:, None, None, :]
+        if extra == 0:
+            allowed = _self_only_rows(allowed, self.valid)
+        return to_mask_kind(allowed, like, dtype)
+
+
+def to_mask_kind(allowed: torch.Tensor, like: str, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean "may attend" -> the mask kind an attention kernel expects ("bool" or "additive")."""
+    if like == "bool":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _restrict(mask: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask & ok
+    return mask.masked_fill(~ok, torch.finfo(mask.dtype).min)
+
+
+def _self_only_rows(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rows of invalid (padding) slots may attend only to their own slot."""
+    if bool(valid.all()):
+        return mask
+    q, kv = mask.shape[-2], mask.shape[-1]
+    eye = torch.zeros(q, kv, dtype=torch.bool, device=mask.device)
+    eye[torch.arange(q), torch.arange(kv - q, kv)] = True
+    bad_row = ~valid[:, None, :, None]
+    if mask.dtype == torch.bool:
+        return torch.where(bad_row, eye[None, None], mask)
+    self_only = torch.zeros_like(mask).masked_fill(~eye[None, None], torch.finfo(mask.dtype).min)
+    return torch.where(bad_row, self_only, mask)

@@ -1,0 +1,35 @@
+"""The pruner contract: given one image's :class:`~vtprune.view.VisualView` and a budget k, return a
+:class:`~vtprune.view.Selection`. Most pruners are a scorer + a selector (see ``scorers``/``selectors``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..config import PrunerConfig
+from ..view import Selection, VisualView
+
+
+class Pruner:
+    """Base class. Subclasses set :attr:`config_class` and implement :meth:`select`."""
+
+    config_class: ClassVar[type[PrunerConfig]] = PrunerConfig
+    #: sites this pruner can act at
+    sites: ClassVar[tuple[str, ...]] = ("pre_llm", "layer")
+
+    def __init__(self, config: PrunerConfig) -> None:
+        self.config = config
+
+    def generator(self, view: VisualView) -> torch.Generator:
+        """A generator seeded by (seed, token count): the same image gets the same draw whether it is
+        run alone or in any batch, and every prefill (cached or not) repeats it."""
+        g = torch.Generator(device=view.features.device)
+        g.manual_seed(self.config.seed * 1_000_003 + view.num_tokens)
+        return g
+
+    def select(self, view: VisualView, k: int) -> Selection:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"

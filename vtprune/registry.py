@@ -1,0 +1,61 @@
+"""Name -> pruner registry (timm style): ``@register_pruner`` on a Pruner class with its config class."""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any
+
+from .config import PrunerConfig
+from .errors import VTPruneError
+
+if TYPE_CHECKING:
+    from .pruners.base import Pruner
+
+_REGISTRY: dict[str, type["Pruner"]] = {}
+
+
+def register_pruner(cls: type["Pruner"]) -> type["Pruner"]:
+    """Class decorator: register ``cls`` under ``cls.config_class.name``."""
+    name = cls.config_class.name
+    if not name:
+        raise TypeError(f"{cls.__name__}.config_class must set a class-level `name`")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise TypeError(f"pruner name {name!r} is already registered by {_REGISTRY[name].__name__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def list_pruners() -> list[str]:
+    """Names of all registered pruners, sorted."""
+    return sorted(_REGISTRY)
+
+
+def pruner_class(name: str) -> type["Pruner"]:
+    """The pruner class registered as ``name``; a clear error (with suggestions) otherwise."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise VTPruneError(f"unknown pruner {name!r}; registered pruners: {', '.join(list_pruners())}.{hint}")
+    return _REGISTRY[name]
+
+
+def make_config(name_or_config: str | PrunerConfig, **options: Any) -> PrunerConfig:
+    """Build a validated config from a name + options, or pass a config object through."""
+    if isinstance(name_or_config, PrunerConfig):
+        if options:
+            raise VTPruneError(f"options {sorted(options)} given together with a config object; "
+                               "set them on the config instead")
+        pruner_class(name_or_config.name)
+        name_or_config.validate()
+        return name_or_config
+    config_cls = pruner_class(name_or_config).config_class
+    valid = config_cls.field_names()
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise VTPruneError(f"unknown option(s) {unknown} for pruner {name_or_config!r}; valid options: {valid}")
+    return config_cls(**options)
+
+
+def build_pruner(config: PrunerConfig) -> "Pruner":
+    """Instantiate the pruner for a validated config."""
+    return pruner_class(config.name)(config)

@@ -1,0 +1,98 @@
+"""What the last forward/generate did: visual tokens per sample and sequence length per decoder layer.
+
+The cost-accounting code (FLOPs, KV bytes) reads these; nothing here is estimated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SampleStats:
+    """One batch row of the last prefill.
+
+    images: (tokens before, tokens after) per image of this sample.
+    layer_seq_lens: real (non-padding) tokens each decoder layer processed during prefill.
+    """
+
+    images: list[tuple[int, int]]
+    layer_seq_lens: list[int]
+
+    @property
+    def visual_before(self) -> int:
+        return sum(b for b, _ in self.images)
+
+    @property
+    def visual_after(self) -> int:
+        return sum(a for _, a in self.images)
+
+
+@dataclass
+class PruneStats:
+    """Per-sample stats of the last prefill, plus batch-level facts.
+
+    padded_layer_seq_lens: the padded sequence length each decoder layer saw (what the kernels ran on).
+    decode_steps: forward calls after that prefill that extended its KV cache.
+    """
+
+    site: str
+    layer: int | None
+    samples: list[SampleStats] = field(default_factory=list)
+    padded_layer_seq_lens: list[int] = field(default_factory=list)
+    decode_steps: int = 0
+    prefill_calls: int = 0
+
+    @property
+    def visual_before(self) -> list[int]:
+        return [s.visual_before for s in self.samples]
+
+    @property
+    def visual_after(self) -> list[int]:
+        return [s.visual_after for s in self.samples]
+
+    def as_dict(self) -> dict:
+        """JSON-friendly summary."""
+        return {
+            "site": self.site, "layer": self.layer, "prefill_calls": self.prefill_calls,
+            "decode_steps": self.decode_steps, "padded_layer_seq_lens": self.padded_layer_seq_lens,
+            "samples": [{"images": s.images, "visual_before": s.visual_before, "visual_after": s.visual_after,
+                         "layer_seq_lens": s.layer_seq_lens} for s in self.samples],
+        }
+
+
+class StatsRecorder:
+    """Collects per-layer lengths during one prefill with as few host syncs as possible."""
+
+    def __init__(self, site: str, layer: int | None) -> None:
+        self.stats = PruneStats(site=site, layer=layer)
+        self._layers: list[tuple[int, torch.Tensor]] = []
+        self._images: list[list[tuple[int, int]]] = []
+        self.real: torch.Tensor | None = None  # real tokens per row at the current point of the forward
+
+    def begin_prefill(self, real_per_row: torch.Tensor) -> None:
+        calls = self.stats.prefill_calls + 1
+        self.stats = PruneStats(site=self.stats.site, layer=self.stats.layer, prefill_calls=calls)
+        self._layers, self.real = [], real_per_row
+        self._images = [[] for _ in range(real_per_row.shape[0])]
+
+    def add_image(self, row: int, before: int, after: int) -> None:
+        self._images[row].append((before, after))
+
+    def layer(self, padded_len: int) -> None:
+        self._layers.append((padded_len, self.real))
+
+    def decode_step(self) -> None:
+        self.stats.decode_steps += 1
+
+    def finalize(self) -> PruneStats:
+        """Materialise pending per-layer counts into :attr:`stats` and return it."""
+        if self._layers:
+            per_layer = torch.stack([r for _, r in self._layers], 1).tolist()
+            self.stats.padded_layer_seq_lens = [p for p, _ in self._layers]
+            self.stats.samples = [SampleStats(images=imgs, layer_seq_lens=lens)
+                                  for imgs, lens in zip(self._images, per_layer)]
+            self._layers = []
+        return self.stats
