@@ -129,6 +129,8 @@ class Engine:
         pos = (self.adapter.default_positions(b, full_len, 0, embeds.device) if pos is None
                else self.adapter.as_axes(pos))
         next_pos = pos.masked_fill(~real[None], -1).amax(-1) + 1  # [A, b]
+        spans.layouts = [self.adapter.layout(embeds[row, p], pos[:, row, p])
+                         for row, p in zip(spans.rows, spans.positions)]
         if self.config.site == "layer":
             self._layer_ctx = {"spans": spans, "real": real}
             self._prefill = _Prefill(plan=None, full_len=full_len, cache_len=full_len, next_pos=next_pos)

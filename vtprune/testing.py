@@ -78,7 +78,8 @@ def random_image(seed: int, size: tuple[int, int] = (56, 56)) -> Image.Image:
 
 def _text_config(vocab: int, **extra) -> dict:
     cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               bos_token_id=None, eos_token_id=None, pad_token_id=0)
     cfg.update(extra)
     return cfg
 

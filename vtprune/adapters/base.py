@@ -18,19 +18,20 @@ from ..view import ImageLayout
 
 @dataclass
 class ImageSpans:
-    """Where the images sit in a prefill batch: for each image (batch order) its row, the sequence
-    positions of its placeholder tokens, and its layout."""
+    """Where the images sit in a prefill batch: for each image (batch order) its row and the sequence
+    positions of its placeholder tokens. Layouts are filled in once the features are known."""
 
     rows: list[int]
     positions: list[torch.Tensor]
-    layouts: list[ImageLayout]
+    layouts: list[ImageLayout] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
 class ModelAdapter:
-    """Base adapter. Subclasses set :attr:`family`, :attr:`model_classes` and implement :meth:`layouts`."""
+    """Base adapter. Subclasses set :attr:`family`, :attr:`model_classes` and implement
+    :meth:`image_counts` and :meth:`layout`."""
 
     family: str = ""
     model_classes: tuple[str, ...] = ()
@@ -62,36 +63,42 @@ class ModelAdapter:
         emb = self.backbone.get_input_embeddings()(torch.tensor(self.image_token_id, device=inputs_embeds.device))
         return (inputs_embeds == emb.to(inputs_embeds.dtype)).all(-1)
 
-    def layouts(self, counts_per_row: list[int], inputs: dict[str, Any]) -> list[ImageLayout] | None:
-        """Per-image layouts (batch order) from the backbone's inputs; ``None`` if not derivable."""
-        raise NotImplementedError
+    def image_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        """Visual tokens per image (batch order) from the backbone's keyword inputs; ``None`` if unknown.
+        ``generate`` encodes images up front and passes ``mm_encoder_outputs``: their per-image features
+        are the authoritative count."""
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None and isinstance(encoded.pooler_output, (list, tuple)):
+            return [int(f.shape[0]) for f in encoded.pooler_output]
+        return None
+
+    def layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
+        """The spatial layout of one image from its features [n, D] and position ids [A, n]."""
+        return ImageLayout.flat(features.shape[0])
 
     def locate_images(self, inputs: dict[str, Any]) -> ImageSpans | None:
         """Image spans for a prefill call of the backbone, or ``None`` when there are no image tokens."""
         mask = self.image_mask(inputs.get("input_ids"), inputs.get("inputs_embeds"))
         if not bool(mask.any()):
             return None
-        counts_per_row = mask.sum(1).tolist()
-        layouts = self.layouts(counts_per_row, inputs)
-        if layouts is None:  # one image per contiguous run of placeholders
-            layouts = [ImageLayout.flat(n) for n in _run_lengths(mask)]
-        rows, positions, li = [], [], 0
+        counts = self.image_counts(inputs)
+        if counts is None or sum(counts) != int(mask.sum()):
+            counts = _run_lengths(mask)  # one image per contiguous run of placeholders
+        rows, positions, image = [], [], 0
         for row in range(mask.shape[0]):
             pos = mask[row].nonzero().flatten()
             start = 0
             while start < pos.numel():
-                if li >= len(layouts):
+                if image >= len(counts):
                     raise VTPruneError("more image placeholder tokens than the images' features account for")
-                n = layouts[li].size
+                n = counts[image]
                 if start + n > pos.numel():
-                    raise VTPruneError(f"image {li} needs {n} placeholder tokens but row {row} has only "
-                                       f"{pos.numel() - start} left")
+                    raise VTPruneError(f"image {image} has {n} visual tokens but row {row} has only "
+                                       f"{pos.numel() - start} placeholders left")
                 rows.append(row)
                 positions.append(pos[start:start + n])
-                start, li = start + n, li + 1
-        if li != len(layouts):
-            raise VTPruneError(f"{len(layouts)} images given but placeholder tokens for only {li}")
-        return ImageSpans(rows, positions, layouts)
+                start, image = start + n, image + 1
+        return ImageSpans(rows, positions)
 
     # ---- positions -----------------------------------------------------------------------------------
     def default_positions(self, batch: int, length: int, past: int, device: torch.device) -> torch.Tensor:

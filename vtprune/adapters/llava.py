@@ -20,47 +20,59 @@ class LlavaAdapter(ModelAdapter):
         vc = self.model.config.vision_config
         return vc.image_size // vc.patch_size
 
-    def layouts(self, counts_per_row: list[int], inputs: dict[str, Any]) -> list[ImageLayout] | None:
+    def image_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        counts = super().image_counts(inputs)
+        if counts is not None or inputs.get("pixel_values") is None:
+            return counts
+        pixels = inputs["pixel_values"]
         sizes = inputs.get("image_sizes")
-        patch = self.model.config.vision_config.patch_size
-        if sizes is not None:  # variable-resolution towers (e.g. Pixtral-style): one (h/p, w/p) grid each
-            return [ImageLayout((Segment(int(h) // patch, int(w) // patch),)) for h, w in torch.as_tensor(sizes).tolist()]
+        if sizes is not None:  # variable-resolution towers: one (h/p, w/p) grid per image
+            patch = self.model.config.vision_config.patch_size
+            return [(int(h) // patch) * (int(w) // patch) for h, w in torch.as_tensor(sizes).tolist()]
         g = self._patch_grid()
         per_image = g * g + (0 if self.model.config.vision_feature_select_strategy == "default" else 1)
-        if any(c % per_image for c in counts_per_row):
-            return None
-        layout = ImageLayout((Segment(g, g),)) if per_image == g * g else ImageLayout.flat(per_image)
-        return [layout] * (sum(counts_per_row) // per_image)
+        return [per_image] * pixels.shape[0]
 
 
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT AnyRes: a base-view grid, then the unpadded crop grid with one ``image_newline`` token
-    ending each row. Newline tokens are visual tokens like the others (a pruner may drop them)."""
+    ending each row. Newline tokens are visual tokens like the others (a pruner may drop them); the
+    layout is read off the features themselves, where the newline embedding marks each row's end."""
 
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
-    def layouts(self, counts_per_row: list[int], inputs: dict[str, Any]) -> list[ImageLayout] | None:
+    def image_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        counts = ModelAdapter.image_counts(self, inputs)
+        sizes = inputs.get("image_sizes")
+        if counts is not None or sizes is None or inputs.get("pixel_values") is None:
+            return counts
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape,
             image_size_to_num_patches,
             unpad_image,
         )
 
-        sizes = inputs.get("image_sizes")
-        cfg = self.model.config
-        if sizes is None or cfg.vision_feature_select_strategy != "default":
-            return None
-        g = self._patch_grid()
+        cfg, g = self.model.config, self._patch_grid()
         out = []
         for size in torch.as_tensor(sizes).tolist():
-            n_views = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-            if n_views == 1:
-                out.append(ImageLayout((Segment(g, g), Segment(1, 0, newline=True))))
+            if image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) == 1:
+                out.append(g * g + 1)
                 continue
             nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
             rows, cols = unpad_image(torch.empty(1, nph * g, npw * g), torch.tensor(size)).shape[1:]
-            out.append(ImageLayout((Segment(g, g), Segment(int(rows), int(cols), newline=True))))
-        if sum(l.size for l in out) != sum(counts_per_row):
-            return None
+            out.append(g * g + int(rows) * (int(cols) + 1))
         return out
+
+    def layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
+        g = self._patch_grid()
+        newline = self.backbone.image_newline.to(features.dtype)
+        is_nl = (features[g * g:] == newline).all(-1).nonzero().flatten()
+        rest = features.shape[0] - g * g
+        if rest <= 0 or is_nl.numel() == 0:
+            return ImageLayout.flat(features.shape[0])
+        cols = int(is_nl[0])
+        rows = rest // (cols + 1)
+        if rows * (cols + 1) != rest or not torch.equal(is_nl, torch.arange(cols, rest, cols + 1, device=is_nl.device)):
+            return ImageLayout.flat(features.shape[0])
+        return ImageLayout((Segment(g, g), Segment(rows, cols, newline=True)))

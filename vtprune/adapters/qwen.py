@@ -11,19 +11,29 @@ from .base import ModelAdapter
 
 
 class Qwen2VLAdapter(ModelAdapter):
-    """One segment per temporal frame of ``image_grid_thw // merge``. Video tokens are left unpruned."""
+    """Layouts are read off the M-RoPE (t, h, w) position ids of each image's tokens, which the model
+    computed from ``image_grid_thw`` on the full sequence. Video tokens are left unpruned."""
 
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
     position_axes = 3
 
-    def layouts(self, counts_per_row: list[int], inputs: dict[str, Any]) -> list[ImageLayout] | None:
+    def image_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        counts = super().image_counts(inputs)
         thw = inputs.get("image_grid_thw")
-        if thw is None:
-            return None
+        if counts is not None or thw is None:
+            return counts
         m = self.model.config.vision_config.spatial_merge_size
-        out = [ImageLayout((Segment(h // m, w // m),) * t) for t, h, w in torch.as_tensor(thw).tolist()]
-        return out if sum(l.size for l in out) == sum(counts_per_row) else None
+        return [t * (h // m) * (w // m) for t, h, w in torch.as_tensor(thw).tolist()]
+
+    def layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
+        n = features.shape[0]
+        if positions.shape[0] < 3:
+            return ImageLayout.flat(n)
+        t, h, w = (int(p.max() - p.min()) + 1 for p in positions[-3:])
+        if t * h * w != n:
+            return ImageLayout.flat(n)
+        return ImageLayout((Segment(h, w),) * t)
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
