@@ -260,10 +260,12 @@ class Engine:
         image_rows = torch.zeros_like(real)
         for row, pos in zip(spans.rows, spans.positions):
             image_rows[row, pos] = True
+        pruned_any = False
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):
             n = pos.numel()
             k = budget(self.config.keep, n)
             keep[row, pos] = False
+            pruned_any |= k < n
             if k >= n:
                 sel = Selection(indices=torch.arange(n, device=pos.device))
             else:
@@ -277,6 +279,8 @@ class Engine:
             if sel.embeddings is not None:
                 replacements.append((row, kept, sel.embeddings))
             self.recorder.add_image(row, n, k)
+        if pruned_any:  # drop the batch's original padding too; rows are re-padded to the new longest row
+            keep &= real
         return KeepPlan.from_keep_mask(keep, replacements)
 
     # ---- stats --------------------------------------------------------------------------------------
