@@ -1,0 +1,383 @@
+"""FLOPs accounting for (pruned) VLM runs, in two conventions.
+
+**FastV convention** (``FlopsReport.fastv``; spec ``algorithms.md`` §6.1): LLM prefill only, per decoder layer with
+``n`` tokens ``4nd² + 2n²d + 2ndm``, summed over layers and samples. Comparable with the tables of FastV, DivPrune,
+VisionZip, ZOO-Prune and DART. Its terms are multiply-accumulates and it assumes a two-matrix FFN; papers call the
+result "FLOPs", and so does this module, but it is *not* comparable with the exact count below.
+
+**Architecture-exact count** (``FlopsReport.prefill`` / ``decode``): one multiply-add = 2 FLOPs, counted exactly
+where :class:`torch.utils.flop_counter.FlopCounterMode` counts — matrix products, convolutions and attention
+kernels — so that the two agree on a real forward (``tests/test_flops.py`` checks it on every family):
+
+* ``llm_linear``: Q/O projections ``d × h·d_h``, K/V projections ``d × n_kv·d_h`` (GQA), gated FFN ``3·d·m``;
+* ``llm_attention``: ``QKᵀ`` and ``AV``, ``4·h·d_h·s_q·s_k`` per layer. By default the **full** ``s_q × s_k``
+  rectangle is counted, which is what SDPA math/flash kernels and ``FlopCounterMode`` report; ``causal=True``
+  counts only the causal triangle (the work an ideal causal kernel must do, about half at prefill);
+* ``vision``: patch-embedding convolution, every encoder layer (LLaVA runs all CLIP layers even though it reads
+  ``hidden_states[-2]``), per-frame full attention and Qwen2.5-VL's window attention with the real window sizes;
+* ``projector``: LLaVA's 2-layer MLP (on *all* LLaVA-NeXT views, before unpadding) or Qwen's PatchMerger;
+* ``lm_head``: ``2·d·vocab`` per position whose logits are computed (``logits_to_keep``: 0 = every position, as
+  in a plain forward; ``generate`` passes 1);
+* decode step ``t`` (1-based): one token per sample, attending to ``L_l + t`` keys at layer ``l``, where ``L_l`` is
+  the prefill length of layer ``l`` (its KV-cache length), plus its LM head.
+
+Not counted (in neither convention, as in ``FlopCounterMode``): norms, activations, softmax, rotary embeddings,
+residual adds, biases, embeddings lookups, scatter/gather of the pruning hooks. These are O(n·d) each.
+
+**Pruner overhead** (``FlopsReport.overhead``) is reported separately: pruners register a formula with
+:func:`register_overhead_flops`; ``None`` means the pruner registered none (unknown, not zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import VTPruneError
+from .stats import PruneStats
+
+#: exact-count components, in report order
+PREFILL_PARTS = ("vision", "projector", "llm_linear", "llm_attention", "lm_head")
+DECODE_PARTS = ("llm_linear", "llm_attention", "lm_head")
+VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+
+# ---- model dimensions ---------------------------------------------------------------------------------
+def _config_of(model_or_config: Any) -> Any:
+    """The transformers config behind a model or config object."""
+    return model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+
+
+@dataclass(frozen=True)
+class LLMDims:
+    """Decoder hyper-parameters the formulas need (a LLaMA/Qwen2-style decoder with a gated FFN)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, model_or_config: Any) -> "LLMDims":
+        """Read the text config of a VLM config, or a text config itself (anything with the LLaMA field names)."""
+        cfg = _config_of(model_or_config)
+        text = getattr(cfg, "text_config", None) or cfg
+        names = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [n for n in names if getattr(text, n, None) is None]
+        if missing:
+            raise VTPruneError(f"{type(text).__name__} lacks {missing}: pass a decoder (text) config or the config "
+                               f"of one of {VLM_TYPES}")
+        heads = text.num_attention_heads
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(layers=text.num_hidden_layers, hidden=text.hidden_size, heads=heads, kv_heads=kv,
+                   head_dim=head_dim, intermediate=text.intermediate_size, vocab=text.vocab_size)
+
+    def linear_per_token(self) -> int:
+        """FLOPs of one decoder layer's projections and gated FFN for one token."""
+        d, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * (2 * d * q + 2 * d * kv + 3 * d * self.intermediate)
+
+    def attention(self, queries: int, keys: int) -> int:
+        """FLOPs of QKᵀ and AV of one layer for ``queries × keys`` (all heads)."""
+        return 4 * self.heads * self.head_dim * queries * keys
+
+    def prefill_attention(self, n: int, causal: bool) -> int:
+        """Attention FLOPs of one layer over ``n`` prompt tokens: the full ``n × n`` rectangle, or only the
+        ``n(n+1)/2`` causal query-key pairs."""
+        return 2 * self.heads * self.head_dim * n * (n + 1) if causal else self.attention(n, n)
+
+
+def fastv_layer_flops(n: int, d: int, m: int) -> int:
+    """FastV's per-layer cost ``4nd² + 2n²d + 2ndm`` (multiply-accumulates, two-matrix FFN)."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def fastv_flops(model_or_config: Any, layer_seq_lens: Sequence[int]) -> int:
+    """FastV-convention prefill cost of one sample whose decoder layer ``l`` processed ``layer_seq_lens[l]`` tokens."""
+    dims = LLMDims.from_config(model_or_config)
+    if len(layer_seq_lens) != dims.layers:
+        raise VTPruneError(f"got {len(layer_seq_lens)} per-layer lengths for a {dims.layers}-layer decoder")
+    return sum(fastv_layer_flops(n, dims.hidden, dims.intermediate) for n in layer_seq_lens)
+
+
+# ---- vision side --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VisionWork:
+    """What the vision encoder processes in one forward: LLaVA/LLaVA-NeXT 336-px views, or Qwen ``(t, h, w)``
+    patch grids (images and videos)."""
+
+    views: int = 0
+    grids: tuple[tuple[int, int, int], ...] = ()
+
+    @classmethod
+    def from_inputs(cls, model_or_config: Any, inputs: Mapping[str, Any]) -> "VisionWork":
+        """Derive the work from the keyword arguments a model is called with (processor outputs)."""
+        cfg = _config_of(model_or_config)
+        kind = getattr(cfg, "model_type", None)
+        if kind in ("qwen2_vl", "qwen2_5_vl"):
+            grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
+                     for g in torch.as_tensor(inputs[key]).tolist()]
+            return cls(grids=tuple(tuple(int(x) for x in g) for g in grids))
+        pixels = inputs.get("pixel_values")
+        if pixels is None:
+            return cls()
+        if kind == "llava":
+            return cls(views=int(pixels.shape[0]))
+        if kind == "llava_next":
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            sizes = torch.as_tensor(inputs["image_sizes"]).tolist()
+            return cls(views=sum(image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                                 for s in sizes))
+        raise VTPruneError(f"no vision FLOPs formula for model_type={kind!r}; supported: {VLM_TYPES}")
+
+
+def _clip_flops(cfg: Any, views: int) -> dict[str, int]:
+    """CLIP tower (every layer) + LLaVA projector for ``views`` square views."""
+    vc = cfg.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    s, dv = patches + 1, vc.hidden_size  # + CLS
+    conv = 2 * patches * dv * vc.num_channels * vc.patch_size ** 2
+    layer = 2 * s * (4 * dv * dv + 2 * dv * vc.intermediate_size) + 4 * s * s * dv
+    feature_layers = cfg.vision_feature_layer
+    n_feat = len(feature_layers) if isinstance(feature_layers, (list, tuple)) else 1
+    tokens = patches + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+    d = cfg.text_config.hidden_size
+    proj = 2 * tokens * (dv * n_feat * d + d * d)
+    return {"vision": views * (conv + vc.num_hidden_layers * layer), "projector": views * proj}
+
+
+def _window_sides(n: int, size: int) -> list[int]:
+    """Side lengths of the windows tiling ``n`` cells with windows of ``size`` (the last one may be partial)."""
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+def _qwen_flops(cfg: Any, grids: Sequence[tuple[int, int, int]]) -> dict[str, int]:
+    """Qwen2-VL / Qwen2.5-VL ViT + PatchMerger for the given ``(t, h, w)`` patch grids."""
+    vc = cfg.vision_config
+    qwen25 = cfg.model_type == "qwen2_5_vl"
+    e = vc.hidden_size if qwen25 else vc.embed_dim
+    out_dim = vc.out_hidden_size if qwen25 else vc.hidden_size
+    mlp = 3 * e * vc.intermediate_size if qwen25 else 2 * e * int(e * vc.mlp_ratio)
+    m = vc.spatial_merge_size
+    full_blocks = set(vc.fullatt_block_indexes) if qwen25 else set(range(vc.depth))
+    patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    vision = projector = 0
+    for t, h, w in grids:
+        n = t * h * w
+        frame_sq = t * (h * w) ** 2  # full attention runs per frame
+        vision += 2 * n * e * patch_in + vc.depth * 2 * n * (4 * e * e + mlp)
+        vision += 4 * e * frame_sq * len(full_blocks)
+        if qwen25 and len(full_blocks) < vc.depth:
+            win = vc.window_size // m // vc.patch_size  # window side in merged cells
+            rows = sum(r * r for r in _window_sides(h // m, win))
+            cols = sum(c * c for c in _window_sides(w // m, win))
+            window_sq = t * rows * cols * m ** 4  # Σ over windows of (tokens in window)²
+            vision += 4 * e * window_sq * (vc.depth - len(full_blocks))
+        ctx = e * m * m
+        projector += 2 * (n // (m * m)) * (ctx * ctx + ctx * out_dim)
+    return {"vision": vision, "projector": projector}
+
+
+def vision_flops(model_or_config: Any, work: VisionWork) -> dict[str, int]:
+    """Exact FLOPs of the vision encoder and the projector/merger for ``work``."""
+    cfg = _config_of(model_or_config)
+    kind = getattr(cfg, "model_type", None)
+    if kind in ("llava", "llava_next"):
+        return _clip_flops(cfg, work.views)
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        return _qwen_flops(cfg, work.grids)
+    raise VTPruneError(f"no vision FLOPs formula for model_type={kind!r}; supported: {VLM_TYPES}")
+
+
+# ---- pruner overhead ----------------------------------------------------------------------------------
+#: per-image overhead formula: (visual tokens before, tokens kept, feature dim) -> FLOPs
+OverheadFormula = Callable[[int, int, int], int]
+_OVERHEAD: dict[str, OverheadFormula] = {}
+
+
+def register_overhead_flops(name: str) -> Callable[[OverheadFormula], OverheadFormula]:
+    """Decorator: register the per-image selection cost of pruner ``name`` (e.g. ``V²·D`` for a cosine matrix)."""
+    def deco(fn: OverheadFormula) -> OverheadFormula:
+        _OVERHEAD[name] = fn
+        return fn
+    return deco
+
+
+register_overhead_flops("random")(lambda before, kept, dim: 0)  # random scores + sort: no FLOPs
+register_overhead_flops("uniform")(lambda before, kept, dim: 0)  # index arithmetic only
+register_overhead_flops("pool")(lambda before, kept, dim: before * dim)  # ~one add per pooled feature element
+
+
+def pruner_overhead_flops(name: str, images: Sequence[tuple[int, int]], dim: int) -> int | None:
+    """Selection FLOPs of pruner ``name`` over ``images`` [(before, kept)]; ``None`` if it registered no formula.
+    Images that kept every token were not given to the pruner and cost nothing."""
+    fn = _OVERHEAD.get(name)
+    if fn is None:
+        return None
+    return sum(fn(before, kept, dim) for before, kept in images if kept < before)
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+@dataclass
+class FlopsReport:
+    """FLOPs of one prefill (+ decode steps), summed over the batch.
+
+    fastv:      FastV-convention prefill cost (LLM layers only, real tokens, multiply-accumulates).
+    prefill:    exact prefill FLOPs by component (see :data:`PREFILL_PARTS`); vision parts are 0 when unknown.
+    decode:     exact FLOPs of every decode step, by component (:data:`DECODE_PARTS`).
+    overhead:   pruner selection FLOPs (``None`` = the pruner reports no formula).
+    """
+
+    fastv: int
+    prefill: dict[str, int]
+    decode: list[dict[str, int]] = field(default_factory=list)
+    overhead: int | None = 0
+    layer_seq_lens: list[list[int]] = field(default_factory=list)
+    vision_counted: bool = True
+    causal: bool = False
+
+    @property
+    def fastv_tflops(self) -> float:
+        return self.fastv / 1e12
+
+    @property
+    def prefill_total(self) -> int:
+        """Exact prefill FLOPs including the pruner's overhead (when known)."""
+        return sum(self.prefill.values()) + (self.overhead or 0)
+
+    @property
+    def prefill_tflops(self) -> float:
+        return self.prefill_total / 1e12
+
+    @property
+    def decode_per_step(self) -> list[int]:
+        return [sum(step.values()) for step in self.decode]
+
+    @property
+    def decode_total(self) -> int:
+        return sum(self.decode_per_step)
+
+    @property
+    def total(self) -> int:
+        return self.prefill_total + self.decode_total
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (TFLOPs as floats, components as ints)."""
+        return {
+            "fastv_tflops": self.fastv_tflops, "prefill_tflops": self.prefill_tflops, "prefill": dict(self.prefill),
+            "overhead": self.overhead, "decode_steps": len(self.decode), "decode_total": self.decode_total,
+            "decode_per_step": self.decode_per_step, "total": self.total, "vision_counted": self.vision_counted,
+            "causal": self.causal, "layer_seq_lens": self.layer_seq_lens,
+        }
+
+
+def count_flops(model_or_config: Any, layer_seq_lens: Sequence[Sequence[int]], *,
+                fastv_lens: Sequence[Sequence[int]] | None = None, vision: VisionWork | None = None,
+                logits_to_keep: int = 1, decode_steps: int = 0, overhead: int | None = 0,
+                causal: bool = False) -> FlopsReport:
+    """Count a prefill whose sample ``i`` ran decoder layer ``l`` on ``layer_seq_lens[i][l]`` tokens (its KV length
+    afterwards), followed by ``decode_steps`` one-token steps. ``fastv_lens`` (default: the same) are the real
+    token counts for the FastV convention; ``vision=None`` leaves the vision encoder and projector out."""
+    dims = LLMDims.from_config(model_or_config)
+    if logits_to_keep < 0 or decode_steps < 0:
+        raise VTPruneError(f"logits_to_keep ({logits_to_keep}) and decode_steps ({decode_steps}) must be >= 0")
+    for lens in layer_seq_lens:
+        if len(lens) != dims.layers:
+            raise VTPruneError(f"got {len(lens)} per-layer lengths for a {dims.layers}-layer decoder")
+    parts = dict.fromkeys(PREFILL_PARTS, 0)
+    if vision is not None:
+        parts.update(vision_flops(model_or_config, vision))
+    lin = dims.linear_per_token()
+    for lens in layer_seq_lens:
+        parts["llm_linear"] += lin * sum(lens)
+        parts["llm_attention"] += sum(dims.prefill_attention(n, causal) for n in lens)
+        final = lens[-1]
+        parts["lm_head"] += 2 * dims.hidden * dims.vocab * (final if logits_to_keep == 0 else min(logits_to_keep, final))
+    batch = len(layer_seq_lens)
+    decode = []
+    for t in range(1, decode_steps + 1):
+        decode.append({
+            "llm_linear": lin * dims.layers * batch,
+            "llm_attention": sum(dims.attention(1, n + t) for lens in layer_seq_lens for n in lens),
+            "lm_head": 2 * dims.hidden * dims.vocab * batch,
+        })
+    real = layer_seq_lens if fastv_lens is None else fastv_lens
+    fastv = sum(fastv_flops(model_or_config, lens) for lens in real)
+    return FlopsReport(fastv=fastv, prefill=parts, decode=decode, overhead=overhead,
+                       layer_seq_lens=[list(x) for x in layer_seq_lens], vision_counted=vision is not None,
+                       causal=causal)
+
+
+def flops_from_stats(model_or_config: Any, stats: PruneStats, *, inputs: Mapping[str, Any] | None = None,
+                     decode_steps: int | None = None, logits_to_keep: int = 1, padded: bool = False,
+                     pruner: str | None = None, causal: bool = False) -> FlopsReport:
+    """FLOPs of the prefill recorded in ``stats`` (``handle.stats``) and of ``decode_steps`` decode steps
+    (default: ``stats.decode_steps``).
+
+    inputs:  the model's keyword inputs; needed to count the vision encoder and projector (else left out).
+    padded:  count what the kernels ran on (padded lengths × batch, as ``FlopCounterMode`` sees a padded batch)
+             instead of each sample's real tokens. The FastV number always uses real tokens.
+    pruner:  registered pruner name, to add its selection overhead (``handle.config.name``).
+    """
+    if not stats.samples:
+        raise VTPruneError("these stats hold no prefill yet: run the model once with the handle installed")
+    real = [s.layer_seq_lens for s in stats.samples]
+    lens = [stats.padded_layer_seq_lens] * len(real) if padded else real
+    overhead = 0
+    if pruner is not None:
+        images = [im for s in stats.samples for im in s.images]
+        overhead = pruner_overhead_flops(pruner, images, LLMDims.from_config(model_or_config).hidden)
+    return count_flops(model_or_config, lens, fastv_lens=real,
+                       vision=None if inputs is None else VisionWork.from_inputs(model_or_config, inputs),
+                       logits_to_keep=logits_to_keep,
+                       decode_steps=stats.decode_steps if decode_steps is None else decode_steps,
+                       overhead=overhead, causal=causal)
+
+
+def flops_unpruned(model_or_config: Any, inputs: Mapping[str, Any], *, decode_steps: int = 0,
+                   logits_to_keep: int = 1, padded: bool = False, causal: bool = False) -> FlopsReport:
+    """FLOPs of the unpruned model on ``inputs`` (every layer sees the whole prompt), vision included."""
+    ids = inputs.get("input_ids")
+    if ids is None:
+        raise VTPruneError("inputs need input_ids to count the unpruned prefill")
+    mask = inputs.get("attention_mask")
+    real = [ids.shape[1]] * ids.shape[0] if mask is None else [int(x) for x in mask.sum(1).tolist()]
+    layers = LLMDims.from_config(model_or_config).layers
+    lens = [[ids.shape[1]] * layers] * ids.shape[0] if padded else [[n] * layers for n in real]
+    return count_flops(model_or_config, lens, fastv_lens=[[n] * layers for n in real],
+                       vision=VisionWork.from_inputs(model_or_config, inputs), logits_to_keep=logits_to_keep,
+                       decode_steps=decode_steps, causal=causal)
+
+
+# ---- measuring ----------------------------------------------------------------------------------------
+def flop_counter(display: bool = False) -> "torch.utils.flop_counter.FlopCounterMode":
+    """A ``FlopCounterMode`` that also counts PyTorch's CPU flash-attention kernel (not registered upstream, so
+    SDPA on CPU would otherwise count as zero); same formula as the CUDA SDPA kernels (full ``s_q × s_k``)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+
+    return FlopCounterMode(display=display,
+                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop})
+
+
+def measured_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs ``FlopCounterMode`` counts while running ``fn()`` (under ``torch.no_grad``)."""
+    counter = flop_counter()
+    with torch.no_grad(), counter:
+        fn()
+    return counter.get_total_flops()
+
+
+__all__ = [
+    "DECODE_PARTS", "PREFILL_PARTS", "FlopsReport", "LLMDims", "VisionWork", "count_flops", "fastv_flops",
+    "fastv_layer_flops", "flop_counter", "flops_from_stats", "flops_unpruned", "measured_flops",
+    "pruner_overhead_flops", "register_overhead_flops", "vision_flops",
+]
