@@ -362,10 +362,13 @@ def flops_unpruned(model_or_config: Any, inputs: Mapping[str, Any], *, decode_st
 def flop_counter(display: bool = False) -> "torch.utils.flop_counter.FlopCounterMode":
     """A ``FlopCounterMode`` that also counts PyTorch's CPU flash-attention kernel (not registered upstream, so
     SDPA on CPU would otherwise count as zero); same formula as the CUDA SDPA kernels (full ``s_q × s_k``)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(q_shape, k_shape, v_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
 
     return FlopCounterMode(display=display,
-                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop})
+                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa})
 
 
 def measured_flops(fn: Callable[[], Any]) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture import InputCapture, VisionQK, rotate
 from ..errors import VTPruneError
 from ..view import ImageLayout
 
@@ -24,6 +25,7 @@ class ImageSpans:
     rows: list[int]
     positions: list[torch.Tensor]
     layouts: list[ImageLayout] | None = None
+    extras: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -99,6 +101,45 @@ class ModelAdapter:
                 positions.append(pos[start:start + n])
                 start, image = start + n, image + 1
         return ImageSpans(rows, positions)
+
+    # ---- attention inputs (see vtprune.capture) --------------------------------------------------------
+    def llm_attention(self, layer: int) -> nn.Module:
+        """The self-attention module of decoder layer ``layer``."""
+        return self.layers[layer].self_attn
+
+    def llm_qk(self, layer: int, capture: InputCapture) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Post-RoPE q [b, H, L, hd] and k [b, H_kv, L, hd] of decoder layer ``layer``, recomputed from
+        its captured inputs (Llama/Qwen2 attention: q_proj/k_proj, rotate-half RoPE)."""
+        attn = self.llm_attention(layer)
+        hidden = capture.tensor("hidden_states")
+        cos, sin = capture.tensor("position_embeddings", 1)
+        b, n, _ = hidden.shape
+        q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return rotate(q, cos, sin), rotate(k, cos, sin), float(attn.scaling)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder's root module (its pre-hook marks a new encoding pass)."""
+        raise NotImplementedError
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        """The attention module of vision-encoder layer ``layer`` (negative indices allowed)."""
+        raise NotImplementedError
+
+    @property
+    def num_vision_layers(self) -> int:
+        raise NotImplementedError
+
+    def vision_full_attention_layers(self) -> list[int]:
+        """Vision layers whose attention spans the whole image (all of them, except in Qwen2.5-VL)."""
+        return list(range(self.num_vision_layers))
+
+    def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
+                  layouts: list[ImageLayout]) -> list[list[VisionQK]]:
+        """Per image (batch order), per encoder view: q/k of vision layer ``layer`` and where each patch goes."""
+        raise NotImplementedError
 
     # ---- positions -----------------------------------------------------------------------------------
     def default_positions(self, batch: int, length: int, past: int, device: torch.device) -> torch.Tensor:

@@ -6,6 +6,10 @@ from typing import Any
 
 import torch
 
+from torch import nn
+
+from ..capture import InputCapture, VisionQK
+from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import ModelAdapter
 
@@ -32,6 +36,44 @@ class LlavaAdapter(ModelAdapter):
         g = self._patch_grid()
         per_image = g * g + (0 if self.model.config.vision_feature_select_strategy == "default" else 1)
         return [per_image] * pixels.shape[0]
+
+    # ---- vision attention (CLIP-style towers with a [CLS] token) ------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.backbone.vision_tower
+
+    def _encoder_layers(self) -> nn.ModuleList:
+        tower = self.backbone.vision_tower
+        return (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self._encoder_layers())
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self._encoder_layers()[layer].self_attn
+
+    def _views_qk(self, layer: int, capture: InputCapture) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """q/k [views, H, 1+P, hd] of every encoded view (token 0 is [CLS])."""
+        attn = self.vision_attention(layer)
+        hidden = capture.tensor("hidden_states")
+        v, n, _ = hidden.shape
+        q = attn.q_proj(hidden).view(v, n, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(hidden).view(v, n, -1, attn.head_dim).transpose(1, 2)
+        return q, k, float(attn.scale)
+
+    def _view(self, q: torch.Tensor, k: torch.Tensor, scaling: float, token_of_patch: torch.Tensor) -> VisionQK:
+        return VisionQK(query=q[:, 1:], key=k[:, 1:], scaling=scaling, token_of_patch=token_of_patch,
+                        cls_query=q[:, 0], cls_key=k[:, 0])
+
+    def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
+                  layouts: list[ImageLayout]) -> list[list[VisionQK]]:
+        q, k, scaling = self._views_qk(layer, capture)
+        if q.shape[0] != len(layouts):
+            raise VTPruneError(f"the vision tower encoded {q.shape[0]} images but the prompt holds {len(layouts)}")
+        offset = 0 if self.model.config.vision_feature_select_strategy == "default" else 1
+        patches = torch.arange(q.shape[2] - 1, device=q.device) + offset
+        return [[self._view(q[i], k[i], scaling, patches)] for i in range(len(layouts))]
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -62,6 +104,42 @@ class LlavaNextAdapter(LlavaAdapter):
             nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
             rows, cols = unpad_image(torch.empty(1, nph * g, npw * g), torch.tensor(size)).shape[1:]
             out.append(g * g + int(rows) * (int(cols) + 1))
+        return out
+
+    def _crop_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """The AnyRes crop grid (views down, views across) an unpadded rows x cols grid came from: the
+        smallest configured grid that holds it with one side exactly filled (unpadding trims one side)."""
+        cfg, g = self.model.config, self._patch_grid()
+        size = cfg.vision_config.image_size
+        grids = sorted({(h // size, w // size) for h, w in cfg.image_grid_pinpoints}, key=lambda s: (s[0] * s[1], s))
+        for nph, npw in grids:
+            if (cols == npw * g and rows <= nph * g) or (rows == nph * g and cols <= npw * g):
+                return nph, npw
+        raise VTPruneError(f"no AnyRes grid in image_grid_pinpoints explains a {rows}x{cols} crop grid")
+
+    def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
+                  layouts: list[ImageLayout]) -> list[list[VisionQK]]:
+        q, k, scaling = self._views_qk(layer, capture)
+        g = self._patch_grid()
+        r, c = torch.arange(g, device=q.device)[:, None], torch.arange(g, device=q.device)[None, :]
+        out, view = [], 0
+        for layout in layouts:
+            base, crops = layout.segments[0], layout.segments[1]
+            views = [self._view(q[view], k[view], scaling, (r * g + c).flatten())]
+            view += 1
+            if crops.cols > 0:  # multi-view image: crops in raster order of the AnyRes grid
+                nph, npw = self._crop_grid(crops.rows, crops.cols)
+                r0, c0 = (nph * g - crops.rows) // 2, (npw * g - crops.cols) // 2
+                for i in range(nph):
+                    for j in range(npw):
+                        rr, cc = i * g + r - r0, j * g + c - c0
+                        inside = (rr >= 0) & (rr < crops.rows) & (cc >= 0) & (cc < crops.cols)
+                        token = base.size + rr * (crops.cols + 1) + cc
+                        views.append(self._view(q[view], k[view], scaling, token.where(inside, -1).flatten()))
+                        view += 1
+            out.append(views)
+        if view != q.shape[0]:
+            raise VTPruneError(f"the vision tower encoded {q.shape[0]} views but the images' layouts account for {view}")
         return out
 
     def layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:

@@ -6,6 +6,10 @@ from typing import Any
 
 import torch
 
+from torch import nn
+
+from ..capture import InputCapture, VisionQK, rotate
+from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import ModelAdapter
 
@@ -35,9 +39,67 @@ class Qwen2VLAdapter(ModelAdapter):
             return ImageLayout.flat(n)
         return ImageLayout((Segment(h, w),) * t)
 
+    # ---- vision attention (no [CLS]; patches packed over all images, merged 2x2 afterwards) ---------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.backbone.visual
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self.backbone.visual.blocks)
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.backbone.visual.blocks[layer].attn
+
+    def _patch_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """For each patch in the encoder's sequence order, the index of the merged token it feeds
+        (global over all images). Qwen2-VL keeps each 2x2 group contiguous, groups in raster order."""
+        m2 = self.model.config.vision_config.spatial_merge_size ** 2
+        total = int(grid_thw.prod(-1).sum())
+        return torch.arange(total, device=grid_thw.device) // m2
+
+    def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
+                  layouts: list[ImageLayout]) -> list[list[VisionQK]]:
+        attn = self.vision_attention(layer)
+        grid_thw = tower.tensor("grid_thw", 1, call=0)
+        call = 0  # the first encoder pass after the tower's pre-hook is the images' (videos come later)
+        hidden = capture.tensor("hidden_states", call=call)
+        cos, sin = capture.tensor("position_embeddings", 2, call=call)
+        n = hidden.shape[0]
+        if n != int(grid_thw.prod(-1).sum()):
+            raise VTPruneError("captured vision attention inputs do not match the images' grid_thw")
+        qkv = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3)  # [3, H, n, hd]
+        cos, sin = cos.unsqueeze(0).float(), sin.unsqueeze(0).float()
+        q, k = (rotate(t.float(), cos, sin).to(hidden.dtype) for t in (qkv[0], qkv[1]))
+        token = self._patch_order(grid_thw)
+        m2 = self.model.config.vision_config.spatial_merge_size ** 2
+        sizes = grid_thw.prod(-1).tolist()
+        if len(sizes) != len(layouts):
+            raise VTPruneError(f"the vision tower encoded {len(sizes)} images but the prompt holds {len(layouts)}")
+        out, start, first_token = [], 0, 0
+        for size in sizes:
+            sl = slice(start, start + size)
+            out.append([VisionQK(query=q[:, sl], key=k[:, sl], scaling=float(attn.scaling),
+                                 token_of_patch=token[sl] - first_token)])
+            start, first_token = start + size, first_token + size // m2
+        return out
+
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL: the same language-side structure as Qwen2-VL (window attention stays inside the ViT)."""
 
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def vision_full_attention_layers(self) -> list[int]:
+        return list(self.model.config.vision_config.fullatt_block_indexes)
+
+    def _patch_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL permutes 2x2 groups into window order inside the encoder (``window_index``)."""
+        from transformers.vision_utils import get_vision_window_index
+
+        vc = self.model.config.vision_config
+        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=vc.spatial_merge_size,
+                                                  window_size=vc.window_size, patch_size=vc.patch_size, kwargs={})
+        m2 = vc.spatial_merge_size ** 2
+        return window_index.to(grid_thw.device).repeat_interleave(m2)

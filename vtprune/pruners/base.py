@@ -17,6 +17,8 @@ class Pruner:
     config_class: ClassVar[type[PrunerConfig]] = PrunerConfig
     #: sites this pruner can act at
     sites: ClassVar[tuple[str, ...]] = ("pre_llm", "layer")
+    #: optional signals to capture for :attr:`VisualView.extras` (see :mod:`vtprune.capture`)
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: PrunerConfig) -> None:
         self.config = config
@@ -27,6 +29,11 @@ class Pruner:
         g = torch.Generator(device=view.features.device)
         g.manual_seed(self.config.seed * 1_000_003 + view.num_tokens)
         return g
+
+    def vision_layers(self, full_attention_layers: list[int], num_layers: int) -> list[int]:
+        """Vision-encoder layers whose q/k this pruner reads (only with ``"vision_qk"`` in :attr:`needs`);
+        ``full_attention_layers`` lists the layers that attend over the whole image."""
+        return []
 
     def select(self, view: VisualView, k: int) -> Selection:
         raise NotImplementedError

@@ -1,0 +1,351 @@
+"""Prefill benchmark: the unpruned model and every pruning setting, interleaved, with FLOPs next to time.
+
+Models come from a saved directory (``from_pretrained``, local files only) or, with random weights, from a
+config file (``configs/models/*.json`` or any ``config.json``). Inputs are synthesized from the config: a prompt
+of random text ids with the right number of image placeholder tokens, and random ``pixel_values`` — no processor
+or tokenizer is needed, and timings do not depend on image content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import api
+from .config import PrunerConfig
+from .errors import VTPruneError
+from .flops import FlopsReport, flops_from_stats, flops_unpruned
+from .measure import (GenerateSample, PrefillSample, Timer, environment, measure_generate, measure_prefill, median,
+                      selection_seconds, timed_selection)
+from .registry import make_config
+
+#: where ``--model NAME`` looks for ``NAME.json``
+CONFIG_DIRS = (Path(__file__).resolve().parent.parent / "configs" / "models", Path("configs") / "models")
+MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TEXT_BEFORE_IMAGE = 35  # the LLaVA-1.5 vicuna_v1 template puts 35 tokens before the image (algorithms.md §0.2)
+
+
+# ---- models -------------------------------------------------------------------------------------------
+def shipped_configs() -> list[str]:
+    """Names of the model configs shipped in ``configs/models``."""
+    return sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.json")})
+
+
+def resolve_model(spec: str) -> Path:
+    """A model directory, a config JSON file, or the name of a shipped config -> its path; clear error otherwise."""
+    path = Path(spec)
+    if path.is_dir() or path.is_file():
+        return path
+    for d in CONFIG_DIRS:
+        if (d / f"{spec}.json").is_file():
+            return d / f"{spec}.json"
+    raise VTPruneError(f"unknown model {spec!r}: not a model directory, not a JSON config file, and not one of the "
+                       f"shipped configs ({', '.join(shipped_configs()) or 'none found'})")
+
+
+def load_config(path: Path) -> Any:
+    """A transformers config from a JSON file or a model directory (its ``config.json``)."""
+    from transformers import AutoConfig
+
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise VTPruneError(f"cannot read a model config from {file}: {e}") from e
+    kind = data.pop("model_type", None)
+    if kind not in MODEL_CLASSES:
+        raise VTPruneError(f"{file}: model_type={kind!r} is not supported; expected one of {sorted(MODEL_CLASSES)}")
+    return AutoConfig.for_model(kind, **data)
+
+
+def build_model(spec: str, *, random_weights: bool = False, dtype: str = "float32", device: str = "cpu",
+                attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
+    """Load a saved model (local files only) or build a random-weight one of real size from a config."""
+    import transformers
+
+    if dtype not in DTYPES:
+        raise VTPruneError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    path = resolve_model(spec)
+    config = load_config(path)
+    cls = getattr(transformers, MODEL_CLASSES[config.model_type])
+    if random_weights:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = cls._from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+        _quiet_generation(model)
+    elif path.is_dir():
+        model = cls.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
+                                    attn_implementation=attn_implementation).to(device)
+    else:
+        raise VTPruneError(f"{path} is a config file and holds no weights: pass --random-weights to build a "
+                           "random-weight model of that size, or give a saved model directory")
+    return model.eval()
+
+
+def _special_ids(config: Any) -> list[int]:
+    """Placeholder / marker token ids of a VLM config."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "pad_token_id")
+    return sorted({int(getattr(config, n)) for n in names if getattr(config, n, None) is not None})
+
+
+def _quiet_generation(model: nn.Module) -> None:
+    """A random model must never stop early nor emit image placeholders while generating."""
+    gen = model.generation_config
+    gen.suppress_tokens = _special_ids(model.config)
+    gen.eos_token_id = None
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+def synthetic_inputs(config: Any, *, image_size: tuple[int, int] | None = None, text_tokens: int = 65,
+                     seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                     ) -> dict[str, torch.Tensor]:
+    """One prompt: ``min(35, text_tokens)`` random text ids, one image's placeholders, the remaining text ids;
+    random pixels. ``image_size`` (H, W) matters for LLaVA-NeXT (AnyRes views; default 2×2 views) and Qwen (patch
+    grid; default 672×672 = 576 visual tokens); LLaVA-1.5 always encodes one ``image_size²`` view."""
+    if text_tokens < 0:
+        raise VTPruneError(f"text_tokens={text_tokens} must be >= 0")
+    g = torch.Generator().manual_seed(seed)
+    kind = config.model_type
+    vc = config.vision_config
+    extra: dict[str, torch.Tensor] = {}
+    if kind == "llava":
+        side = vc.image_size
+        n_visual = (side // vc.patch_size) ** 2 + (config.vision_feature_select_strategy != "default")
+        pixels = torch.randn(1, vc.num_channels, side, side, generator=g)
+    elif kind == "llava_next":
+        pixels, n_visual, sizes = _llava_next_image(config, image_size or (2 * vc.image_size,) * 2, g)
+        extra["image_sizes"] = sizes
+    elif kind in ("qwen2_vl", "qwen2_5_vl"):
+        pixels, n_visual, thw = _qwen_image(config, image_size or (672, 672), g)
+        extra["image_grid_thw"] = thw
+    else:
+        raise VTPruneError(f"model_type={kind!r} is not supported; expected one of {sorted(MODEL_CLASSES)}")
+    specials = set(_special_ids(config))
+    allowed = torch.tensor([i for i in range(min(config.text_config.vocab_size, 4096)) if i not in specials])
+    text = allowed[torch.randint(len(allowed), (text_tokens,), generator=g)]
+    before, after = text[:TEXT_BEFORE_IMAGE], text[TEXT_BEFORE_IMAGE:]
+    image = torch.full((n_visual,), config.image_token_id)
+    if kind.startswith("qwen"):
+        image = torch.cat([torch.tensor([config.vision_start_token_id]), image,
+                           torch.tensor([config.vision_end_token_id])])
+    ids = torch.cat([before, image, after])[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(dtype), **extra}
+    if kind.startswith("qwen"):
+        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _llava_next_image(config: Any, size: tuple[int, int], g: torch.Generator
+                      ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """AnyRes pixel views, visual-token count (base view + unpadded crop grid with row newlines), image_sizes."""
+    from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
+                                                                     image_size_to_num_patches, unpad_image)
+
+    if config.vision_feature_select_strategy != "default":
+        raise VTPruneError("synthetic LLaVA-NeXT inputs need vision_feature_select_strategy='default'")
+    vc = config.vision_config
+    side, grid = vc.image_size, vc.image_size // vc.patch_size
+    views = image_size_to_num_patches(list(size), config.image_grid_pinpoints, side)
+    if views == 1:
+        n_visual = grid * grid + 1
+    else:
+        nph, npw = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, side)
+        rows, cols = unpad_image(torch.empty(1, nph * grid, npw * grid), torch.tensor(size)).shape[1:]
+        n_visual = grid * grid + rows * (cols + 1)
+    pixels = torch.randn(1, views, vc.num_channels, side, side, generator=g)
+    return pixels, n_visual, torch.tensor([list(size)])
+
+
+def _qwen_image(config: Any, size: tuple[int, int], g: torch.Generator) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Flattened Qwen patches for one image of ``size`` (multiple of patch × merge), visual tokens, grid_thw."""
+    vc = config.vision_config
+    unit = vc.patch_size * vc.spatial_merge_size
+    if size[0] % unit or size[1] % unit:
+        raise VTPruneError(f"image size {size[0]}x{size[1]} must be a multiple of {unit} (patch × merge) for Qwen")
+    h, w = size[0] // vc.patch_size, size[1] // vc.patch_size
+    pixels = torch.randn(h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
+    return pixels, h * w // vc.spatial_merge_size ** 2, torch.tensor([[1, h, w]])
+
+
+# ---- settings and runs --------------------------------------------------------------------------------
+@dataclass
+class Setting:
+    """One row of the benchmark: ``config=None`` is the unpruned model."""
+
+    config: PrunerConfig | None
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        if c is None:
+            return "unpruned"
+        return f"{c.name} {c.site if c.site == 'pre_llm' else f'K={c.layer}'} keep={c.keep}"
+
+
+def make_settings(pruners: Sequence[str], keeps: Sequence[float | int], site: str = "pre_llm",
+                  layer: int | None = None) -> list[Setting]:
+    """The unpruned baseline + every (pruner, keep) pair, validated now (before any model is built)."""
+    if not pruners or not keeps:
+        raise VTPruneError("give at least one pruner and one keep value")
+    return [Setting(None)] + [Setting(make_config(p, keep=k, site=site, layer=layer)) for p in pruners for k in keeps]
+
+
+@dataclass
+class SettingResult:
+    """Everything measured for one setting."""
+
+    setting: Setting
+    flops: FlopsReport | None = None
+    visual: tuple[int, int] = (0, 0)  # (before, after), summed over images
+    prefill: list[PrefillSample] = field(default_factory=list)
+    select_seconds: list[float] = field(default_factory=list)
+    generate: list[GenerateSample] = field(default_factory=list)
+
+    @property
+    def prefill_ms(self) -> float:
+        return 1e3 * median([s.seconds for s in self.prefill])
+
+    @property
+    def overhead_share(self) -> float:
+        """Median selection time ÷ median prefill time."""
+        return (median(self.select_seconds) or 0.0) / median([s.seconds for s in self.prefill])
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly record."""
+        c = self.setting.config
+        peaks = [s.peak_bytes for s in self.prefill if s.peak_bytes is not None]
+        out = {
+            "label": self.setting.label, "pruner": c.name if c else None, "keep": c.keep if c else None,
+            "site": c.site if c else None, "layer": c.layer if c else None,
+            "visual_before": self.visual[0], "visual_after": self.visual[1],
+            "prefill_ms": self.prefill_ms, "prefill_ms_all": [1e3 * s.seconds for s in self.prefill],
+            "select_ms": 1e3 * (median(self.select_seconds) or 0.0), "overhead_share": self.overhead_share,
+            "peak_bytes_max": max(peaks) if peaks else None, "kv_bytes": self.prefill[-1].kv_bytes,
+            "flops": self.flops.as_dict() if self.flops else None,
+        }
+        if self.generate:
+            out["ttft_ms"] = 1e3 * median([g.ttft_seconds for g in self.generate])
+            rates = [g.decode_tokens_per_second for g in self.generate if g.decode_tokens_per_second]
+            out["decode_tokens_per_s"] = median(rates)
+            out["e2e_ms"] = 1e3 * median([g.e2e_seconds for g in self.generate])
+        return out
+
+
+@dataclass
+class BenchResult:
+    """All settings of one run plus the environment they ran in; ``results[0]`` is the unpruned baseline."""
+
+    results: list[SettingResult]
+    env: dict[str, Any]
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def speedups(self, r: SettingResult) -> tuple[float, float]:
+        """(measured prefill speedup, FLOPs-bound speedup) of ``r`` over the baseline (exact prefill FLOPs)."""
+        base = self.results[0]
+        return base.prefill_ms / r.prefill_ms, base.flops.prefill_total / r.flops.prefill_total
+
+    def as_dict(self) -> dict[str, Any]:
+        rows = []
+        for r in self.results:
+            measured, bound = self.speedups(r)
+            rows.append({**r.as_dict(), "speedup": measured, "flops_speedup": bound, "speedup_ratio": measured / bound})
+        return {"env": self.env, "args": self.args, "results": rows}
+
+    def table(self) -> str:
+        """A fixed-width table: one row per setting."""
+        head = ("method", "site", "keep", "visual", "FastV", "exact", "prefill ms", "speedup", "FLOPs-bound",
+                "ratio", "overhead")
+        rows = [head]
+        for r in self.results:
+            c = r.setting.config
+            measured, bound = self.speedups(r)
+            rows.append((
+                c.name if c else "unpruned", "-" if c is None else ("pre_llm" if c.site == "pre_llm" else f"K={c.layer}"),
+                "1.0" if c is None else f"{c.keep}", f"{r.visual[1]}/{r.visual[0]}",
+                si_flops(r.flops.fastv), si_flops(r.flops.prefill_total), f"{r.prefill_ms:.1f}",
+                f"{measured:.2f}x", f"{bound:.2f}x", f"{measured / bound:.3f}", f"{100 * r.overhead_share:.2f}%",
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                 for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def si_flops(flops: float) -> str:
+    """``3.33e12`` -> ``"3.33T"``: three significant digits with an SI prefix."""
+    for scale, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if flops >= scale:
+            return f"{flops / scale:.3g}{unit}"
+    return f"{flops:.3g}"
+
+
+def _run_once(model: nn.Module, inputs: dict[str, Any], r: SettingResult, timer: Timer, record: bool,
+              new_tokens: int) -> None:
+    """One prefill (and generate) of one setting; stores the samples when ``record``; counts FLOPs the first time."""
+    config = r.setting.config
+    if config is None:
+        sample = measure_prefill(model, inputs, timer)
+        selection = 0.0
+        if r.flops is None:
+            r.flops = flops_unpruned(model, inputs, decode_steps=max(new_tokens - 1, 0))
+            n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+            r.visual = (n, n)
+    else:
+        with api.apply(model, config) as handle:
+            with timed_selection(handle.pruner, timer) as intervals:
+                sample = measure_prefill(model, inputs, timer)
+            selection = selection_seconds(intervals, timer)
+            if r.flops is None:
+                stats = handle.stats
+                r.flops = flops_from_stats(model, stats, inputs=inputs, decode_steps=max(new_tokens - 1, 0),
+                                           pruner=config.name)
+                r.visual = (sum(stats.visual_before), sum(stats.visual_after))
+    gen = None
+    if new_tokens:
+        with api.apply(model, config) if config is not None else nullcontext():
+            gen = measure_generate(model, inputs, new_tokens, timer)
+    if record:
+        r.prefill.append(sample)
+        r.select_seconds.append(selection)
+        if gen is not None:
+            r.generate.append(gen)
+
+
+def run_bench(model: nn.Module, inputs: dict[str, Any], settings: Sequence[Setting], *, repeats: int = 5,
+              warmup: int = 1, new_tokens: int = 0, progress: bool = True) -> BenchResult:
+    """Time every setting ``warmup + repeats`` times, interleaved (one pass over all settings per repeat), so that
+    machine-load drift hits every setting alike. The first setting must be the unpruned baseline."""
+    from tqdm.auto import tqdm
+
+    if repeats < 1 or warmup < 0 or new_tokens < 0:
+        raise VTPruneError(f"need repeats >= 1, warmup >= 0, new_tokens >= 0 (got {repeats}, {warmup}, {new_tokens})")
+    if not settings or settings[0].config is not None:
+        raise VTPruneError("the first setting must be the unpruned baseline (Setting(None))")
+    timer = Timer(next(model.parameters()).device)
+    results = [SettingResult(s) for s in settings]
+    with tqdm(total=(warmup + repeats) * len(results), desc="bench", disable=not progress, leave=False) as bar:
+        for i in range(warmup + repeats):
+            for r in results:
+                _run_once(model, inputs, r, timer, record=i >= warmup, new_tokens=new_tokens)
+                bar.update()
+    return BenchResult(results=results, env=environment(model))
+
+
+__all__ = [
+    "BenchResult", "Setting", "SettingResult", "build_model", "load_config", "make_settings", "resolve_model",
+    "run_bench", "shipped_configs", "synthetic_inputs",
+]

@@ -1,0 +1,127 @@
+"""The ``vtprune`` command line. Subcommands: ``bench`` (more, e.g. ``sweep``, plug in through :data:`COMMANDS`).
+
+    vtprune bench --model bench-small --random-weights --pruners random,uniform --keep 0.5,0.25,0.11
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import VTPruneError
+
+
+def _number_list(text: str) -> list[float | int]:
+    """``"0.5,0.25,64"`` -> [0.5, 0.25, 64]: floats are fractions, ints are token counts."""
+    out: list[float | int] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            out.append(float(item) if any(c in item for c in ".eE") else int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number") from None
+    return out
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``"672x672"`` or ``"672"`` -> (H, W)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size {text!r}: expected H x W, e.g. 672x672") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"image size {text!r}: expected H x W, e.g. 672x672")
+    return (parts[0], parts[-1])
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """Arguments of ``vtprune bench``."""
+    p = sub.add_parser("bench", help="time prefill of the unpruned model and pruning settings, with FLOPs",
+                       description="Runs the unpruned model and every (pruner, keep) setting interleaved on one "
+                                   "synthetic prompt (one image + random text ids) and prints FLOPs in both "
+                                   "conventions next to measured prefill time.")
+    p.add_argument("--model", required=True, help="a saved model directory, a config JSON, or a shipped config "
+                                                  "name (configs/models: bench-small, llava-1.5-7b, ...)")
+    p.add_argument("--random-weights", action="store_true", help="build a random-weight model from the config")
+    p.add_argument("--pruners", default="random", help="comma-separated pruner names (default: random)")
+    p.add_argument("--keep", type=_number_list, default=[0.5, 0.25, 0.11],
+                   help="comma-separated keep values: fractions in (0, 1] or int token counts")
+    p.add_argument("--site", choices=("pre_llm", "layer"), default="pre_llm")
+    p.add_argument("--layer", type=int, default=None, help="K for --site layer (default 2)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, ...)")
+    p.add_argument("--image-size", type=_image_size, default=None,
+                   help="H x W of the synthetic image (LLaVA-NeXT, Qwen); LLaVA-1.5 always uses its own size")
+    p.add_argument("--text-tokens", type=int, default=65, help="text tokens around the image (35 before it)")
+    p.add_argument("--new-tokens", type=int, default=0,
+                   help="also time generate() of this many tokens (TTFT, decode tokens/s, end to end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write every measurement to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run ``vtprune bench``."""
+    from .benchmark import build_model, make_settings, run_bench, synthetic_inputs
+
+    if args.threads < 1:
+        raise VTPruneError(f"--threads must be >= 1, got {args.threads}")
+    settings = make_settings([p.strip() for p in args.pruners.split(",") if p.strip()], args.keep, args.site,
+                             args.layer)
+    torch.set_num_threads(args.threads)
+    model = build_model(args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device,
+                        attn_implementation=args.attn, seed=args.seed)
+    inputs = synthetic_inputs(model.config, image_size=args.image_size, text_tokens=args.text_tokens,
+                              seed=args.seed, device=args.device, dtype=next(model.parameters()).dtype)
+    result = run_bench(model, inputs, settings, repeats=args.repeats, warmup=args.warmup,
+                       new_tokens=args.new_tokens, progress=not args.no_progress)
+    result.args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
+    env = result.env
+    print(f"model {args.model} ({'random weights' if args.random_weights else 'pretrained'}), "
+          f"{inputs['input_ids'].shape[1]} prompt tokens | {env['device']} {env['dtype']}, "
+          f"{env['torch_threads']} thread(s), attn={env['attn_implementation']} | "
+          f"median of {args.repeats} after {args.warmup} warm-up, interleaved")
+    print(result.table())
+    print("FastV: LLM prefill only, 4nd²+2n²d+2ndm per layer (MACs). exact: 2 FLOPs per multiply-add, gated FFN, "
+          "GQA, vision + projector + LM head (1 position) + pruner overhead; FLOPs-bound speedup uses it. "
+          "ratio = speedup / FLOPs-bound; overhead = pruner selection time / prefill time.")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.as_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+#: subcommand name -> function adding its parser (it sets ``run``)
+COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"bench": _add_bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vtprune`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="vtprune", description="Training-free visual-token pruning for VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run, and turn bad input into a one-line error with exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except VTPruneError as e:
+        print(f"vtprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
