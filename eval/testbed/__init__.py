@@ -1,0 +1,1 @@
+"""Synthetic VQA testbed: seeded scenes, questions and evaluation sets for visual-token pruning."""
