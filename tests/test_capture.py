@@ -135,3 +135,39 @@ def test_patch_to_token_mapping_is_exact(family, probes):
                 idx = (vq.token_of_patch == t).nonzero().flatten() + start
                 assert idx.numel() == 4
                 torch.testing.assert_close(hook_mod(seen["in"][idx])[0], feats[t], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_projector_inputs_reproduce_the_visual_tokens(family, probes):
+    """Re-projecting each token's captured projector inputs gives exactly the LM's visual input."""
+    probe = probes("_probe_proj", {"projector"})
+    tv = model(family)
+    inputs = batch_inputs(tv, [0, 1])
+    seen = {}
+    lm = tv.model.model.language_model
+    h = lm.register_forward_pre_hook(lambda m, a, k: seen.update({"lm": k["inputs_embeds"]}), with_kwargs=True)
+    try:
+        with vtprune.apply(tv.model, "_probe_proj", keep=0.5):
+            tv.model(**inputs)
+    finally:
+        h.remove()
+    ids = inputs["input_ids"]
+    for view in probe.views:
+        proj = view.extras["projector"]
+        feats = seen["lm"][view.sample, ids[view.sample] == tv.model.config.image_token_id]
+        offset = sum(v.num_tokens for v in probe.views if v.sample == view.sample and v.image < view.image)
+        feats = feats[offset:offset + view.num_tokens]
+        out = proj.project(proj.inputs[proj.valid])
+        torch.testing.assert_close(out, feats[proj.valid], atol=1e-6, rtol=1e-5)
+        assert proj.inputs.shape[1] == (1 if family.startswith("llava") else 4)
+        assert bool(proj.valid.all()) == (family != "llava_next")
+
+
+def test_refused_apply_leaves_no_hooks(probes):
+    probes("_probe_llm3", {"llm_qk"})
+    tv = model("llava")
+    before = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tv.model.modules())
+    with pytest.raises(vtprune.VTPruneError):
+        vtprune.apply(tv.model, "_probe_llm3", keep=0.5)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tv.model.modules()) == before
+    vtprune.apply(tv.model, "uniform", keep=0.5).remove()  # and the model is not marked as hooked

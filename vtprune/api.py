@@ -83,7 +83,11 @@ def apply(model: nn.Module, pruner: str | PrunerConfig, **options: Any) -> Prune
     if model in _ACTIVE:
         raise VTPruneError("this model already has vtprune hooks installed; call handle.remove() first")
     engine = Engine(model, adapter, instance, config)
-    engine.install()
+    try:
+        engine.install()
+    except BaseException:
+        engine.remove()  # never leave a half-installed set of hooks behind
+        raise
     handle = PruneHandle(model, engine)
     _ACTIVE[model] = handle
     return handle

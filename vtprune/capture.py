@@ -7,6 +7,7 @@ know the per-family projection and position details; this module holds the famil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,8 @@ import torch
 #: what a pruner may declare in ``Pruner.needs``
 LLM_QK = "llm_qk"  # post-RoPE q/k of decoder layer K-1 (in-LLM site)
 VISION_QK = "vision_qk"  # q/k of vision-encoder attention layers (``Pruner.vision_layers``)
-NEEDS = (LLM_QK, VISION_QK)
+PROJECTOR = "projector"  # the projector's inputs per visual token, and the projector itself
+NEEDS = (LLM_QK, VISION_QK, PROJECTOR)
 
 
 @dataclass
@@ -47,6 +49,20 @@ class VisionQK:
     token_of_patch: torch.Tensor
     cls_query: torch.Tensor | None = None
     cls_key: torch.Tensor | None = None
+
+
+@dataclass
+class ProjectorInput:
+    """What the multimodal projector (LLaVA MLP / Qwen 2x2 PatchMerger) turned into one image's tokens.
+
+    inputs [V, g, d_v]: the g encoder features feeding each visual token (g = 1 for LLaVA, 4 for a 2x2
+    merge); valid [V]: tokens that have projector inputs (LLaVA-NeXT newline tokens do not);
+    project: maps [n, g, d_v] -> [n, D], exactly as the model does.
+    """
+
+    inputs: torch.Tensor
+    valid: torch.Tensor
+    project: Callable[[torch.Tensor], torch.Tensor]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import ImageSpans, ModelAdapter
-from .capture import LLM_QK, NEEDS, VISION_QK, LLMQK, InputCapture
+from .capture import LLM_QK, NEEDS, PROJECTOR, VISION_QK, LLMQK, InputCapture
 from .config import PrunerConfig
 from .errors import VTPruneError
 from .plan import KeepPlan, to_mask_kind
@@ -64,10 +64,12 @@ class Engine:
         self._llm_capture: InputCapture | None = None  # inputs of decoder layer K-1's attention
         self._tower_capture: InputCapture | None = None  # the vision encoder's own inputs (grid_thw)
         self._vision_captures: dict[int, InputCapture] = {}  # vision layer -> its attention inputs
+        self._projector_capture: InputCapture | None = None  # the projector's inputs
         self._vision_consumed = True
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def install(self) -> None:
+        self._check_needs()
         a = self.adapter
         self._hook_pre(a.backbone, self._backbone_pre)
         self._hook_pre(a.language_model, self._lm_pre)
@@ -78,34 +80,42 @@ class Engine:
             self._hook_pre(layer, self._record_layer)
         self._install_captures()
 
-    def _install_captures(self) -> None:
-        """Capture hooks for the signals the pruner declared in ``needs``."""
+    def _check_needs(self) -> None:
+        """Refuse signals that do not exist or cannot be had at this site, before any hook goes in."""
         needs, name = self.pruner.needs, self.config.name
         unknown = set(needs) - set(NEEDS)
         if unknown:
             raise VTPruneError(f"pruner {name!r} needs unknown signals {sorted(unknown)}; known: {NEEDS}")
-        a = self.adapter
+        if LLM_QK in needs and self.config.site != "layer":
+            raise VTPruneError(f"pruner {name!r} reads decoder-layer attention, so it needs site='layer'")
+
+    def _install_captures(self) -> None:
+        """Capture hooks for the signals the pruner declared in ``needs``."""
+        needs, a = self.pruner.needs, self.adapter
         if LLM_QK in needs:
-            if self.config.site != "layer":
-                raise VTPruneError(f"pruner {name!r} reads decoder-layer attention, so it needs site='layer'")
             self._llm_capture = InputCapture()
             self._hook_pre(a.llm_attention(self.config.layer - 1), self._llm_capture)
+        if VISION_QK in needs or PROJECTOR in needs:
+            self._tower_capture = self._armed_capture(a.vision_tower, hook=self._vision_pass_starts)
         if VISION_QK in needs:
             n = a.num_vision_layers
-            layers = sorted({l % n for l in self.pruner.vision_layers(a.vision_full_attention_layers(), n)})
-            self._tower_capture = InputCapture()
-            self._tower_capture.armed = True
-            self._hook_pre(a.vision_tower, self._vision_pass_starts)
-            for l in layers:
-                cap = self._vision_captures[l] = InputCapture()
-                cap.armed = True
-                self._hook_pre(a.vision_attention(l), cap)
+            for l in sorted({l % n for l in self.pruner.vision_layers(a.vision_full_attention_layers(), n)}):
+                self._vision_captures[l] = self._armed_capture(a.vision_attention(l))
+        if PROJECTOR in needs:
+            self._projector_capture = self._armed_capture(a.projector)
+
+    def _armed_capture(self, module: nn.Module, hook=None) -> InputCapture:
+        cap = InputCapture()
+        cap.armed = True
+        self._hook_pre(module, hook or cap)
+        return cap
 
     def _vision_pass_starts(self, module, args, kwargs) -> None:
         """A new encoding pass: forget the last one's inputs once a prefill has used them."""
         if self._vision_consumed:
-            for cap in (self._tower_capture, *self._vision_captures.values()):
-                cap.reset()
+            for cap in (self._tower_capture, self._projector_capture, *self._vision_captures.values()):
+                if cap is not None:
+                    cap.reset()
             self._vision_consumed = False
         self._tower_capture(module, args, kwargs)
 
@@ -299,18 +309,23 @@ class Engine:
 
     # ---- captured signals ---------------------------------------------------------------------------
     def _vision_extras(self, spans: ImageSpans) -> list[dict[str, Any]]:
-        """Per image: {"vision_qk": {layer: [VisionQK per encoder view]}} when the pruner asked for it."""
+        """Per image: {"vision_qk": {layer: [VisionQK per encoder view]}, "projector": ProjectorInput},
+        for whichever the pruner asked for."""
         extras: list[dict[str, Any]] = [{} for _ in range(len(spans))]
-        if not self._vision_captures:
+        if self._tower_capture is None:
             return extras
         if not self._tower_capture.calls:
-            raise VTPruneError(f"pruner {self.config.name!r} needs the vision encoder's attention, but no encoder "
+            raise VTPruneError(f"pruner {self.config.name!r} needs the vision encoder's signals, but no encoder "
                                "pass was seen (were pre-computed image features passed in?)")
         self._vision_consumed = True
         for layer, cap in self._vision_captures.items():
             per_image = self.adapter.vision_qk(layer, cap, self._tower_capture, spans.layouts)
             for ex, views in zip(extras, per_image):
                 ex.setdefault("vision_qk", {})[layer] = views
+        if self._projector_capture is not None:
+            per_image = self.adapter.projector_inputs(self._projector_capture, self._tower_capture, spans.layouts)
+            for ex, proj in zip(extras, per_image):
+                ex["projector"] = proj
         return extras
 
     def _add_llm_extras(self, spans: ImageSpans, real: torch.Tensor) -> None:

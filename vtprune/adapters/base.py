@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import InputCapture, VisionQK, rotate
+from ..capture import InputCapture, ProjectorInput, VisionQK, rotate
 from ..errors import VTPruneError
 from ..view import ImageLayout
 
@@ -139,6 +139,16 @@ class ModelAdapter:
     def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
                   layouts: list[ImageLayout]) -> list[list[VisionQK]]:
         """Per image (batch order), per encoder view: q/k of vision layer ``layer`` and where each patch goes."""
+        raise NotImplementedError
+
+    @property
+    def projector(self) -> nn.Module:
+        """The multimodal projector (its pre-hook captures the encoder features it maps)."""
+        raise NotImplementedError
+
+    def projector_inputs(self, capture: InputCapture, tower: InputCapture, layouts: list[ImageLayout]
+                         ) -> list[ProjectorInput]:
+        """Per image (batch order): the projector inputs of each visual token and the projector."""
         raise NotImplementedError
 
     # ---- positions -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from torch import nn
 
-from ..capture import InputCapture, VisionQK
+from ..capture import InputCapture, ProjectorInput, VisionQK
 from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import ModelAdapter
@@ -66,14 +66,42 @@ class LlavaAdapter(ModelAdapter):
         return VisionQK(query=q[:, 1:], key=k[:, 1:], scaling=scaling, token_of_patch=token_of_patch,
                         cls_query=q[:, 0], cls_key=k[:, 0])
 
+    def _token_maps(self, n_views: int, layouts: list[ImageLayout], device: torch.device
+                    ) -> list[list[tuple[int, torch.Tensor]]]:
+        """Per image: (encoder view index, token index of each of its patches) — one view per image."""
+        if self.model.config.vision_feature_select_strategy != "default":
+            raise VTPruneError("vision-encoder and projector signals need vision_feature_select_strategy='default'")
+        if n_views != len(layouts):
+            raise VTPruneError(f"the vision tower encoded {n_views} images but the prompt holds {len(layouts)}")
+        return [[(i, torch.arange(layout.size, device=device))] for i, layout in enumerate(layouts)]
+
     def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
                   layouts: list[ImageLayout]) -> list[list[VisionQK]]:
         q, k, scaling = self._views_qk(layer, capture)
-        if q.shape[0] != len(layouts):
-            raise VTPruneError(f"the vision tower encoded {q.shape[0]} images but the prompt holds {len(layouts)}")
-        offset = 0 if self.model.config.vision_feature_select_strategy == "default" else 1
-        patches = torch.arange(q.shape[2] - 1, device=q.device) + offset
-        return [[self._view(q[i], k[i], scaling, patches)] for i in range(len(layouts))]
+        return [[self._view(q[v], k[v], scaling, t) for v, t in maps]
+                for maps in self._token_maps(q.shape[0], layouts, q.device)]
+
+    # ---- projector ------------------------------------------------------------------------------------
+    @property
+    def projector(self) -> nn.Module:
+        return self.backbone.multi_modal_projector
+
+    def projector_inputs(self, capture: InputCapture, tower: InputCapture, layouts: list[ImageLayout]
+                         ) -> list[ProjectorInput]:
+        x = capture.tensor("image_features")  # [views, P, d_v], [CLS] already dropped
+        out = []
+        for layout, maps in zip(layouts, self._token_maps(x.shape[0], layouts, x.device)):
+            inputs = x.new_zeros(layout.size, 1, x.shape[-1])
+            valid = torch.zeros(layout.size, dtype=torch.bool, device=x.device)
+            for v, token in maps:
+                ok = token >= 0
+                inputs[token[ok], 0] = x[v][ok]
+                valid[token[ok]] = True
+            out.append(ProjectorInput(inputs=inputs, valid=valid, project=self._project))
+        return out
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(x[:, 0])
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -117,17 +145,18 @@ class LlavaNextAdapter(LlavaAdapter):
                 return nph, npw
         raise VTPruneError(f"no AnyRes grid in image_grid_pinpoints explains a {rows}x{cols} crop grid")
 
-    def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
-                  layouts: list[ImageLayout]) -> list[list[VisionQK]]:
-        q, k, scaling = self._views_qk(layer, capture)
+    def _token_maps(self, n_views: int, layouts: list[ImageLayout], device: torch.device
+                    ) -> list[list[tuple[int, torch.Tensor]]]:
+        """Per image: the base view, then the AnyRes crops in raster order, each with the token index of
+        its patches in the packed image (-1 where unpadding drops a patch)."""
         g = self._patch_grid()
-        r, c = torch.arange(g, device=q.device)[:, None], torch.arange(g, device=q.device)[None, :]
+        r, c = torch.arange(g, device=device)[:, None], torch.arange(g, device=device)[None, :]
         out, view = [], 0
         for layout in layouts:
             base, crops = layout.segments[0], layout.segments[1]
-            views = [self._view(q[view], k[view], scaling, (r * g + c).flatten())]
+            maps = [(view, (r * g + c).flatten())]
             view += 1
-            if crops.cols > 0:  # multi-view image: crops in raster order of the AnyRes grid
+            if crops.cols > 0:
                 nph, npw = self._crop_grid(crops.rows, crops.cols)
                 r0, c0 = (nph * g - crops.rows) // 2, (npw * g - crops.cols) // 2
                 for i in range(nph):
@@ -135,11 +164,11 @@ class LlavaNextAdapter(LlavaAdapter):
                         rr, cc = i * g + r - r0, j * g + c - c0
                         inside = (rr >= 0) & (rr < crops.rows) & (cc >= 0) & (cc < crops.cols)
                         token = base.size + rr * (crops.cols + 1) + cc
-                        views.append(self._view(q[view], k[view], scaling, token.where(inside, -1).flatten()))
+                        maps.append((view, token.where(inside, -1).flatten()))
                         view += 1
-            out.append(views)
-        if view != q.shape[0]:
-            raise VTPruneError(f"the vision tower encoded {q.shape[0]} views but the images' layouts account for {view}")
+            out.append(maps)
+        if view != n_views:
+            raise VTPruneError(f"the vision tower encoded {n_views} views but the images' layouts account for {view}")
         return out
 
     def layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:

@@ -8,7 +8,7 @@ import torch
 
 from torch import nn
 
-from ..capture import InputCapture, VisionQK, rotate
+from ..capture import InputCapture, ProjectorInput, VisionQK, rotate
 from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import ModelAdapter
@@ -58,31 +58,55 @@ class Qwen2VLAdapter(ModelAdapter):
         total = int(grid_thw.prod(-1).sum())
         return torch.arange(total, device=grid_thw.device) // m2
 
-    def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
-                  layouts: list[ImageLayout]) -> list[list[VisionQK]]:
-        attn = self.vision_attention(layer)
-        grid_thw = tower.tensor("grid_thw", 1, call=0)
-        call = 0  # the first encoder pass after the tower's pre-hook is the images' (videos come later)
-        hidden = capture.tensor("hidden_states", call=call)
-        cos, sin = capture.tensor("position_embeddings", 2, call=call)
-        n = hidden.shape[0]
-        if n != int(grid_thw.prod(-1).sum()):
-            raise VTPruneError("captured vision attention inputs do not match the images' grid_thw")
-        qkv = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3)  # [3, H, n, hd]
-        cos, sin = cos.unsqueeze(0).float(), sin.unsqueeze(0).float()
-        q, k = (rotate(t.float(), cos, sin).to(hidden.dtype) for t in (qkv[0], qkv[1]))
-        token = self._patch_order(grid_thw)
-        m2 = self.model.config.vision_config.spatial_merge_size ** 2
+    def _token_maps(self, tower: InputCapture, layouts: list[ImageLayout]) -> list[tuple[slice, torch.Tensor]]:
+        """Per image: its slice of the encoder's packed patch sequence and the image-local token index
+        of each of those patches."""
+        grid_thw = tower.tensor("grid_thw", 1, call=0)  # the first pass after the tower's pre-hook: images
         sizes = grid_thw.prod(-1).tolist()
         if len(sizes) != len(layouts):
             raise VTPruneError(f"the vision tower encoded {len(sizes)} images but the prompt holds {len(layouts)}")
+        token = self._patch_order(grid_thw)
+        m2 = self.model.config.vision_config.spatial_merge_size ** 2
         out, start, first_token = [], 0, 0
         for size in sizes:
-            sl = slice(start, start + size)
-            out.append([VisionQK(query=q[:, sl], key=k[:, sl], scaling=float(attn.scaling),
-                                 token_of_patch=token[sl] - first_token)])
+            out.append((slice(start, start + size), token[start:start + size] - first_token))
             start, first_token = start + size, first_token + size // m2
         return out
+
+    def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
+                  layouts: list[ImageLayout]) -> list[list[VisionQK]]:
+        attn = self.vision_attention(layer)
+        hidden = capture.tensor("hidden_states", call=0)
+        cos, sin = capture.tensor("position_embeddings", 2, call=0)
+        n = hidden.shape[0]
+        qkv = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3)  # [3, H, n, hd]
+        cos, sin = cos.unsqueeze(0).float(), sin.unsqueeze(0).float()
+        q, k = (rotate(t.float(), cos, sin).to(hidden.dtype) for t in (qkv[0], qkv[1]))
+        maps = self._token_maps(tower, layouts)
+        if maps and maps[-1][0].stop != n:
+            raise VTPruneError("captured vision attention inputs do not match the images' grid_thw")
+        return [[VisionQK(query=q[:, sl], key=k[:, sl], scaling=float(attn.scaling), token_of_patch=t)]
+                for sl, t in maps]
+
+    # ---- projector (the 2x2 PatchMerger) ----------------------------------------------------------------
+    @property
+    def projector(self) -> nn.Module:
+        return self.backbone.visual.merger
+
+    def projector_inputs(self, capture: InputCapture, tower: InputCapture, layouts: list[ImageLayout]
+                         ) -> list[ProjectorInput]:
+        x = capture.tensor("x", call=0)  # [patches, d_v] in encoder order
+        m2 = self.model.config.vision_config.spatial_merge_size ** 2
+        out = []
+        for (sl, token), layout in zip(self._token_maps(tower, layouts), layouts):
+            order = torch.sort(token, stable=True).indices  # group each token's patches, encoder order kept
+            inputs = x[sl][order].view(layout.size, m2, x.shape[-1])
+            valid = torch.ones(layout.size, dtype=torch.bool, device=x.device)
+            out.append(ProjectorInput(inputs=inputs, valid=valid, project=self._project))
+        return out
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(x.reshape(-1, x.shape[-1]))
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
