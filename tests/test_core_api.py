@@ -186,7 +186,8 @@ def test_layouts_match_the_processor_grids(family, recorder):
     inputs = batch_inputs(tv, [0, 1])
     with vtprune.apply(tv.model, "_test_record", keep=0.5):
         tv.model(**inputs)
-        n_forward = len(recorder.views)
+    n_forward = len(recorder.views)
+    with vtprune.apply(tv.model, "_test_record", keep=0.5):
         tv.model.generate(**inputs, **GEN)  # generate passes pre-encoded features, no sizes
     fwd, gen = recorder.views[:n_forward], recorder.views[n_forward:]
     assert [v.layout for v in fwd] == [v.layout for v in gen]
@@ -201,3 +202,16 @@ def test_layouts_match_the_processor_grids(family, recorder):
     assert all(v.layout.size == v.num_tokens for v in fwd)
     view = fwd[1]
     assert view.sample == 1 and view.text.shape[0] == int(inputs["attention_mask"][1].sum()) - view.num_tokens
+
+
+def test_a_prefill_extending_the_last_one_reuses_its_selection(recorder):
+    """Uncached generation re-runs prefill on a growing prompt: the images keep the selection made for the
+    original prompt (so prompt-dependent pruners agree with cached decoding); a new prompt selects anew."""
+    tv = model("llava")
+    inputs = batch_inputs(tv, [0, 1])
+    with vtprune.apply(tv.model, "_test_record", keep=0.5):
+        tv.model.generate(**inputs, **GEN, use_cache=False)
+        assert len(recorder.views) == 2  # one selection per image, at the first step only
+        other = batch_inputs(tv, [2, 1])
+        tv.model(**other)
+        assert len(recorder.views) == 4

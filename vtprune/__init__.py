@@ -10,6 +10,7 @@ from .adapters import supported_models
 from .api import PruneHandle, apply
 from .config import PrunerConfig
 from .errors import VTPruneError
+from .flops import FlopsReport, flops_from_stats, register_overhead_flops
 from .pruners import PoolConfig, Pruner, RandomConfig, UniformConfig
 from .registry import list_pruners, register_pruner
 from .stats import PruneStats, SampleStats
@@ -18,7 +19,7 @@ from .view import ImageLayout, Segment, Selection, VisualView
 __version__ = "0.1.0"
 
 __all__ = [
-    "ImageLayout", "PoolConfig", "PruneHandle", "PruneStats", "Pruner", "PrunerConfig", "RandomConfig",
+    "FlopsReport", "ImageLayout", "PoolConfig", "PruneHandle", "PruneStats", "Pruner", "PrunerConfig", "RandomConfig",
     "SampleStats", "Segment", "Selection", "UniformConfig", "VTPruneError", "VisualView", "apply",
-    "list_pruners", "register_pruner", "supported_models",
+    "flops_from_stats", "list_pruners", "register_overhead_flops", "register_pruner", "supported_models",
 ]

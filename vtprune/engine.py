@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import ImageSpans, ModelAdapter
-from .capture import LLM_QK, NEEDS, PROJECTOR, VISION_QK, LLMQK, InputCapture
+from .capture import FINAL_NORM, LLM_QK, NEEDS, PROJECTOR, VISION_QK, LLMQK, InputCapture
 from .config import PrunerConfig
 from .errors import VTPruneError
 from .plan import KeepPlan, to_mask_kind
@@ -65,6 +65,10 @@ class Engine:
         self._tower_capture: InputCapture | None = None  # the vision encoder's own inputs (grid_thw)
         self._vision_captures: dict[int, InputCapture] = {}  # vision layer -> its attention inputs
         self._projector_capture: InputCapture | None = None  # the projector's inputs
+        # the last prefill's LM inputs and per-image selections, reused by a prefill that extends it
+        self._memo: tuple[torch.Tensor, torch.Tensor, list[Selection]] | None = None
+        self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reuse: list[Selection] | None = None
         self._vision_consumed = True
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ class Engine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._prefill = self._spans = None
+        self._prefill = self._spans = self._memo = self._prefix = self._reuse = None
         self._layer_ctx = {}
 
     def _hook_pre(self, module: nn.Module, fn) -> None:
@@ -175,6 +179,7 @@ class Engine:
                                f"{type(mask).__name__}{'' if not torch.is_tensor(mask) else tuple(mask.shape)}")
         real = torch.ones(b, full_len, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
         self.recorder.begin_prefill(real.sum(1))
+        self._prefix, self._reuse = (embeds, real), self._reusable_selections(embeds, real)
         if spans is None:  # no images: run unpruned, record it
             return args, kwargs
         pos = kwargs.get("position_ids")
@@ -309,9 +314,12 @@ class Engine:
 
     # ---- captured signals ---------------------------------------------------------------------------
     def _vision_extras(self, spans: ImageSpans) -> list[dict[str, Any]]:
-        """Per image: {"vision_qk": {layer: [VisionQK per encoder view]}, "projector": ProjectorInput},
-        for whichever the pruner asked for."""
+        """Per image: {"vision_qk": {layer: [VisionQK per encoder view]}, "projector": ProjectorInput,
+        "final_norm": module}, for whichever the pruner asked for."""
         extras: list[dict[str, Any]] = [{} for _ in range(len(spans))]
+        if FINAL_NORM in self.pruner.needs:
+            for ex in extras:
+                ex["final_norm"] = self.adapter.language_model.norm
         if self._tower_capture is None:
             return extras
         if not self._tower_capture.calls:
@@ -337,6 +345,20 @@ class Engine:
             ex["llm_qk"] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos], scaling=scaling)
 
     # ---- selection ----------------------------------------------------------------------------------
+    def _reusable_selections(self, embeds: torch.Tensor, real: torch.Tensor) -> list[Selection] | None:
+        """The last prefill's selections if this prefill only appends tokens to it (uncached generation,
+        a continued prompt): the images were already pruned for that prompt, so the choice stands even
+        for pruners that read the last prompt token."""
+        if self._memo is None:
+            return None
+        old_embeds, old_real, selections = self._memo
+        b, n = old_embeds.shape[:2]
+        if embeds.shape[0] != b or embeds.shape[1] < n:
+            return None
+        if not (torch.equal(real[:, :n], old_real) and torch.equal(embeds[:, :n], old_embeds)):
+            return None
+        return selections
+
     def _plan(self, states: torch.Tensor, spans: ImageSpans, real: torch.Tensor) -> KeepPlan:
         """Ask the pruner about every image and turn the answers into a keep plan."""
         keep = torch.ones_like(real)
@@ -345,6 +367,7 @@ class Engine:
         for row, pos in zip(spans.rows, spans.positions):
             image_rows[row, pos] = True
         pruned_any = False
+        selections: list[Selection] = []
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):
             n = pos.numel()
             k = budget(self.config.keep, n)
@@ -352,6 +375,8 @@ class Engine:
             pruned_any |= k < n
             if k >= n:
                 sel = Selection(indices=torch.arange(n, device=pos.device))
+            elif self._reuse is not None and i < len(self._reuse):
+                sel = self._reuse[i]
             else:
                 view = VisualView(features=states[row, pos], text=states[row, real[row] & ~image_rows[row]],
                                   layout=layout, site=self.config.site, layer=self.config.layer,
@@ -363,6 +388,8 @@ class Engine:
             if sel.embeddings is not None:
                 replacements.append((row, kept, sel.embeddings))
             self.recorder.add_image(row, n, k)
+            selections.append(sel)
+        self._memo = (*self._prefix, selections)
         if pruned_any:  # drop the batch's original padding too; rows are re-padded to the new longest row
             keep &= real
         return KeepPlan.from_keep_mask(keep, replacements)
