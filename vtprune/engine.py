@@ -26,7 +26,7 @@ from .errors import VTPruneError
 from .plan import KeepPlan, to_mask_kind
 from .pruners.base import Pruner
 from .stats import StatsRecorder
-from .view import Selection, VisualView, budget
+from .view import Selection, VisualView
 
 
 @dataclass
@@ -370,7 +370,7 @@ class Engine:
         selections: list[Selection] = []
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):
             n = pos.numel()
-            k = budget(self.config.keep, n)
+            k = min(self.pruner.count(layout), n)
             keep[row, pos] = False
             pruned_any |= k < n
             if k >= n:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..config import PrunerConfig
-from ..view import Selection, VisualView
+from ..view import ImageLayout, Selection, VisualView, budget
 
 
 class Pruner:
@@ -35,7 +35,13 @@ class Pruner:
         ``full_attention_layers`` lists the layers that attend over the whole image."""
         return []
 
+    def count(self, layout: ImageLayout) -> int:
+        """Tokens to keep for an image with this layout. Clean modes use the exact budget rule of
+        :func:`vtprune.view.budget`; reference modes may override it with their paper's count rule."""
+        return budget(self.config.keep, layout.size)
+
     def select(self, view: VisualView, k: int) -> Selection:
+        """Choose exactly ``k`` of ``view``'s tokens (k < V: keep-all never reaches a pruner)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
