@@ -1,0 +1,69 @@
+"""Every registered pruner x every family x its default site: keep-all identity, exact budgets,
+cached == uncached generation and batch == single. New pruners are covered by registering them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtprune
+from conftest import GEN, batch_inputs, model
+from vtprune.registry import pruner_class
+from vtprune.testing import FAMILIES
+
+PRUNERS = [name for name in vtprune.list_pruners() if not name.startswith("_")]
+CASES = [(p, f) for p in PRUNERS for f in FAMILIES]
+
+
+def _generate(tv, inputs, **kw):
+    out = tv.model.generate(**inputs, **{**GEN, **kw})
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def _default_site(name: str) -> str:
+    return pruner_class(name).config_class().site
+
+
+@pytest.mark.parametrize("pruner,family", CASES)
+def test_keep_all_is_identity(pruner, family):
+    tv = model(family)
+    inputs = batch_inputs(tv, [0, 1])
+    ref = tv.model(**inputs).logits
+    ref_seq, _ = _generate(tv, inputs)
+    with vtprune.apply(tv.model, pruner, keep=1.0):
+        assert torch.equal(tv.model(**inputs).logits, ref)
+        assert torch.equal(_generate(tv, inputs)[0], ref_seq)
+
+
+@pytest.mark.parametrize("pruner,family", CASES)
+def test_exact_budgets_cached_equals_uncached(pruner, family):
+    tv = model(family)
+    inputs = batch_inputs(tv, [0, 1])
+    for keep in (0.3, 3):
+        with vtprune.apply(tv.model, pruner, keep=keep) as handle:
+            seq_c, step_c = _generate(tv, inputs)
+            for before, after in (img for s in handle.stats.samples for img in s.images):
+                assert after == vtprune.view.budget(keep, before), (before, after)
+            seq_u, step_u = _generate(tv, inputs, use_cache=False)
+        assert torch.equal(seq_c, seq_u)
+        torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pruner,family", CASES)
+def test_batch_equals_single(pruner, family):
+    tv = model(family)
+    samples = [0, 1, 2]
+    with vtprune.apply(tv.model, pruner, keep=0.4):
+        seq_b, step_b = _generate(tv, batch_inputs(tv, samples))
+        for row, sample in enumerate(samples):
+            seq_s, step_s = _generate(tv, batch_inputs(tv, [sample]))
+            n = GEN["max_new_tokens"]
+            assert torch.equal(seq_b[row, -n:], seq_s[0, -n:])
+            torch.testing.assert_close(step_b[row], step_s[0], atol=1e-4, rtol=1e-4)
+
+
+def test_every_pruner_has_a_documented_config():
+    for name in PRUNERS:
+        cls = pruner_class(name)
+        assert cls.__doc__ and cls.config_class.__doc__, name
+        assert _default_site(name) in cls.sites
