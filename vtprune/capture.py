@@ -76,9 +76,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class InputCapture:
     """A forward pre-hook that keeps the (args, kwargs) of the module's last call while armed."""
 
-    def __init__(self) -> None:
+    def __init__(self, armed: bool = False) -> None:
         self.calls: list[tuple[tuple, dict]] = []
-        self.armed = False
+        self.armed = armed
 
     def __call__(self, module, args, kwargs) -> None:
         if self.armed:

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from .adapters import ImageSpans, ModelAdapter
-from .capture import FINAL_NORM, LLM_QK, NEEDS, PROJECTOR, VISION_QK, LLMQK, InputCapture
 from .config import PrunerConfig
 from .errors import VTPruneError
-from .plan import KeepPlan, to_mask_kind
+from .plan import KeepPlan
 from .pruners.base import Pruner
+from .signals import Signals
 from .stats import StatsRecorder
 from .view import Selection, VisualView
 
@@ -61,19 +61,15 @@ class Engine:
         self._in_prefill = False
         self._decode_new = 0  # tokens appended since the prefill, including the ones decoded now
         self._layer_ctx: dict[str, Any] = {}  # in-LLM site: full-length facts captured at the LM pre-hook
-        self._llm_capture: InputCapture | None = None  # inputs of decoder layer K-1's attention
-        self._tower_capture: InputCapture | None = None  # the vision encoder's own inputs (grid_thw)
-        self._vision_captures: dict[int, InputCapture] = {}  # vision layer -> its attention inputs
-        self._projector_capture: InputCapture | None = None  # the projector's inputs
+        self.signals = Signals(adapter, pruner, config)
         # the last prefill's LM inputs and per-image selections, reused by a prefill that extends it
         self._memo: tuple[torch.Tensor, torch.Tensor, list[Selection]] | None = None
         self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reuse: list[Selection] | None = None
-        self._vision_consumed = True
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def install(self) -> None:
-        self._check_needs()
+        self.signals.check()
         a = self.adapter
         self._hook_pre(a.backbone, self._backbone_pre)
         self._hook_pre(a.language_model, self._lm_pre)
@@ -82,46 +78,7 @@ class Engine:
                 self._hook_pre(a.layers[i], self._make_layer_pre(i))
         for layer in a.layers:
             self._hook_pre(layer, self._record_layer)
-        self._install_captures()
-
-    def _check_needs(self) -> None:
-        """Refuse signals that do not exist or cannot be had at this site, before any hook goes in."""
-        needs, name = self.pruner.needs, self.config.name
-        unknown = set(needs) - set(NEEDS)
-        if unknown:
-            raise VTPruneError(f"pruner {name!r} needs unknown signals {sorted(unknown)}; known: {NEEDS}")
-        if LLM_QK in needs and self.config.site != "layer":
-            raise VTPruneError(f"pruner {name!r} reads decoder-layer attention, so it needs site='layer'")
-
-    def _install_captures(self) -> None:
-        """Capture hooks for the signals the pruner declared in ``needs``."""
-        needs, a = self.pruner.needs, self.adapter
-        if LLM_QK in needs:
-            self._llm_capture = InputCapture()
-            self._hook_pre(a.llm_attention(self.config.layer - 1), self._llm_capture)
-        if VISION_QK in needs or PROJECTOR in needs:
-            self._tower_capture = self._armed_capture(a.vision_tower, hook=self._vision_pass_starts)
-        if VISION_QK in needs:
-            n = a.num_vision_layers
-            for l in sorted({l % n for l in self.pruner.vision_layers(a.vision_full_attention_layers(), n)}):
-                self._vision_captures[l] = self._armed_capture(a.vision_attention(l))
-        if PROJECTOR in needs:
-            self._projector_capture = self._armed_capture(a.projector)
-
-    def _armed_capture(self, module: nn.Module, hook=None) -> InputCapture:
-        cap = InputCapture()
-        cap.armed = True
-        self._hook_pre(module, hook or cap)
-        return cap
-
-    def _vision_pass_starts(self, module, args, kwargs) -> None:
-        """A new encoding pass: forget the last one's inputs once a prefill has used them."""
-        if self._vision_consumed:
-            for cap in (self._tower_capture, self._projector_capture, *self._vision_captures.values()):
-                if cap is not None:
-                    cap.reset()
-            self._vision_consumed = False
-        self._tower_capture(module, args, kwargs)
+        self.signals.install(self._hook_pre)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -155,8 +112,7 @@ class Engine:
     def _lm_pre(self, module, args, kwargs):
         if _past_len(kwargs) > 0:
             self._in_prefill = False
-            if self._llm_capture is not None:
-                self._llm_capture.armed = False
+            self.signals.end_prefill()
             if self._prefill is not None:
                 self.recorder.decode_step()
                 q = kwargs["inputs_embeds"].shape[1]
@@ -165,9 +121,7 @@ class Engine:
             return args, kwargs
         self._in_prefill = True
         self._prefill = None
-        if self._llm_capture is not None:
-            self._llm_capture.reset()
-            self._llm_capture.armed = True
+        self.signals.begin_prefill()
         spans, self._spans = self._spans, None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -188,7 +142,7 @@ class Engine:
         next_pos = pos.masked_fill(~real[None], -1).amax(-1) + 1  # [A, b]
         spans.layouts = [self.adapter.layout(embeds[row, p], pos[:, row, p])
                          for row, p in zip(spans.rows, spans.positions)]
-        spans.extras = self._vision_extras(spans)
+        spans.extras = self.signals.image_extras(spans)
         if self.config.site == "layer":
             self._layer_ctx = {"spans": spans, "real": real}
             self._prefill = _Prefill(plan=None, full_len=full_len, cache_len=full_len, next_pos=next_pos)
@@ -259,8 +213,7 @@ class Engine:
                 if index == self.config.layer:
                     hidden = _hidden(args, kwargs)
                     ctx = self._layer_ctx
-                    if self._llm_capture is not None:
-                        self._add_llm_extras(ctx["spans"], ctx["real"])
+                    self.signals.add_llm_extras(ctx["spans"], ctx["real"])
                     st.plan = self._plan(hidden, ctx["spans"], ctx["real"])
                     self.recorder.real = (st.plan.gather(ctx["real"], 1) & st.plan.valid).sum(1)
                     args, kwargs = self._set_hidden(args, kwargs, st.plan.apply_states(hidden))
@@ -311,38 +264,6 @@ class Engine:
     @staticmethod
     def _decode_q(kwargs: dict[str, Any]) -> int:
         return kwargs["position_embeddings"][0].shape[-2]
-
-    # ---- captured signals ---------------------------------------------------------------------------
-    def _vision_extras(self, spans: ImageSpans) -> list[dict[str, Any]]:
-        """Per image: {"vision_qk": {layer: [VisionQK per encoder view]}, "projector": ProjectorInput,
-        "final_norm": module}, for whichever the pruner asked for."""
-        extras: list[dict[str, Any]] = [{} for _ in range(len(spans))]
-        if FINAL_NORM in self.pruner.needs:
-            for ex in extras:
-                ex["final_norm"] = self.adapter.language_model.norm
-        if self._tower_capture is None:
-            return extras
-        if not self._tower_capture.calls:
-            raise VTPruneError(f"pruner {self.config.name!r} needs the vision encoder's signals, but no encoder "
-                               "pass was seen (were pre-computed image features passed in?)")
-        self._vision_consumed = True
-        for layer, cap in self._vision_captures.items():
-            per_image = self.adapter.vision_qk(layer, cap, self._tower_capture, spans.layouts)
-            for ex, views in zip(extras, per_image):
-                ex.setdefault("vision_qk", {})[layer] = views
-        if self._projector_capture is not None:
-            per_image = self.adapter.projector_inputs(self._projector_capture, self._tower_capture, spans.layouts)
-            for ex, proj in zip(extras, per_image):
-                ex["projector"] = proj
-        return extras
-
-    def _add_llm_extras(self, spans: ImageSpans, real: torch.Tensor) -> None:
-        """Attach layer K-1's post-RoPE q/k (the sample's real tokens) to each image's extras."""
-        q, k, scaling = self.adapter.llm_qk(self.config.layer - 1, self._llm_capture)
-        rank = real.long().cumsum(1) - 1
-        for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
-            idx = real[row].nonzero().flatten()
-            ex["llm_qk"] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos], scaling=scaling)
 
     # ---- selection ----------------------------------------------------------------------------------
     def _reusable_selections(self, embeds: torch.Tensor, real: torch.Tensor) -> list[Selection] | None:
