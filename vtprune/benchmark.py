@@ -22,8 +22,17 @@ from . import api
 from .config import PrunerConfig
 from .errors import VTPruneError
 from .flops import FlopsReport, flops_from_stats, flops_unpruned
-from .measure import (GenerateSample, PrefillSample, Timer, environment, measure_generate, measure_prefill, median,
-                      selection_seconds, timed_selection)
+from .measure import (
+    GenerateSample,
+    PrefillSample,
+    Timer,
+    environment,
+    measure_generate,
+    measure_prefill,
+    median,
+    selection_seconds,
+    timed_selection,
+)
 from .registry import make_config
 
 #: where ``--model NAME`` looks for ``NAME.json``
@@ -151,8 +160,11 @@ def synthetic_inputs(config: Any, *, image_size: tuple[int, int] | None = None, 
 def _llava_next_image(config: Any, size: tuple[int, int], g: torch.Generator
                       ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """AnyRes pixel views, visual-token count (base view + unpadded crop grid with row newlines), image_sizes."""
-    from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
-                                                                     image_size_to_num_patches, unpad_image)
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
 
     if config.vision_feature_select_strategy != "default":
         raise VTPruneError("synthetic LLaVA-NeXT inputs need vision_feature_select_strategy='default'")
@@ -213,6 +225,7 @@ class SettingResult:
     prefill: list[PrefillSample] = field(default_factory=list)
     select_seconds: list[float] = field(default_factory=list)
     generate: list[GenerateSample] = field(default_factory=list)
+    peak_bytes: int | None = None  # from the untimed memory run
 
     @property
     def prefill_ms(self) -> float:
@@ -226,14 +239,13 @@ class SettingResult:
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly record."""
         c = self.setting.config
-        peaks = [s.peak_bytes for s in self.prefill if s.peak_bytes is not None]
         out = {
             "label": self.setting.label, "pruner": c.name if c else None, "keep": c.keep if c else None,
             "site": c.site if c else None, "layer": c.layer if c else None,
             "visual_before": self.visual[0], "visual_after": self.visual[1],
             "prefill_ms": self.prefill_ms, "prefill_ms_all": [1e3 * s.seconds for s in self.prefill],
             "select_ms": 1e3 * (median(self.select_seconds) or 0.0), "overhead_share": self.overhead_share,
-            "peak_bytes_max": max(peaks) if peaks else None, "kv_bytes": self.prefill[-1].kv_bytes,
+            "peak_bytes": self.peak_bytes, "kv_bytes": self.prefill[-1].kv_bytes,
             "flops": self.flops.as_dict() if self.flops else None,
         }
         if self.generate:
@@ -267,16 +279,18 @@ class BenchResult:
     def table(self) -> str:
         """A fixed-width table: one row per setting."""
         head = ("method", "site", "keep", "visual", "FastV", "exact", "prefill ms", "speedup", "FLOPs-bound",
-                "ratio", "overhead")
+                "ratio", "overhead", "KV MiB", "peak MiB")
         rows = [head]
         for r in self.results:
             c = r.setting.config
             measured, bound = self.speedups(r)
+            site = "-" if c is None else ("pre_llm" if c.site == "pre_llm" else f"K={c.layer}")
+            peak = "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2 ** 20:.1f}"
             rows.append((
-                c.name if c else "unpruned", "-" if c is None else ("pre_llm" if c.site == "pre_llm" else f"K={c.layer}"),
-                "1.0" if c is None else f"{c.keep}", f"{r.visual[1]}/{r.visual[0]}",
+                c.name if c else "unpruned", site, "1.0" if c is None else f"{c.keep}", f"{r.visual[1]}/{r.visual[0]}",
                 si_flops(r.flops.fastv), si_flops(r.flops.prefill_total), f"{r.prefill_ms:.1f}",
                 f"{measured:.2f}x", f"{bound:.2f}x", f"{measured / bound:.3f}", f"{100 * r.overhead_share:.2f}%",
+                f"{r.prefill[-1].kv_bytes / 2 ** 20:.1f}", peak,
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = ["  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
@@ -293,42 +307,33 @@ def si_flops(flops: float) -> str:
     return f"{flops:.3g}"
 
 
-def _run_once(model: nn.Module, inputs: dict[str, Any], r: SettingResult, timer: Timer, record: bool,
-              new_tokens: int) -> None:
-    """One prefill (and generate) of one setting; stores the samples when ``record``; counts FLOPs the first time."""
+def _prefill(model: nn.Module, inputs: dict[str, Any], r: SettingResult, timer: Timer, memory: bool,
+             new_tokens: int) -> tuple[PrefillSample, float]:
+    """One prefill of one setting -> (sample, seconds spent in the pruner's selection); counts FLOPs the first time."""
     config = r.setting.config
     if config is None:
-        sample = measure_prefill(model, inputs, timer)
-        selection = 0.0
+        sample = measure_prefill(model, inputs, timer, memory)
         if r.flops is None:
             r.flops = flops_unpruned(model, inputs, decode_steps=max(new_tokens - 1, 0))
             n = int((inputs["input_ids"] == model.config.image_token_id).sum())
             r.visual = (n, n)
-    else:
-        with api.apply(model, config) as handle:
-            with timed_selection(handle.pruner, timer) as intervals:
-                sample = measure_prefill(model, inputs, timer)
-            selection = selection_seconds(intervals, timer)
-            if r.flops is None:
-                stats = handle.stats
-                r.flops = flops_from_stats(model, stats, inputs=inputs, decode_steps=max(new_tokens - 1, 0),
-                                           pruner=config.name)
-                r.visual = (sum(stats.visual_before), sum(stats.visual_after))
-    gen = None
-    if new_tokens:
-        with api.apply(model, config) if config is not None else nullcontext():
-            gen = measure_generate(model, inputs, new_tokens, timer)
-    if record:
-        r.prefill.append(sample)
-        r.select_seconds.append(selection)
-        if gen is not None:
-            r.generate.append(gen)
+        return sample, 0.0
+    with api.apply(model, config) as handle:
+        with timed_selection(handle.pruner, timer) as intervals:
+            sample = measure_prefill(model, inputs, timer, memory)
+        if r.flops is None:
+            stats = handle.stats
+            r.flops = flops_from_stats(model, stats, inputs=inputs, decode_steps=max(new_tokens - 1, 0),
+                                       pruner=config.name)
+            r.visual = (sum(stats.visual_before), sum(stats.visual_after))
+    return sample, selection_seconds(intervals, timer)
 
 
 def run_bench(model: nn.Module, inputs: dict[str, Any], settings: Sequence[Setting], *, repeats: int = 5,
               warmup: int = 1, new_tokens: int = 0, progress: bool = True) -> BenchResult:
     """Time every setting ``warmup + repeats`` times, interleaved (one pass over all settings per repeat), so that
-    machine-load drift hits every setting alike. The first setting must be the unpruned baseline."""
+    machine-load drift hits every setting alike; then one untimed pass measures peak memory. With ``new_tokens``,
+    every timed prefill is followed by a timed ``generate``. The first setting must be the unpruned baseline."""
     from tqdm.auto import tqdm
 
     if repeats < 1 or warmup < 0 or new_tokens < 0:
@@ -337,11 +342,22 @@ def run_bench(model: nn.Module, inputs: dict[str, Any], settings: Sequence[Setti
         raise VTPruneError("the first setting must be the unpruned baseline (Setting(None))")
     timer = Timer(next(model.parameters()).device)
     results = [SettingResult(s) for s in settings]
-    with tqdm(total=(warmup + repeats) * len(results), desc="bench", disable=not progress, leave=False) as bar:
+    with tqdm(total=(warmup + repeats + 1) * len(results), desc="bench", disable=not progress, leave=False) as bar:
         for i in range(warmup + repeats):
             for r in results:
-                _run_once(model, inputs, r, timer, record=i >= warmup, new_tokens=new_tokens)
+                sample, selection = _prefill(model, inputs, r, timer, False, new_tokens)
+                if new_tokens:
+                    with api.apply(model, r.setting.config) if r.setting.config else nullcontext():
+                        gen = measure_generate(model, inputs, new_tokens, timer)
+                if i >= warmup:
+                    r.prefill.append(sample)
+                    r.select_seconds.append(selection)
+                    if new_tokens:
+                        r.generate.append(gen)
                 bar.update()
+        for r in results:
+            r.peak_bytes = _prefill(model, inputs, r, timer, True, new_tokens)[0].peak_bytes
+            bar.update()
     return BenchResult(results=results, env=environment(model))
 
 

@@ -93,7 +93,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(result.table())
     print("FastV: LLM prefill only, 4nd²+2n²d+2ndm per layer (MACs). exact: 2 FLOPs per multiply-add, gated FFN, "
           "GQA, vision + projector + LM head (1 position) + pruner overhead; FLOPs-bound speedup uses it. "
-          "ratio = speedup / FLOPs-bound; overhead = pruner selection time / prefill time.")
+          "ratio = speedup / FLOPs-bound; overhead = pruner selection time / prefill time; KV = cache after prefill; "
+          "peak = memory added at the peak of one extra, untimed prefill.")
     if args.json is not None:
         args.json.write_text(json.dumps(result.as_dict(), indent=2))
         print(f"wrote {args.json}")

@@ -65,7 +65,7 @@ class LLMDims:
     vocab: int
 
     @classmethod
-    def from_config(cls, model_or_config: Any) -> "LLMDims":
+    def from_config(cls, model_or_config: Any) -> LLMDims:
         """Read the text config of a VLM config, or a text config itself (anything with the LLaMA field names)."""
         cfg = _config_of(model_or_config)
         text = getattr(cfg, "text_config", None) or cfg
@@ -118,7 +118,7 @@ class VisionWork:
     grids: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
-    def from_inputs(cls, model_or_config: Any, inputs: Mapping[str, Any]) -> "VisionWork":
+    def from_inputs(cls, model_or_config: Any, inputs: Mapping[str, Any]) -> VisionWork:
         """Derive the work from the keyword arguments a model is called with (processor outputs)."""
         cfg = _config_of(model_or_config)
         kind = getattr(cfg, "model_type", None)
@@ -300,16 +300,14 @@ def count_flops(model_or_config: Any, layer_seq_lens: Sequence[Sequence[int]], *
     for lens in layer_seq_lens:
         parts["llm_linear"] += lin * sum(lens)
         parts["llm_attention"] += sum(dims.prefill_attention(n, causal) for n in lens)
-        final = lens[-1]
-        parts["lm_head"] += 2 * dims.hidden * dims.vocab * (final if logits_to_keep == 0 else min(logits_to_keep, final))
+        logit_rows = lens[-1] if logits_to_keep == 0 else min(logits_to_keep, lens[-1])
+        parts["lm_head"] += 2 * dims.hidden * dims.vocab * logit_rows
     batch = len(layer_seq_lens)
     decode = []
     for t in range(1, decode_steps + 1):
-        decode.append({
-            "llm_linear": lin * dims.layers * batch,
-            "llm_attention": sum(dims.attention(1, n + t) for lens in layer_seq_lens for n in lens),
-            "lm_head": 2 * dims.hidden * dims.vocab * batch,
-        })
+        attention = sum(dims.attention(1, n + t) for lens in layer_seq_lens for n in lens)
+        decode.append(dict(zip(DECODE_PARTS, (lin * dims.layers * batch, attention,
+                                              2 * dims.hidden * dims.vocab * batch))))
     real = layer_seq_lens if fastv_lens is None else fastv_lens
     fastv = sum(fastv_flops(model_or_config, lens) for lens in real)
     return FlopsReport(fastv=fastv, prefill=parts, decode=decode, overhead=overhead,
@@ -359,7 +357,7 @@ def flops_unpruned(model_or_config: Any, inputs: Mapping[str, Any], *, decode_st
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
-def flop_counter(display: bool = False) -> "torch.utils.flop_counter.FlopCounterMode":
+def flop_counter(display: bool = False) -> torch.utils.flop_counter.FlopCounterMode:
     """A ``FlopCounterMode`` that also counts PyTorch's CPU flash-attention kernel (not registered upstream, so
     SDPA on CPU would otherwise count as zero); same formula as the CUDA SDPA kernels (full ``s_q × s_k``)."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count

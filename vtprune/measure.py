@@ -9,20 +9,24 @@
   tokens/s over the remaining steps, end to end.
 * **Peak memory** (bytes added at the peak of the call): on CUDA ``max_memory_allocated`` minus what was allocated
   before. On CPU (Linux) the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the
-  RSS before; this includes allocator caching and memory reused from earlier frees is invisible to it, so it is an
-  approximation (``None`` where ``/proc`` is unavailable). ``tracemalloc`` is not used: it cannot see PyTorch's C++
-  allocations.
+  RSS before, after ``malloc_trim(0)`` has handed freed heap pages back to the OS (otherwise glibc would serve the
+  call from pages it kept and the delta would read low). It is an approximation at page granularity that also sees
+  non-tensor allocations; ``None`` where ``/proc`` is unavailable. ``tracemalloc`` is not used: it cannot see
+  PyTorch's C++ allocations. Trimming makes the next allocations page-fault, so memory is measured in separate,
+  untimed runs (``measure_prefill(..., memory=True)``).
 * **KV cache**: bytes of the key/value tensors held by the returned cache object.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import statistics
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +70,14 @@ def _proc_status_kb(field: str) -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so that reusing it shows up in the RSS again."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter to the current RSS (Linux >= 4.0)."""
     try:
@@ -80,23 +92,26 @@ class PeakMemory:
     """Context manager: :attr:`peak_bytes` = memory added at the peak of the block (see module docstring)."""
 
     def __init__(self, device: torch.device | str) -> None:
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.peak_bytes: int | None = None
         self._base: int | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.cuda:
-            torch.cuda.synchronize()
-            self._base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            gc.collect()
+            _trim_heap()
             self._base = _proc_status_kb("VmRSS") if _reset_peak_rss() else None
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
         elif self._base is not None:
             peak = _proc_status_kb("VmHWM")
             self.peak_bytes = None if peak is None else max(0, peak - self._base)
@@ -122,14 +137,18 @@ class PrefillSample:
     kv_bytes: int
 
 
-def measure_prefill(model: nn.Module, inputs: Mapping[str, Any], timer: Timer) -> PrefillSample:
-    """Run and time one prefill (``use_cache=True, logits_to_keep=1``)."""
-    with torch.inference_mode(), PeakMemory("cuda" if timer.cuda else "cpu") as mem:
+def measure_prefill(model: nn.Module, inputs: Mapping[str, Any], timer: Timer, memory: bool = False
+                    ) -> PrefillSample:
+    """Run and time one prefill (``use_cache=True, logits_to_keep=1``); with ``memory`` also its peak memory (such a
+    run's time is perturbed by the measurement: use separate runs for the two)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(), (PeakMemory(device) if memory else nullcontext()) as mem:
         start = timer.mark()
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         end = timer.mark()
         seconds = timer.seconds(start, end)
-    return PrefillSample(seconds=seconds, peak_bytes=mem.peak_bytes, kv_bytes=kv_cache_bytes(out.past_key_values))
+    return PrefillSample(seconds=seconds, peak_bytes=mem.peak_bytes if memory else None,
+                         kv_bytes=kv_cache_bytes(out.past_key_values))
 
 
 @dataclass
