@@ -12,6 +12,7 @@ import vtprune
 from vtprune import benchmark as B
 from vtprune import measure as M
 from vtprune.cli import main
+from vtprune.errors import VTPruneError
 from vtprune.flops import LLMDims
 from vtprune.testing import FAMILIES
 
@@ -138,3 +139,11 @@ def test_cli_bad_config_file(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["bench", "--model", str(bad), "--random-weights"]) == 2
     assert "cannot read a model config" in capsys.readouterr().err
+
+
+def test_random_weight_model_too_big_for_memory_is_a_clear_error(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 2**20})())
+    with pytest.raises(VTPruneError, match=r"weights need .* GiB .* only 0.0 GiB is free"):
+        B.build_model("bench-small", random_weights=True)

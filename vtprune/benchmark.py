@@ -91,6 +91,7 @@ def build_model(spec: str, *, random_weights: bool = False, dtype: str = "float3
     config = load_config(path)
     cls = getattr(transformers, MODEL_CLASSES[config.model_type])
     if random_weights:
+        _check_fits(cls, config, DTYPES[dtype], device)
         torch.manual_seed(seed)
         with torch.device(device):
             model = cls._from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
@@ -102,6 +103,23 @@ def build_model(spec: str, *, random_weights: bool = False, dtype: str = "float3
         raise VTPruneError(f"{path} is a config file and holds no weights: pass --random-weights to build a "
                            "random-weight model of that size, or give a saved model directory")
     return model.eval()
+
+
+def _check_fits(cls: type, config: Any, dtype: torch.dtype, device: str) -> None:
+    """Refuse, with the numbers, a random-weight model whose weights alone exceed the free memory
+    (a 7B model in float32 needs ~28 GiB): better a clear error than the OOM killer."""
+    import psutil
+
+    with torch.device("meta"):
+        shell = cls._from_config(config, dtype=dtype)
+    need = sum(p.numel() for p in shell.parameters()) * torch.empty((), dtype=dtype).element_size()
+    if str(device).startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = psutil.virtual_memory().available
+    if need > 0.9 * free:
+        raise VTPruneError(f"the {config.model_type} weights need {need / 2**30:.1f} GiB in {dtype} but only "
+                           f"{free / 2**30:.1f} GiB is free on {device}; use --dtype bfloat16/float16 or a GPU")
 
 
 def _special_ids(config: Any) -> list[int]:
