@@ -67,3 +67,15 @@ def test_every_pruner_has_a_documented_config():
         cls = pruner_class(name)
         assert cls.__doc__ and cls.config_class.__doc__, name
         assert _default_site(name) in cls.sites
+
+
+@pytest.mark.parametrize("pruner,family", [(p, f) for p in PRUNERS for f in ("llava", "qwen2_vl")])
+def test_several_images_per_prompt(pruner, family):
+    tv = model(family)
+    inputs = batch_inputs(tv, [0, 1], n_images=2)
+    with vtprune.apply(tv.model, pruner, keep=0.4) as handle:
+        seq_c, step_c = _generate(tv, inputs)
+        assert [len(s.images) for s in handle.stats.samples] == [2, 2]
+        seq_u, step_u = _generate(tv, inputs, use_cache=False)
+    assert torch.equal(seq_c, seq_u)
+    torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from . import timm_patch
 from .adapters import adapter_for
 from .config import PrunerConfig
 from .engine import Engine
@@ -65,7 +66,7 @@ class PruneHandle:
         return f"PruneHandle({self.config if self.active else 'removed'})"
 
 
-def apply(model: nn.Module, pruner: str | PrunerConfig, **options: Any) -> PruneHandle:
+def apply(model: nn.Module, pruner: str | PrunerConfig, **options: Any) -> "PruneHandle | timm_patch.TimmPruneHandle":
     """Install visual-token pruning on ``model`` (a supported ``*ForConditionalGeneration``).
 
     ``pruner`` is a registered name (see :func:`list_pruners`) with its options as keyword arguments, or a
@@ -73,6 +74,8 @@ def apply(model: nn.Module, pruner: str | PrunerConfig, **options: Any) -> Prune
     image), ``site`` ("pre_llm" | "layer"), ``layer`` (K), ``positions`` ("original" | "compact"), ``seed``.
     """
     config = make_config(pruner, **options)
+    if timm_patch.is_timm_vit(model):  # Zero-TPrune's own setting: prune between ViT blocks
+        return timm_patch.apply_timm(model, config)
     adapter = adapter_for(model)
     instance = build_pruner(config)
     if config.site not in instance.sites:

@@ -25,12 +25,14 @@ class LLMQK:
     """Post-RoPE query/key of decoder layer K-1 for one sample's real (non-padding) tokens.
 
     query [H, n, hd], key [H_kv, n, hd] (GQA: heads share keys in groups of H // H_kv);
-    image [V]: where this image's tokens sit among the n tokens; the last prompt token is index n-1.
+    image [V]: where this image's tokens sit among the n tokens; text [T]: where the rows of
+    ``VisualView.text`` sit among them; the last prompt token is index n-1.
     """
 
     query: torch.Tensor
     key: torch.Tensor
     image: torch.Tensor
+    text: torch.Tensor
     scaling: float
 
 

@@ -284,9 +284,7 @@ class Engine:
         """Ask the pruner about every image and turn the answers into a keep plan."""
         keep = torch.ones_like(real)
         replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        image_rows = torch.zeros_like(real)
-        for row, pos in zip(spans.rows, spans.positions):
-            image_rows[row, pos] = True
+        image_rows = spans.image_mask(real.shape)
         pruned_any = False
         selections: list[Selection] = []
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):

@@ -106,6 +106,8 @@ class Signals:
             return
         q, k, scaling = self.adapter.llm_qk(self.config.layer - 1, self.llm)
         rank = real.long().cumsum(1) - 1
+        text = real & ~spans.image_mask(real.shape)
         for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
             idx = real[row].nonzero().flatten()
-            ex["llm_qk"] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos], scaling=scaling)
+            ex["llm_qk"] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos],
+                                 text=rank[row, text[row]], scaling=scaling)

@@ -30,6 +30,14 @@ class ImageSpans:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def image_mask(self, shape: tuple[int, int]) -> torch.Tensor:
+        """[b, L] bool mask of every image token of the batch."""
+        device = self.positions[0].device if self.positions else None
+        mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        for row, pos in zip(self.rows, self.positions):
+            mask[row, pos] = True
+        return mask
+
 
 class ModelAdapter:
     """Base adapter. Subclasses set :attr:`family`, :attr:`model_classes` and implement

@@ -1,0 +1,47 @@
+"""FastV (ECCV 2024): keep the image tokens the last prompt token attends to most at layer K-1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import selectors
+from ..attention import last_token_attention
+from ..capture import LLM_QK
+from ..config import PrunerConfig
+from ..registry import register_pruner
+from ..view import Selection, VisualView
+from .base import Pruner
+
+
+@dataclass
+class FastVConfig(PrunerConfig):
+    """FastV at decoder layer K (default 2): scores come from layer K-1's attention."""
+
+    name = "fastv"
+    site: str = "layer"
+    layer: int | None = 2
+
+
+def fastv_scores(view: VisualView) -> torch.Tensor:
+    """[V] head-mean attention of the last prompt token to each image token at layer K-1. The softmax runs
+    over all of the sample's real tokens (as in the reference's eager attention map), so the image
+    columns need not sum to 1."""
+    qk = view.extras["llm_qk"]
+    return last_token_attention(qk.query, qk.key, qk.scaling)[qk.image]
+
+
+@register_pruner
+class FastVPruner(Pruner):
+    """FastV: top-k image tokens by the last prompt token's attention in layer K-1, recomputed from that
+    layer's captured post-RoPE q/k (one query row, O(H·n·d)), so SDPA/FlashAttention keep running; the
+    reference reads the eager attention map instead. Counts follow the clean budget (``keep=1-R``, or an
+    int for the reference scripts' ``ATTENTION_RANK``); kept tokens keep their original positions."""
+
+    config_class = FastVConfig
+    sites = ("layer",)
+    needs = frozenset({LLM_QK})
+
+    def select(self, view: VisualView, k: int) -> Selection:
+        return selectors.top_k(fastv_scores(view), k)
