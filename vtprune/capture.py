@@ -66,6 +66,17 @@ class ProjectorInput:
     inputs: torch.Tensor
     valid: torch.Tensor
     project: Callable[[torch.Tensor], torch.Tensor]
+    mlp: "MLPProjector | None" = None
+
+
+@dataclass
+class MLPProjector:
+    """The structure of a ``Linear -> activation -> Linear`` projector (LLaVA's), for estimators that can
+    exploit it (the first layer is linear in its input, the last is an isometry up to its singular values)."""
+
+    first: torch.nn.Linear
+    act: Callable[[torch.Tensor], torch.Tensor]
+    last: torch.nn.Linear
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from torch import nn
 
-from ..capture import InputCapture, ProjectorInput, VisionQK
+from ..capture import InputCapture, MLPProjector, ProjectorInput, VisionQK
 from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import ModelAdapter
@@ -97,11 +97,17 @@ class LlavaAdapter(ModelAdapter):
                 ok = token >= 0
                 inputs[token[ok], 0] = x[v][ok]
                 valid[token[ok]] = True
-            out.append(ProjectorInput(inputs=inputs, valid=valid, project=self._project))
+            out.append(ProjectorInput(inputs=inputs, valid=valid, project=self._project, mlp=self._mlp()))
         return out
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(x[:, 0])
+
+    def _mlp(self) -> MLPProjector | None:
+        p = self.projector
+        if all(hasattr(p, n) for n in ("linear_1", "act", "linear_2")):
+            return MLPProjector(first=p.linear_1, act=p.act, last=p.linear_2)
+        return None
 
 
 class LlavaNextAdapter(LlavaAdapter):
