@@ -3,15 +3,16 @@
 from .base import Pruner
 from .baselines import PoolConfig, RandomConfig, UniformConfig
 from .dart import DARTConfig
+from .divprune import DivPruneConfig
 from .fastv import FastVConfig
+from .kcenter import KCenterConfig
+from .mmr import MMRConfig
 from .pagerank import PagerankConfig
 from .visionzip import VisionZipConfig
 from .vtc_cls import VTCCLSConfig
-from .divprune import DivPruneConfig
-from .kcenter import KCenterConfig
-from .mmr import MMRConfig
 from .zoo import ZooConfig
 
-__all__ = ["PoolConfig", "Pruner", "RandomConfig", "UniformConfig"]
-__all__ += ["DivPruneConfig", "KCenterConfig", "MMRConfig", "ZooConfig"]
-__all__ += ["DARTConfig", "FastVConfig", "PagerankConfig", "VTCCLSConfig", "VisionZipConfig"]
+__all__ = [
+    "DARTConfig", "DivPruneConfig", "FastVConfig", "KCenterConfig", "MMRConfig", "PagerankConfig", "PoolConfig",
+    "Pruner", "RandomConfig", "UniformConfig", "VTCCLSConfig", "VisionZipConfig", "ZooConfig",
+]
