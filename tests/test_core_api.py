@@ -215,3 +215,20 @@ def test_a_prefill_extending_the_last_one_reuses_its_selection(recorder):
         other = batch_inputs(tv, [2, 1])
         tv.model(**other)
         assert len(recorder.views) == 4
+
+
+def test_readme_custom_pruner_example_runs():
+    """The README's "write your own" snippet registers a working pruner."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), re.S) if "register_pruner" in b)
+    exec(block, {"vtprune": vtprune})
+    try:
+        tv = model("llava")
+        with vtprune.apply(tv.model, "norm", keep=0.5) as h:
+            tv.model(**batch_inputs(tv, [0]))
+            assert h.stats.visual_after == [8]
+    finally:
+        del _REGISTRY["norm"]
