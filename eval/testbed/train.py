@@ -1,0 +1,344 @@
+"""Train a testbed checkpoint from a seed: stage 1 dense vision pretraining, stage 2 instruction tuning.
+
+    python -m eval.testbed.train --family llava --seed 0 [--out DIR] [--steps-scale F] [--threads N]
+
+Recipe (docs/testbed.md in the shared folder: end-to-end training from scratch stays on the text prior, a
+dense stage-1 objective on the vision tower fixes it):
+
+* Stage 1 trains the vision tower alone, with throw-away linear heads on the patch features the projector /
+  merger reads (LLaVA: the penultimate CLIP layer, as in LLaVA-1.5; Qwen2-VL: the last block). Per patch:
+  colour, shape and size class of the covering object, whether an object's centre is in the patch, and for
+  LLaVA the patch row and column (CLIP has absolute position embeddings; Qwen2-VL's ViT has only relative
+  2-D RoPE, so its LLM gets positions from M-RoPE instead).
+  LLaVA's [CLS] (``pooler_output``, after the last layer) also predicts the multi-hot set of colours, shapes
+  and (colour, shape) pairs present, so [CLS]-attention pruners read a trained signal. For Qwen2-VL the heads sit on the
+  pre-merge 16x16 patch outputs and the merger is left to stage 2, like LLaVA's projector.
+* Stage 2 freezes the tower (for Qwen2-VL: everything but the merger) and trains projector + LLM on
+  multi-turn question answering plus a caption turn, with the loss on answers and captions only.
+
+Everything is seeded: batch s of a stage is a pure function of (seed, s), weights start from
+``torch.manual_seed(seed)``, and deterministic algorithms are enforced; the same seed and thread count give
+identical weights. The checkpoint is saved in float16 with its processor and tokenizer, then reloaded and
+scored on the held-out set; wall times, losses and accuracies go to ``train_log.json`` beside it.
+
+Time budget (issue: at most 60 min per family on 2 cores, stage 1 included). The dev machine (2-core AMD
+EPYC, Zen 3, AVX2) was shared with other jobs, so each step was timed in CPU seconds with 1 thread and
+divided by the CPU time of a step of the study's model E timed in the same process; the study measured E's
+stage-2 step at 0.39-0.46 s wall with 2 threads on a quiet machine (docs/testbed.md), which converts the
+ratios into quiet 2-thread estimates:
+
+==========  ===============  ==================  ===================  ==========================================
+family      stage            1-thread CPU/step   ratio to E / est.    steps x estimate
+==========  ===============  ==================  ===================  ==========================================
+llava       1 (batch 16)     0.39-0.41 s         0.42: 0.16-0.19 s    2000 -> 5.5-6.5 min
+llava       2 (batch 32)     2.5-2.6 s           2.88: 1.12-1.33 s    2000 -> 37-44 min
+qwen2_vl    1 (batch 16)     0.67-0.71 s         0.80: 0.31-0.37 s    1500 -> 8-9 min
+qwen2_vl    2 (batch 32)     2.0-2.1 s           2.46: 0.96-1.13 s    2100 -> 34-40 min
+==========  ===============  ==================  ===================  ==========================================
+
+With about 1 min for validation, saving and scoring 1,400 held-out questions, a run takes 43-52 min
+(llava) and 42-50 min (qwen2_vl). Everything scales with ``--steps-scale``; ``train_log.json`` records the
+real times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from .dataset import make_eval_set
+from .evaluate import (HELDOUT_SEED, TEST_SUBSET, VALIDATION_SEED, EvalResult, default_checkpoint, evaluate,
+                       format_table)
+from .model import FAMILIES, IMAGE_SIZE, PATCH, build_model, load_checkpoint
+from .questions import CATEGORIES
+from .scenes import COLOUR_NAMES, SHAPES
+from .training_data import CLS_TARGETS, SIZE_CLASSES, Stage1Batch, prefetch, stage1_batch, stage2_batch
+
+HELDOUT_N = 1400  # 200 questions per category
+VALIDATION_N = 140  # quick check at each quarter of stage 2
+LOSS_POINTS = 50  # the loss curve in the log is averaged into this many windows
+STATS_WINDOW = 50  # stage-1 patch accuracies in the log are averaged over this many last steps
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Optimisation settings of one stage: AdamW (0.9, 0.98), linear warm-up, cosine decay to ``floor``."""
+
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+    floor: float = 0.1
+    weight_decay: float = 0.05
+
+    def scaled(self, factor: float) -> Stage:
+        """Fewer (or more) steps with the same schedule shape, for smoke runs."""
+        return replace(self, steps=max(2, round(self.steps * factor)), warmup=max(1, round(self.warmup * factor)))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The two stages of one family."""
+
+    stage1: Stage
+    stage2: Stage
+
+
+RECIPES: dict[str, Recipe] = {
+    "llava": Recipe(stage1=Stage(steps=2000, batch=16, lr=3e-3, warmup=60),
+                    stage2=Stage(steps=2000, batch=32, lr=1.5e-3, warmup=120)),
+    "qwen2_vl": Recipe(stage1=Stage(steps=1500, batch=16, lr=3e-3, warmup=60),
+                       stage2=Stage(steps=2100, batch=32, lr=1.5e-3, warmup=120)),
+}
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+
+
+def make_optimizer(params: list[nn.Parameter], stage: Stage) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW with weight decay on matrices only, and the warm-up + cosine schedule of ``stage``."""
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=stage.lr, betas=(0.9, 0.98))
+
+    def factor(step: int) -> float:
+        if step < stage.warmup:
+            return (step + 1) / stage.warmup
+        progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+        return stage.floor + (1 - stage.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, LambdaLR(opt, factor)
+
+
+def step_on(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: LambdaLR, params: list[nn.Parameter]) -> None:
+    """One optimiser step with gradient clipping at 1.0."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def stage_log(stage: Stage, seconds: float, losses: list[float], **extra: object) -> dict:
+    """A stage's entry in ``train_log.json``: recipe, wall time, loss curve, and stage-specific extras."""
+    return {"recipe": asdict(stage), "seconds": round(seconds, 1), "seconds_per_step": round(seconds / stage.steps, 3),
+            "loss_curve": loss_curve(losses), **extra}
+
+
+def loss_curve(losses: list[float]) -> list[float]:
+    """The per-step losses averaged over LOSS_POINTS equal windows (fewer when there are fewer steps)."""
+    n = min(LOSS_POINTS, len(losses))
+    bounds = [round(i * len(losses) / n) for i in range(n + 1)]
+    return [round(sum(losses[a:b]) / (b - a), 4) for a, b in pairwise(bounds)]
+
+
+# --------------------------------------------------------------------------------------------- stage 1
+
+
+class VisionHeads(nn.Module):
+    """Throw-away stage-1 heads: per-patch classifiers, and for LLaVA the [CLS] multi-label classifier."""
+
+    def __init__(self, family: str, width: int):
+        super().__init__()
+        grid = IMAGE_SIZE[family] // PATCH
+        self.sizes = [1 + len(COLOUR_NAMES), 1 + len(SHAPES), len(SIZE_CLASSES), 2]
+        self.weights = [1.0, 1.0, 0.5, 1.0]
+        if family == "llava":
+            self.sizes += [grid, grid]
+            self.weights += [0.5, 0.5]
+        self.patch = nn.Linear(width, sum(self.sizes))
+        self.cls = nn.Linear(width, CLS_TARGETS) if family == "llava" else None
+
+
+def vision_features(model: nn.Module, family: str, inputs: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Patch outputs [batch, patches, width] that the projector / merger reads, and LLaVA's pooled [CLS]."""
+    if family == "llava":
+        out = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        return out.hidden_states[model.config.vision_feature_layer][:, 1:], out.pooler_output
+    out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    return out.last_hidden_state.view(len(inputs["image_grid_thw"]), -1, out.last_hidden_state.shape[-1]), None
+
+
+def stage1_loss(model: nn.Module, heads: VisionHeads, family: str, batch: Stage1Batch
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the per-patch cross-entropies and the [CLS] BCE; also quick accuracies."""
+    patches, cls = vision_features(model, family, batch.inputs)
+    logits = heads.patch(patches).split(heads.sizes, dim=-1)
+    d = batch.dense
+    targets = [d.colour, d.shape, d.size, d.centre, d.row, d.col][:len(heads.sizes)]
+    loss = sum(w * nn.functional.cross_entropy(lg.flatten(0, 1), t.flatten())
+               for w, lg, t in zip(heads.weights, logits, targets))
+    on_object = d.colour > 0
+    stats = {"colour_acc": _acc(logits[0], d.colour, on_object), "shape_acc": _acc(logits[1], d.shape, on_object),
+             "centre_recall": _acc(logits[3], d.centre, d.centre > 0)}
+    if heads.cls is not None:
+        cls_logits = heads.cls(cls)
+        loss = loss + nn.functional.binary_cross_entropy_with_logits(cls_logits, batch.cls)
+        stats["cls_acc"] = float(((cls_logits > 0).float() == batch.cls).float().mean())
+    return loss, stats
+
+
+def _acc(logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> float:
+    """Accuracy of the argmax on the selected patches."""
+    return float((logits.argmax(-1) == target)[where].float().mean())
+
+
+def vision_params(model: nn.Module, family: str) -> list[nn.Parameter]:
+    """What stage 1 trains: the CLIP tower, or Qwen2-VL's ViT without its merger."""
+    if family == "llava":
+        return list(model.model.vision_tower.parameters())
+    return [p for n, p in model.model.visual.named_parameters() if not n.startswith("merger.")]
+
+
+def run_stage1(model: nn.Module, processor, family: str, seed: int, stage: Stage) -> dict:
+    """Train the vision tower on the dense (and [CLS]) objectives; returns the stage's log."""
+    heads = VisionHeads(family, model.config.vision_config.hidden_size if family == "llava"
+                        else model.config.vision_config.embed_dim)
+    params = vision_params(model, family) + list(heads.parameters())
+    opt, sched = make_optimizer(params, stage)
+    model.train()
+    losses, stats = [], []
+    start = time.perf_counter()
+    batches = prefetch(lambda s: stage1_batch(processor, family, seed, s, stage.batch), range(stage.steps))
+    bar = tqdm(batches, total=stage.steps, desc=f"stage 1 ({family})", mininterval=2)
+    for batch in bar:
+        loss, batch_stats = stage1_loss(model, heads, family, batch)
+        step_on(loss, opt, sched, params)
+        losses.append(loss.item())
+        stats.append(batch_stats)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", colour=f"{batch_stats['colour_acc']:.2f}",
+                        shape=f"{batch_stats['shape_acc']:.2f}")
+    last = stats[-STATS_WINDOW:]
+    accuracies = {k: round(sum(s[k] for s in last) / len(last), 4) for k in last[0]}
+    return stage_log(stage, time.perf_counter() - start, losses, last_steps_accuracy=accuracies)
+
+
+# --------------------------------------------------------------------------------------------- stage 2
+
+
+def frozen_tower(model: nn.Module, family: str) -> None:
+    """Freeze the stage-1 tower; the projector (LLaVA) or merger (Qwen2-VL) and the LLM stay trainable."""
+    for p in vision_params(model, family):
+        p.requires_grad_(False)
+
+
+def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage, val_n: int = VALIDATION_N
+               ) -> dict:
+    """Instruction-tune projector + LLM on multi-turn QA and captions; validates at each quarter."""
+    frozen_tower(model, family)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, stage)
+    validation = make_eval_set(VALIDATION_SEED, val_n)
+    checks = {stage.steps * q // 4 for q in (1, 2, 3)}
+    model.train()
+    losses, curve = [], []
+    start = time.perf_counter()
+    batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch), range(stage.steps))
+    bar = tqdm(batches, total=stage.steps, desc=f"stage 2 ({family})", mininterval=2)
+    for step, batch in enumerate(bar, 1):
+        loss = model(**batch, use_cache=False).loss
+        step_on(loss, opt, sched, params)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step in checks:
+            accuracy = evaluate(model, processor, validation, family=family).accuracy
+            curve.append({"step": step, "accuracy": round(accuracy, 4)})
+            bar.write(f"stage 2 step {step}: validation accuracy {accuracy:.3f}")
+    return stage_log(stage, time.perf_counter() - start, losses, validation=curve,
+                     note="seconds include the validation checks")
+
+
+# ------------------------------------------------------------------------------------------ whole run
+
+
+def save(model: nn.Module, processor, out: Path) -> dict:
+    """Save float16 safetensors, processor and tokenizer; returns the file sizes."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out)
+    processor.save_pretrained(out)
+    return {"safetensors_bytes": (out / "model.safetensors").stat().st_size}
+
+
+def score(out: Path, family: str, n: int = HELDOUT_N) -> dict:
+    """Reload the saved checkpoint (float16 -> float32) and score it on ``n`` held-out items; the first
+    TEST_SUBSET of them are also scored separately, for the tests."""
+    model, processor = load_checkpoint(out)
+    items = make_eval_set(HELDOUT_SEED, n)
+    result = evaluate(model, processor, items, family=family, progress=True)
+    subset = EvalResult(items[:TEST_SUBSET], result.predictions[:TEST_SUBSET])
+    print(format_table({f"{family} held-out": result, f"{family} first {TEST_SUBSET}": subset}))
+    return {"heldout_seed": HELDOUT_SEED, "heldout": result.summary(), "test_subset": subset.summary()}
+
+
+def train(family: str, seed: int, out: Path, steps_scale: float = 1.0, threads: int = 2, size: str = "full",
+          eval_n: int = HELDOUT_N, val_n: int = VALIDATION_N) -> dict:
+    """The full pipeline; returns (and writes to ``out/train_log.json``) the run's log. ``size``, ``eval_n``
+    and ``val_n`` exist for tests and smoke runs. torch's thread count and determinism flag are restored
+    afterwards."""
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(family, seed, out, steps_scale, threads, size, eval_n, val_n)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def _train(family: str, seed: int, out: Path, steps_scale: float, threads: int, size: str, eval_n: int,
+           val_n: int) -> dict:
+    """``train`` once torch is set up."""
+    recipe = RECIPES[family]
+    stages = [recipe.stage1.scaled(steps_scale), recipe.stage2.scaled(steps_scale)]
+    t0 = time.perf_counter()
+    model, processor = build_model(family, seed, size)
+    log: dict = {"family": family, "seed": seed, "size": size, "steps_scale": steps_scale, "threads": threads,
+                 "command": f"python -m eval.testbed.train --family {family} --seed {seed} --out {out} "
+                            f"--steps-scale {steps_scale} --threads {threads} --eval-n {eval_n}",
+                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                              "python": platform.python_version()},
+                 "parameters": sum(p.numel() for p in model.parameters()), "categories": list(CATEGORIES)}
+    log["stage1"] = run_stage1(model, processor, family, seed, stages[0])
+    log["stage2"] = run_stage2(model, processor, family, seed, stages[1], val_n)
+    log["train_seconds"] = round(time.perf_counter() - t0, 1)
+    log["files"] = save(model, processor, out)
+    t1 = time.perf_counter()
+    log["eval"] = score(out, family, eval_n)
+    log["eval_seconds"] = round(time.perf_counter() - t1, 1)
+    log["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(f"{family}: trained in {log['train_seconds']:.0f} s (stage 1 {log['stage1']['seconds']:.0f} s, stage 2 "
+          f"{log['stage2']['seconds']:.0f} s), held-out accuracy {100 * log['eval']['heldout']['accuracy']:.1f} %, "
+          f"saved to {out}")
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="default: eval/testbed/checkpoints/<family>")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (smoke: 0.01)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads; the same count reproduces the weights")
+    parser.add_argument("--eval-n", type=int, default=HELDOUT_N, help="held-out questions scored at the end")
+    args = parser.parse_args(argv)
+    train(args.family, args.seed, args.out or default_checkpoint(args.family), args.steps_scale, args.threads,
+          eval_n=args.eval_n)
+
+
+if __name__ == "__main__":
+    main()

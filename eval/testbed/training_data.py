@@ -1,0 +1,205 @@
+"""Training batches for the testbed VLMs, each a pure function of (family, seed, step, batch size).
+
+* Stage 1 (vision pretraining, a stand-in for CLIP pretraining): pixel values plus dense per-patch labels
+  read off ``render_mask`` (colour, shape and size class of the object covering most of the patch, whether an
+  object's centre lies in the patch, and for LLaVA the patch's row and column) and, for LLaVA's [CLS], the
+  set of colours, shapes and (colour, shape) pairs present.
+* Stage 2 (instruction tuning): multi-turn sequences built with the family's processor, exactly as at
+  evaluation time, with labels only on answers, their ``<eos>`` and the caption turn.
+
+Stage 1 draws scenes from ``train_item(seed, STAGE1_OFFSET + k)`` and stage 2 from ``train_item(seed, k)``,
+so the two stages never share an image; the held-out sets come from a different seed stream altogether.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .dataset import train_item
+from .model import CAPTION_PROMPT, EOS, IMAGE_SIZE, MERGE, PATCH, prompt
+from .questions import CATEGORIES, Question, all_questions
+from .scenes import COLOUR_NAMES, QUADRANTS, SHAPES, Obj, Scene, render, render_mask
+
+STAGE1_OFFSET = 10**9  # stage-1 scenes are train items [1e9, ...), stage 2 uses [0, ...)
+QA_STREAM = 3  # seed stream for choosing the extra questions of a stage-2 image
+QA_PER_IMAGE = 12  # question turns per stage-2 image (fewer when the scene has fewer distinct questions)
+MIN_PIXELS = 4  # an object labels a patch only if it covers at least this many of its pixels
+SIZE_CLASSES = ("none", "small", "large")
+CLS_TARGETS = len(COLOUR_NAMES) + len(SHAPES) + len(COLOUR_NAMES) * len(SHAPES)
+
+
+@dataclass
+class DenseTargets:
+    """Per-patch class labels, [batch, patches] each, in the order the vision tower emits patches."""
+
+    colour: torch.Tensor  # 0 = no object, 1 + colour index
+    shape: torch.Tensor  # 0 = no object, 1 + shape index
+    size: torch.Tensor  # index into SIZE_CLASSES
+    centre: torch.Tensor  # 1 if an object's centre lies in the patch
+    row: torch.Tensor
+    col: torch.Tensor
+
+
+@dataclass
+class Stage1Batch:
+    """Processor outputs for the images, dense targets, and [CLS] multi-hot targets [batch, CLS_TARGETS]."""
+
+    inputs: dict[str, torch.Tensor]
+    dense: DenseTargets
+    cls: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+def stage1_batch(processor, family: str, seed: int, step: int, batch: int) -> Stage1Batch:
+    """Images ``STAGE1_OFFSET + step * batch + b`` of the seed's training stream, with their labels."""
+    scenes = [train_item(seed, STAGE1_OFFSET + step * batch + b).scene for b in range(batch)]
+    size = IMAGE_SIZE[family]
+    inputs = dict(processor.image_processor([render(s, size) for s in scenes], return_tensors="pt"))
+    labels = [patch_labels(s, size) for s in scenes]
+    order = patch_order(family)
+    dense = DenseTargets(*(torch.from_numpy(np.stack([lab[i] for lab in labels])[:, order]) for i in range(6)))
+    return Stage1Batch(inputs, dense, torch.from_numpy(np.stack([cls_target(s) for s in scenes])))
+
+
+def patch_labels(scene: Scene, size: int) -> tuple[np.ndarray, ...]:
+    """Raster-order (colour, shape, size, centre, row, col) labels of the ``size // PATCH`` square grid."""
+    grid = size // PATCH
+    mask = render_mask(scene, size).reshape(grid, PATCH, grid, PATCH).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    counts = np.stack([(mask == i + 1).sum(1) for i in range(len(scene.objects))], 1)  # [patches, objects]
+    main = counts.argmax(1)
+    covered = counts.max(1) >= MIN_PIXELS
+    objs = scene.objects
+    colour = np.where(covered, [1 + COLOUR_NAMES.index(objs[m].colour) for m in main], 0)
+    shape = np.where(covered, [1 + SHAPES.index(objs[m].shape) for m in main], 0)
+    size_class = np.where(covered, [1 if objs[m].small else 2 for m in main], 0)
+    centre = np.zeros(grid * grid, dtype=np.int64)
+    for o in objs:
+        centre[min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1)] = 1
+    cells = np.arange(grid * grid)
+    return tuple(a.astype(np.int64) for a in (colour, shape, size_class, centre, cells // grid, cells % grid))
+
+
+def patch_order(family: str) -> np.ndarray:
+    """Raster index of each patch in the tower's order: raster for CLIP; for Qwen2-VL, the processor emits
+    each 2x2 merge block's patches together (block rows, block columns, then row and column inside)."""
+    grid = IMAGE_SIZE[family] // PATCH
+    if family == "llava":
+        return np.arange(grid * grid)
+    r, c = np.divmod(np.arange(grid * grid), grid)
+    emitted = ((r // MERGE) * (grid // MERGE) + c // MERGE) * MERGE * MERGE + (r % MERGE) * MERGE + c % MERGE
+    return np.argsort(emitted)
+
+
+def cls_target(scene: Scene) -> np.ndarray:
+    """Multi-hot: colours present, shapes present, (colour, shape) pairs present."""
+    out = np.zeros(CLS_TARGETS, dtype=np.float32)
+    n_c, n_s = len(COLOUR_NAMES), len(SHAPES)
+    for o in scene.objects:
+        c, s = COLOUR_NAMES.index(o.colour), SHAPES.index(o.shape)
+        out[[c, n_c + s, n_c + n_s + c * n_s + s]] = 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+
+
+def stage2_batch(processor, family: str, seed: int, step: int, batch: int) -> dict[str, torch.Tensor]:
+    """Processor outputs plus ``labels`` for images ``step * batch + b`` of the seed's training stream."""
+    size = IMAGE_SIZE[family]
+    texts, masks, images = [], [], []
+    for b in range(batch):
+        k = step * batch + b
+        item = train_item(seed, k)
+        words, supervised = conversation(family, item.scene, pick_questions(item.scene, item.question, seed, k))
+        texts.append(" ".join(words))
+        masks.append(supervised)
+        images.append(render(item.scene, size))
+    inputs = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+    inputs["labels"] = answer_labels(inputs["input_ids"], masks)
+    return inputs
+
+
+def pick_questions(scene: Scene, first: Question, seed: int, k: int) -> list[Question]:
+    """``first`` plus up to QA_PER_IMAGE - 1 other questions about the scene, in random order. Categories take
+    turns; within a category the answer is drawn uniformly among the answers still available, then a
+    question with that answer, so frequent answers (e.g. "zero") do not dominate."""
+    rng = np.random.default_rng([seed, QA_STREAM, k])
+    pool: dict[str, dict[str, list[Question]]] = {c: defaultdict(list) for c in CATEGORIES}
+    for q in all_questions(scene):
+        if q.text != first.text:
+            pool[q.category][q.answer].append(q)
+    chosen = [first]
+    while len(chosen) < QA_PER_IMAGE and any(pool.values()):
+        for c in rng.permutation(len(CATEGORIES)):
+            by_answer = pool[CATEGORIES[c]]
+            if not by_answer or len(chosen) == QA_PER_IMAGE:
+                continue
+            answer = sorted(by_answer)[int(rng.integers(len(by_answer)))]
+            chosen.append(by_answer[answer].pop(int(rng.integers(len(by_answer[answer])))))
+            if not by_answer[answer]:
+                del by_answer[answer]
+    return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+def caption(scene: Scene) -> list[str]:
+    """The objects as ``[small] colour shape quadrant`` phrases in a canonical order (quadrant, colour,
+    shape, size), so the caption is a function of the scene alone."""
+    def key(o: Obj) -> tuple[int, int, int, bool]:
+        return QUADRANTS.index(o.quadrant), COLOUR_NAMES.index(o.colour), SHAPES.index(o.shape), not o.small
+    words: list[str] = []
+    for o in sorted(scene.objects, key=key):
+        words += (["small"] if o.small else []) + [o.colour, o.shape, o.quadrant]
+    return words
+
+
+def conversation(family: str, scene: Scene, questions: list[Question]) -> tuple[list[str], list[bool]]:
+    """The training sequence as words (the image prefix is the first "word") and, per word, whether the
+    loss sees it: answers, their ``<eos>``, and the caption with its ``<eos>``."""
+    words, supervised = [], []
+
+    def add(ws: list[str], flag: bool) -> None:
+        words.extend(ws)
+        supervised.extend([flag] * len(ws))
+
+    add(prompt(family, questions[0].text).split(" "), False)
+    add([questions[0].answer, EOS], True)
+    for q in questions[1:]:
+        add(q.text.split(" "), False)
+        add([q.answer, EOS], True)
+    add(CAPTION_PROMPT.split(" "), False)
+    add(caption(scene) + [EOS], True)
+    return words, supervised
+
+
+def answer_labels(input_ids: torch.Tensor, supervised: list[list[bool]]) -> torch.Tensor:
+    """Labels (-100 = ignored) for left-padded ids. The processor expands only the first word (the image
+    prefix) into several tokens, and every other word is one token, so each row's last words are its last
+    tokens."""
+    labels = torch.full_like(input_ids, -100)
+    for row, flags in enumerate(supervised):
+        tail = torch.tensor(flags[1:])
+        ids = input_ids[row, -len(tail):]
+        labels[row, -len(tail):] = torch.where(tail, ids, torch.full_like(ids, -100))
+    return labels
+
+
+# ------------------------------------------------------------------------------------------- prefetching
+
+
+def prefetch(make: Callable[[int], object], steps: range, depth: int = 2) -> Iterator[object]:
+    """``make(s)`` for every s in ``steps``, computed ``depth`` steps ahead in one background thread. Each
+    batch is a pure function of its step, so the thread's timing never changes the data."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(make, s) for s in steps[:depth]]
+        for i in range(len(steps)):
+            if i + depth < len(steps):
+                pending.append(pool.submit(make, steps[i + depth]))
+            yield pending.pop(0).result()
