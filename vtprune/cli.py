@@ -1,6 +1,8 @@
-"""The ``vtprune`` command line. Subcommands: ``bench`` (more, e.g. ``sweep``, plug in through :data:`COMMANDS`).
+"""The ``vtprune`` command line. Subcommands: ``bench``, ``sweep``, ``leaderboard`` (added through :data:`COMMANDS`).
 
     vtprune bench --model bench-small --random-weights --pruners random,uniform --keep 0.5,0.25,0.11
+    vtprune sweep configs/example_sweep.yaml
+    vtprune leaderboard runs/example --out runs/example/leaderboard
 """
 
 from __future__ import annotations
@@ -101,8 +103,70 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    """Arguments of ``vtprune sweep``."""
+    p = sub.add_parser("sweep", help="run a YAML sweep: models x pruners x keep budgets x tasks (+ unpruned baselines)",
+                       description="Validates the config, then runs every cell without a successful record in "
+                                   "OUTPUT/results.jsonl (a rerun resumes). Under `accelerate launch` the processes "
+                                   "share each cell's batches. Schema: docs/harness.md.")
+    p.add_argument("config", type=Path, help="the sweep YAML")
+    p.add_argument("--out", type=Path, default=None, help="output folder (overrides the config's output)")
+    p.add_argument("--check", action="store_true", help="validate the config and list the cells; run nothing")
+    p.add_argument("--no-leaderboard", action="store_true",
+                   help="do not write OUTPUT/leaderboard (leaderboard.md, .csv, plots) at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Run ``vtprune sweep``; exit status 1 when a cell failed (its error is in the results file)."""
+    from .harness.runner import prepare, run_sweep
+    from .harness.schema import load_config
+
+    config = load_config(args.config, output=args.out)
+    if args.check:
+        from .harness.cells import expand
+        from .harness.parallel import Parallel
+
+        for cell in expand(config, prepare(config, Parallel())):
+            print(f"{cell.hash}  {cell.label}")
+        return 0
+    run = run_sweep(config, progress=not args.no_progress)
+    if run.par.is_main:
+        print(f"[vtprune sweep] {run.counts['ok']} cell(s) ok, {run.counts['error']} failed -> "
+              f"{run.store.path}", file=sys.stderr)
+        if not args.no_leaderboard:
+            from .harness.leaderboard import write_leaderboard
+
+            paths = write_leaderboard(run.store.path, config.output_dir / "leaderboard")
+            print(f"[vtprune sweep] leaderboard and plots -> {paths[0].parent}", file=sys.stderr)
+    return 1 if run.counts["error"] else 0
+
+
+def _add_leaderboard(sub: argparse._SubParsersAction) -> None:
+    """Arguments of ``vtprune leaderboard``."""
+    p = sub.add_parser("leaderboard", help="leaderboard.md/.csv and plots from a results file",
+                       description="Ranks methods by accuracy retention at each keep budget, per model and task, "
+                                   "with FLOPs, measured prefill speedup and overhead; writes PNG plots.")
+    p.add_argument("results", type=Path, help="a results.jsonl, or a sweep output folder holding one")
+    p.add_argument("--out", type=Path, required=True, help="folder for leaderboard.md, leaderboard.csv and PNGs")
+    p.add_argument("--flops", choices=("fastv", "prefill"), default="fastv",
+                   help="FLOPs on the plots' x axis: FastV convention (LLM prefill) or exact prefill (default fastv)")
+    p.set_defaults(run=_leaderboard)
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    """Run ``vtprune leaderboard``."""
+    from .harness.leaderboard import write_leaderboard
+
+    for path in write_leaderboard(args.results, args.out, flops=args.flops):
+        print(f"wrote {path}")
+    return 0
+
+
 #: subcommand name -> function adding its parser (it sets ``run``)
-COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {"bench": _add_bench}
+COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "bench": _add_bench, "sweep": _add_sweep, "leaderboard": _add_leaderboard}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,206 @@
+"""Leaderboard tables from a results file: ``leaderboard.csv`` (every number at full precision, one row per cell)
+and ``leaderboard.md`` (per model and task, methods ranked by accuracy retention at each keep budget), plus the
+plots of :mod:`.plots`. Every number comes straight from a stored record; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..benchmark import si_flops
+from .cells import BASELINE
+from .store import read_records
+
+#: CSV column -> how to read it from a record
+COLUMNS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "model": lambda r: r["model"],
+    "task": lambda r: r["task"],
+    "metric": lambda r: r["metrics"]["metric"],
+    "method": lambda r: r["method"],
+    "pruner": lambda r: r["pruner"],
+    "keep": lambda r: r["keep"],
+    "site": lambda r: r["site"],
+    "layer": lambda r: r["layer"],
+    "n": lambda r: r["metrics"]["n"],
+    "score": lambda r: r["metrics"]["score"],
+    "retention": lambda r: r["retention"]["score"],
+    "visual_before": lambda r: r["visual_tokens"]["visual_before"],
+    "visual_after": lambda r: r["visual_tokens"]["visual_after"],
+    "kept_ratio": lambda r: r["visual_tokens"]["kept_ratio"],
+    "fastv_flops": lambda r: r["flops"]["fastv"],
+    "prefill_flops": lambda r: r["flops"]["prefill"],
+    "fastv_ratio": lambda r: r["flops"]["fastv_ratio"],
+    "prefill_ratio": lambda r: r["flops"]["prefill_ratio"],
+    "overhead_flops": lambda r: r["flops"]["overhead"],
+    "prefill_ms": lambda r: r["latency"]["prefill_ms"],
+    "prefill_speedup": lambda r: r["latency"]["prefill_speedup"],
+    "e2e_ms": lambda r: r["latency"]["e2e_ms"],
+    "e2e_speedup": lambda r: r["latency"]["e2e_speedup"],
+    "overhead_ms": lambda r: r["latency"]["overhead_ms"],
+    "overhead_share": lambda r: r["latency"]["overhead_share"],
+    "batch_size": lambda r: r["latency"]["batch_size"],
+    "peak_bytes": lambda r: r["memory"].get("peak_bytes"),
+    "cell": lambda r: r["cell"],
+}
+
+
+def entry_key(record: dict[str, Any]) -> tuple:
+    """What one leaderboard row stands for: model, task, method and budget (a rerun with changed data or options
+    replaces the older row)."""
+    return record["model"], record["task"], record["method"], record["keep"]
+
+
+def latest_ok(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last successful record of every leaderboard row, in first-seen order."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            latest[entry_key(r)] = r
+    return list(latest.values())
+
+
+def group_columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every (group kind, name) with a score in some record: ``("category", "colour")``, ``("tag", "small")``."""
+    seen: dict[tuple[str, str], None] = {}
+    for r in records:
+        for kind in ("category", "tag"):
+            for name in r["metrics"][f"per_{kind}"]:
+                seen[(kind, name)] = None
+    return sorted(seen)
+
+
+def group_value(record: dict[str, Any], kind: str, name: str, what: str) -> float | None:
+    """Score (``what="score"``) or retention of one category/tag of a record (``None`` if absent)."""
+    if what == "score":
+        return record["metrics"][f"per_{kind}"].get(name, {}).get("score")
+    return record["retention"][f"per_{kind}"].get(name)
+
+
+def csv_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of ``leaderboard.csv``: fixed columns, then ``score[kind:name]`` / ``retention[kind:name]``."""
+    groups = group_columns(records)
+    header = list(COLUMNS) + [f"{what}[{kind}:{name}]" for kind, name in groups for what in ("score", "retention")]
+    rows = [[get(r) for get in COLUMNS.values()]
+            + [group_value(r, kind, name, what) for kind, name in groups for what in ("score", "retention")]
+            for r in records]
+    return header, rows
+
+
+def budget_key(keep: float | int) -> tuple[int, float]:
+    """Budgets in display order: fractions (largest first), then token counts (largest first)."""
+    return (0 if isinstance(keep, float) else 1, -float(keep))
+
+
+def ranked(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Methods ranked by retention (missing last), then score, then fewer FLOPs."""
+    def key(r: dict[str, Any]) -> tuple:
+        ret = r["retention"]["score"]
+        flops = r["flops"]["fastv"]
+        return (ret is None, -(ret or 0.0), -r["metrics"]["score"], flops if flops is not None else float("inf"))
+    return sorted(records, key=key)
+
+
+# ---- formatting (shared with the tests, which check the markdown against the records) ----------------------
+def fmt_score(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def fmt_pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def fmt_flops(v: float | None) -> str:
+    return "n/a" if v is None else si_flops(v)
+
+
+def fmt_ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def fmt_x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def fmt_keep(keep: float | int) -> str:
+    return f"{keep:g} of the visual tokens" if isinstance(keep, float) else f"{keep} tokens per image"
+
+
+def fmt_tokens(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def method_row(rank: int | str, r: dict[str, Any]) -> list[str]:
+    """One markdown table row of a record."""
+    lat, flops = r["latency"], r["flops"]
+    overhead = f"{fmt_ms(lat['overhead_ms'])} ms ({fmt_pct(lat['overhead_share'])})"
+    return [str(rank), r["method"], fmt_score(r["metrics"]["score"]), fmt_pct(r["retention"]["score"]),
+            fmt_tokens(r["visual_tokens"]["visual_after"]), fmt_flops(flops["fastv"]), fmt_flops(flops["prefill"]),
+            fmt_ms(lat["prefill_ms"]), fmt_x(lat["prefill_speedup"]), overhead]
+
+
+HEADER = ["rank", "method", "score", "retention", "visual tokens", "FastV FLOPs", "exact FLOPs", "prefill ms",
+          "prefill speedup", "overhead"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
+        ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown(records: list[dict[str, Any]], failed: list[dict[str, Any]], source: Path) -> str:
+    """``leaderboard.md``: per model and task, the baseline, a ranked table per budget, retention by group."""
+    lines = ["# vtprune leaderboard", "",
+             f"From `{source}`: {len(records)} successful cell(s), {len(failed)} failed.", "",
+             "Retention = score ÷ the unpruned score of the same model and task. FLOPs are per question, prefill "
+             "only: FastV convention (LLM layers, 4nd²+2n²d+2ndm) and exact (vision, projector, LLM, LM head, "
+             "pruner overhead). Prefill = measured time to first token per batch (median); speedup = unpruned "
+             "prefill ÷ this prefill. Overhead = the pruner's selection time per batch (share of prefill).", ""]
+    pairs = list(dict.fromkeys((r["model"], r["task"]) for r in records))
+    for model, task in pairs:
+        mine = [r for r in records if (r["model"], r["task"]) == (model, task)]
+        base = next((r for r in mine if r["method"] == BASELINE), None)
+        lines += [f"## {model} · {task} ({mine[0]['metrics']['metric']}, n={mine[0]['metrics']['n']})", ""]
+        if base is not None:
+            lines += _table(HEADER, [method_row("-", base)]) + [""]
+        for keep in sorted({r["keep"] for r in mine if r["keep"] is not None}, key=budget_key):
+            lines += [f"### keep {fmt_keep(keep)}", ""]
+            pruned = ranked([r for r in mine if r["keep"] == keep])
+            lines += _table(HEADER, [method_row(i, r) for i, r in enumerate(pruned, 1)]) + [""]
+        groups = group_columns(mine)
+        if groups:
+            lines += ["### retention by category and tag", ""]
+            rows = [[r["method"], "all" if r["keep"] is None else f"{r['keep']}"]
+                    + [fmt_pct(group_value(r, kind, name, "retention")) for kind, name in groups]
+                    for r in sorted(mine, key=lambda r: (r["keep"] is not None, r["method"],
+                                                         budget_key(r["keep"]) if r["keep"] is not None else 0))]
+            header = ["method", "keep"] + [name if kind == "category" else f"tag:{name}" for kind, name in groups]
+            lines += _table(header, rows) + [""]
+    if failed:
+        lines += ["## Failed cells", "", *[f"- {r['model']} · {r['task']} · {r['method']} keep={r['keep']}: "
+                                           f"`{r['error']}`" for r in failed], ""]
+    return "\n".join(lines)
+
+
+def write_leaderboard(results: str | Path, out: str | Path, flops: str = "fastv") -> list[Path]:
+    """Write ``leaderboard.md``, ``leaderboard.csv`` and the PNG plots into ``out``; returns the paths. Each
+    (model, task, method, keep) shows its last successful record; failures without one are listed."""
+    from .plots import write_plots
+
+    source = Path(results)
+    records = read_records(source)
+    ok = latest_ok(records)
+    done = {entry_key(r) for r in ok}
+    failed = list({entry_key(r): r for r in records if r.get("status") == "error" and entry_key(r) not in done}
+                  .values())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = csv_rows(ok)
+    with open(out / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else repr(v) if isinstance(v, float) else v for v in row] for row in rows])
+    (out / "leaderboard.md").write_text(markdown(ok, failed, source))
+    return [out / "leaderboard.md", out / "leaderboard.csv", *write_plots(ok, out, flops=flops)]

@@ -1,0 +1,92 @@
+"""The local backend: batched greedy generation on a task with a pruner installed, measured by :class:`PruneProbe`.
+
+Batches are fixed by the task order and the batch size (``batches``), and a data-parallel rank evaluates whole
+batches (``batches[rank::world]``): every question sees the same batch neighbours and padding whatever the number of
+processes, so predictions do not depend on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .. import api
+from ..config import PrunerConfig
+from ..measure import Timer, measure_prefill
+from .probe import PruneProbe
+from .schema import GenerationSpec, MeasureSpec, ModelSpec
+from .tasks import Item, Task
+
+
+def batches(n: int, size: int) -> list[list[int]]:
+    """Question indices ``0..n-1`` cut into consecutive batches of ``size``."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+@dataclass
+class ShardResult:
+    """What one process produced for one cell: predictions by question index, per-batch measurements, and memory
+    (peak bytes added by one prefill of its first batch; KV-cache bytes after it)."""
+
+    predictions: dict[int, str] = field(default_factory=dict)
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    peak_bytes: int | None = None
+    kv_bytes: int | None = None
+
+
+class LocalEvaluator:
+    """Prompts, encodes and generates for one loaded model."""
+
+    def __init__(self, model: nn.Module, processor: Any, spec: ModelSpec, generation: GenerationSpec) -> None:
+        self.model = model
+        self.processor = processor
+        self.spec = spec
+        self.generation = generation
+        self.device = next(model.parameters()).device
+
+    def prompt(self, item: Item, task: Task) -> str:
+        """The model's text for a question: its chat template with the images first, or the ``prompt`` template."""
+        text = item.text(task.prompt_suffix)
+        if self.spec.prompt != "chat":
+            return self.spec.prompt.replace("{question}", text)
+        content = [{"type": "image"}] * len(item.images) + [{"type": "text", "text": text}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def encode(self, items: list[Item], task: Task) -> dict[str, Any]:
+        """Processor outputs for a left-padded batch, on the model's device and dtype."""
+        images = [[Image.open(p).convert("RGB") for p in item.images] for item in items]
+        inputs = self.processor(text=[self.prompt(i, task) for i in items], images=images, padding=True,
+                                return_tensors="pt")
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in inputs.items() if torch.is_tensor(v)}
+
+    def run(self, task: Task, my_batches: list[list[int]], config: PrunerConfig | None, measure: MeasureSpec,
+            on_batch: Callable[[int], None] = lambda n: None) -> ShardResult:
+        """Evaluate ``my_batches`` of ``task`` with ``config`` installed (``None`` = unpruned). One untimed prefill
+        of the first batch warms up and, with ``measure.memory``, measures peak memory."""
+        result = ShardResult()
+        if not my_batches:
+            return result
+        timer = Timer(self.device)
+        tokenizer = self.processor.tokenizer
+        with api.apply(self.model, config) if config is not None else nullcontext() as handle:
+            warm = measure_prefill(self.model, self.encode([task.items[i] for i in my_batches[0]], task), timer,
+                                   memory=measure.memory)
+            result.peak_bytes, result.kv_bytes = warm.peak_bytes, warm.kv_bytes
+            with PruneProbe(self.model, handle, timer) as probe, torch.inference_mode():
+                for batch in my_batches:
+                    inputs = self.encode([task.items[i] for i in batch], task)
+                    out = self.model.generate(**inputs, max_new_tokens=self.generation.max_new_tokens,
+                                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                    texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                    result.predictions.update({i: t.strip() for i, t in zip(batch, texts)})
+                    on_batch(len(batch))
+            result.measurements = probe.as_dicts()
+        return result
