@@ -42,6 +42,15 @@ def rounded_count(keep: float | int, num_tokens: int) -> int:
     return min(int(keep), num_tokens)
 
 
+class RoundedReferenceCount:
+    """Pruner mixin: in ``mode="reference"`` the count is ``round(ρ·V)`` (DivPrune's and IDPruner's rule)."""
+
+    def count(self, layout: ImageLayout) -> int:
+        if self.config.reference:
+            return rounded_count(self.config.keep, layout.size)
+        return super().count(layout)
+
+
 @dataclass
 class DivPruneConfig(PrunerConfig, ModeOption):
     """Keep the k tokens chosen greedily to maximise the minimum pairwise ``1 - cos`` distance.
@@ -58,16 +67,11 @@ class DivPruneConfig(PrunerConfig, ModeOption):
 
 
 @register_pruner
-class DivPrunePruner(Pruner):
+class DivPrunePruner(RoundedReferenceCount, Pruner):
     """First pick: the token whose nearest neighbour is farthest; then farthest-first from the picked set.
     Uses the full V×V cosine matrix (the first pick needs it); each greedy step then costs O(V)."""
 
     config_class = DivPruneConfig
-
-    def count(self, layout: ImageLayout) -> int:
-        if self.config.reference:
-            return rounded_count(self.config.keep, layout.size)
-        return super().count(layout)
 
     @torch.no_grad()
     def select(self, view: VisualView, k: int) -> Selection:

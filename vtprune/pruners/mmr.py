@@ -14,15 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import diversity
+from .. import attention, diversity
 from ..capture import PROJECTOR, VISION_QK
 from ..config import PrunerConfig
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..sensitivity import ZOOptions, ZOScorer
-from ..view import ImageLayout, Selection, VisualView
+from ..view import Selection, VisualView
 from .base import Pruner
-from .divprune import ModeOption, rounded_count
+from .divprune import ModeOption, RoundedReferenceCount
 
 IMPORTANCES = ("norm", "text", "zoo", "cls", "pagerank", "learned")
 #: signals each importance needs captured
@@ -103,7 +103,7 @@ def text_relevance(view: VisualView) -> torch.Tensor:
 
 
 @register_pruner
-class MMRPruner(Pruner):
+class MMRPruner(RoundedReferenceCount, Pruner):
     """Importance (per ``importance``) + MMR selection (:func:`vtprune.diversity.mmr`)."""
 
     config_class = MMRConfig
@@ -125,19 +125,13 @@ class MMRPruner(Pruner):
         if config.importance == "learned":
             module = load_scorer(config.scorer_path).eval()
             return lambda view: learned_scores(module, view.features)
-        attention = _attention()
         fn = attention.cls_attention_scores if config.importance == "cls" else attention.pagerank_scores
         return lambda view: fn(view, self)
 
     def vision_layers(self, full_attention_layers: list[int], num_layers: int) -> list[int]:
         if VISION_QK not in self.needs:
             return []
-        return _attention().default_vision_layers(full_attention_layers, num_layers)
-
-    def count(self, layout: ImageLayout) -> int:
-        if self.config.reference:
-            return rounded_count(self.config.keep, layout.size)
-        return super().count(layout)
+        return attention.default_vision_layers(full_attention_layers, num_layers)
 
     @torch.no_grad()
     def select(self, view: VisualView, k: int) -> Selection:
@@ -145,12 +139,3 @@ class MMRPruner(Pruner):
         unit = diversity.unit_rows(view.features)
         picks = diversity.mmr(diversity.on_demand(unit), imp, k, float(self.config.lam))
         return Selection(indices=torch.sort(picks).values)
-
-
-def _attention():
-    """:mod:`vtprune.attention` (vision-attention scores), with a clear error while it is unavailable."""
-    try:
-        from .. import attention
-    except ImportError as e:
-        raise VTPruneError("importance='cls' / 'pagerank' need vtprune.attention, which is not available") from e
-    return attention
