@@ -97,8 +97,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "llava": Recipe(stage1=Stage(steps=2000, batch=16, lr=3e-3, warmup=60),
-                    stage2=Stage(steps=2000, batch=32, lr=1.5e-3, warmup=120)),
+    "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60),
+                    stage2=Stage(steps=1800, batch=32, lr=1.5e-3, warmup=120)),
     "qwen2_vl": Recipe(stage1=Stage(steps=1500, batch=16, lr=3e-3, warmup=60),
                        stage2=Stage(steps=2100, batch=32, lr=1.5e-3, warmup=120)),
 }
