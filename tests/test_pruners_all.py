@@ -8,6 +8,7 @@ import torch
 
 import vtprune
 from conftest import GEN, batch_inputs, model
+from vtprune.capture import HINTS
 from vtprune.registry import pruner_class
 from vtprune.testing import FAMILIES
 
@@ -22,6 +23,24 @@ def _generate(tv, inputs, **kw):
 
 def _default_site(name: str) -> str:
     return pruner_class(name).config_class().site
+
+
+def _hints(tv, samples: list[int], n_images: int = 1) -> list[dict]:
+    """Hints for pruners that read them (``informed``): per row, a priority per visual token that depends only on
+    its sample id, so batch == single still has to hold. Image sizes come from an unpruned pass's stats, so call
+    this while no other handle is on the model."""
+    with vtprune.apply(tv.model, "random", keep=1.0) as probe:
+        tv.model(**batch_inputs(tv, samples, n_images))
+        sizes = [[before for before, _ in s.images] for s in probe.stats.samples]
+    return [{"token_priority": {"question": [[(j * (s + 2) + i) % 3 for j in range(v)] for i, v in enumerate(row)]}}
+            for s, row in zip(samples, sizes)]
+
+
+def _hinted(handle, hints: list[dict]):
+    """``handle`` with ``hints`` set when its pruner reads them."""
+    if HINTS in handle.pruner.needs:
+        handle.set_hints(hints)
+    return handle
 
 
 @pytest.mark.parametrize("pruner,family", CASES)
@@ -40,7 +59,8 @@ def test_exact_budgets_cached_equals_uncached(pruner, family):
     tv = model(family)
     inputs = batch_inputs(tv, [0, 1])
     for keep in (0.3, 3):
-        with vtprune.apply(tv.model, pruner, keep=keep) as handle:
+        hints = _hints(tv, [0, 1])
+        with _hinted(vtprune.apply(tv.model, pruner, keep=keep), hints) as handle:
             seq_c, step_c = _generate(tv, inputs)
             for before, after in (img for s in handle.stats.samples for img in s.images):
                 assert after == vtprune.view.budget(keep, before), (before, after)
@@ -53,9 +73,11 @@ def test_exact_budgets_cached_equals_uncached(pruner, family):
 def test_batch_equals_single(pruner, family):
     tv = model(family)
     samples = [0, 1, 2]
-    with vtprune.apply(tv.model, pruner, keep=0.4):
+    hints = _hints(tv, samples)
+    with _hinted(vtprune.apply(tv.model, pruner, keep=0.4), hints) as handle:
         seq_b, step_b = _generate(tv, batch_inputs(tv, samples))
         for row, sample in enumerate(samples):
+            _hinted(handle, [hints[row]])
             seq_s, step_s = _generate(tv, batch_inputs(tv, [sample]))
             n = GEN["max_new_tokens"]
             assert torch.equal(seq_b[row, -n:], seq_s[0, -n:])
@@ -73,7 +95,8 @@ def test_every_pruner_has_a_documented_config():
 def test_several_images_per_prompt(pruner, family):
     tv = model(family)
     inputs = batch_inputs(tv, [0, 1], n_images=2)
-    with vtprune.apply(tv.model, pruner, keep=0.4) as handle:
+    hints = _hints(tv, [0, 1], n_images=2)
+    with _hinted(vtprune.apply(tv.model, pruner, keep=0.4), hints) as handle:
         seq_c, step_c = _generate(tv, inputs)
         assert [len(s.images) for s in handle.stats.samples] == [2, 2]
         seq_u, step_u = _generate(tv, inputs, use_cache=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -42,6 +43,11 @@ class PruneHandle:
         """What the last prefill did (visual tokens per sample, sequence length per decoder layer) and how
         many decode steps followed it."""
         return self._engine_or_raise().recorder.finalize()
+
+    def set_hints(self, hints: Sequence[Any] | None) -> None:
+        """Per-sample values (one per batch row, in batch order) for pruners that read them, such as
+        ``informed``; they stay in force until replaced. Other pruners ignore them."""
+        self._engine_or_raise().signals.hints = None if hints is None else list(hints)
 
     def remove(self) -> None:
         """Remove every hook; the model behaves exactly as before :func:`apply`. Idempotent."""

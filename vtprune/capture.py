@@ -17,7 +17,8 @@ LLM_QK = "llm_qk"  # post-RoPE q/k of decoder layer K-1 (in-LLM site)
 VISION_QK = "vision_qk"  # q/k of vision-encoder attention layers (``Pruner.vision_layers``)
 PROJECTOR = "projector"  # the projector's inputs per visual token, and the projector itself
 FINAL_NORM = "final_norm"  # the language model's final norm (DART compares final-normed hidden states)
-NEEDS = (LLM_QK, VISION_QK, PROJECTOR, FINAL_NORM)
+HINTS = "hints"  # per-sample values the caller passes with ``PruneHandle.set_hints`` (informed references)
+NEEDS = (LLM_QK, VISION_QK, PROJECTOR, FINAL_NORM, HINTS)
 
 
 @dataclass

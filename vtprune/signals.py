@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import ImageSpans, ModelAdapter
-from .capture import FINAL_NORM, LLM_QK, NEEDS, PROJECTOR, VISION_QK, LLMQK, InputCapture
+from .capture import FINAL_NORM, HINTS, LLM_QK, NEEDS, PROJECTOR, VISION_QK, LLMQK, InputCapture
 from .config import PrunerConfig
 from .errors import VTPruneError
 from .pruners.base import Pruner
@@ -30,6 +30,7 @@ class Signals:
         self.vision: dict[int, InputCapture] = {}
         self.projector: InputCapture | None = None
         self._consumed = True  # the last encoding pass was used by a prefill
+        self.hints: list[Any] | None = None  # one caller-given value per batch row (``HINTS``)
 
     def check(self) -> None:
         """Refuse signals that do not exist or cannot be had at this site, before any hook goes in."""
@@ -79,8 +80,15 @@ class Signals:
 
     def image_extras(self, spans: ImageSpans) -> list[dict[str, Any]]:
         """Per image: {"vision_qk": {layer: [VisionQK per encoder view]}, "projector": ProjectorInput,
-        "final_norm": module}, for whichever the pruner asked for."""
+        "final_norm": module, "hint": its row's hint and "hint_image": the
+        image's index within its row}, for whichever the pruner asked for."""
         extras: list[dict[str, Any]] = [{} for _ in range(len(spans))]
+        if HINTS in self.needs and self.hints is not None:
+            nth: dict[int, int] = {}
+            for ex, row in zip(extras, spans.rows):
+                if row < len(self.hints):
+                    ex["hint"], ex["hint_image"] = self.hints[row], nth.get(row, 0)
+                nth[row] = nth.get(row, 0) + 1
         if FINAL_NORM in self.needs:
             for ex in extras:
                 ex["final_norm"] = self.adapter.language_model.norm

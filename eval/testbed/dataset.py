@@ -31,7 +31,7 @@ import gzip
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,8 +129,8 @@ def _entry(item: Item, hash_sizes: tuple[int, ...]) -> dict:
     }
 
 
-def load_set(path: str | Path, image_size: int) -> list[tuple[Item, Image.Image]]:
-    """Read a saved set and render every item at ``image_size``, verifying it first.
+def load_set(path: str | Path, image_size: int, limit: int | None = None) -> list[tuple[Item, Image.Image]]:
+    """Read a saved set and render every item (or the first ``limit``) at ``image_size``, verifying it first.
 
     Each image is checked against its stored hash; when ``image_size`` has none, the item is rendered and
     checked at the smallest stored size instead. Each question must still be a valid question of its scene,
@@ -139,7 +139,10 @@ def load_set(path: str | Path, image_size: int) -> list[tuple[Item, Image.Image]
     doc = json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
     if doc.get("format") != FORMAT:
         raise IntegrityError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
-    return [_load_entry(e, image_size) for e in doc["items"]]
+    entries = doc["items"]
+    if limit is not None and not 1 <= limit <= len(entries):
+        raise ValueError(f"{path} has {len(entries)} items; cannot load {limit}")
+    return [_load_entry(e, image_size) for e in entries[:limit]]
 
 
 def _load_entry(entry: dict, image_size: int) -> tuple[Item, Image.Image]:
@@ -173,12 +176,18 @@ def target_token_indices(item: Item, image_size: int, patch: int, merge: int = 1
     A token covers ``patch * merge`` pixels square: LLaVA at 168 px, patch 14 -> 12x12 tokens; Qwen2-VL at
     224 px, patch 14, merge 2 -> 8x8 merged tokens (which Qwen2-VL also orders row-major). Uses the drawn
     pixels, not the boxes, so a triangle's empty corners do not count."""
+    return object_token_indices(item.scene, item.question.targets, image_size, patch, merge)
+
+
+def object_token_indices(scene: Scene, objects: Sequence[int], image_size: int, patch: int, merge: int = 1
+                         ) -> list[int]:
+    """Raster indices of the token cells holding a drawn pixel of any of ``objects`` (indices into the scene)."""
     cell = patch * merge
     if image_size % cell:
         raise ValueError(f"image_size {image_size} is not a multiple of patch * merge = {cell}")
     grid = image_size // cell
-    mask = render_mask(item.scene, image_size)
-    ys, xs = np.nonzero(np.isin(mask, [t + 1 for t in item.question.targets]))
+    mask = render_mask(scene, image_size)
+    ys, xs = np.nonzero(np.isin(mask, [t + 1 for t in objects]))
     return sorted({int(v) for v in (ys // cell) * grid + xs // cell})
 
 

@@ -1,11 +1,13 @@
 """Leaderboard tables from a results file: ``leaderboard.csv`` (every number at full precision, one row per cell)
-and ``leaderboard.md`` (per model and task, methods ranked by accuracy retention at each keep budget), plus the
-plots of :mod:`.plots`. Every number comes straight from a stored record; nothing is recomputed.
+and ``leaderboard.md`` (per model and task, methods ranked by accuracy retention at each keep budget, and across
+model/task pairs how stable the methods' ranking is), plus the plots of :mod:`.plots`. Every number in a table comes
+straight from a stored record; only the ranking-stability correlations are computed from them.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,63 @@ def ranked(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=key)
 
 
+def group_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Row order of the per-group tables: the baseline first, then by method, then budget (display order)."""
+    return sorted(records, key=lambda r: (r["keep"] is not None, r["method"],
+                                          budget_key(r["keep"]) if r["keep"] is not None else 0))
+
+
+def average_ranks(values: list[float]) -> list[float]:
+    """1-based ranks of ``values``, tied values sharing the mean of their ranks (as Spearman's ρ needs)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's ρ (Pearson correlation of average ranks); ``None`` below 3 points or when either side is constant,
+    where the ordering says nothing."""
+    if len(xs) != len(ys):
+        raise ValueError(f"spearman needs equal lengths, got {len(xs)} and {len(ys)}")
+    if len(xs) < 3:
+        return None
+    rx, ry = average_ranks(xs), average_ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if vx == 0 or vy == 0 else cov / (vx * vy) ** 0.5
+
+
+def pruned_scores(records: list[dict[str, Any]]) -> dict[tuple[str, float | int], float]:
+    """(method, keep) -> score of the pruned records (the baseline has no rank among the methods)."""
+    return {(r["method"], r["keep"]): r["metrics"]["score"] for r in records
+            if r["method"] != BASELINE and r["keep"] is not None and r["metrics"]["score"] is not None}
+
+
+def stability_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of the ranking-stability table: for every two (model, task) pairs, ρ of the methods' scores at each
+    shared budget, then over all their common (method, keep) entries."""
+    pairs = list(dict.fromkeys((r["model"], r["task"]) for r in records))
+    scores = {p: pruned_scores([r for r in records if (r["model"], r["task"]) == p]) for p in pairs}
+    rows = []
+    for a, b in itertools.combinations(pairs, 2):
+        common = sorted(scores[a].keys() & scores[b].keys(), key=lambda mk: (budget_key(mk[1]), mk[0]))
+        keeps = sorted({keep for _, keep in common}, key=budget_key)
+        subsets = [(f"{k}", [mk for mk in common if mk[1] == k]) for k in keeps] + [("all budgets", common)]
+        for keep, entries in subsets:
+            rho = spearman([scores[a][mk] for mk in entries], [scores[b][mk] for mk in entries])
+            rows.append([" · ".join(a), " · ".join(b), keep, str(len(entries)), fmt_score(rho)])
+    return rows
+
+
 # ---- formatting (shared with the tests, which check the markdown against the records) ----------------------
 def fmt_score(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
@@ -150,8 +209,22 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def group_table(records: list[dict[str, Any]], what: str) -> list[str]:
+    """Markdown table of every record's score (``what="score"``, after its overall score) or retention per
+    category and tag, one row per record in :func:`group_order`."""
+    groups = group_columns(records)
+    overall = ["all"] if what == "score" else []
+    header = ["method", "keep", *overall] + [name if kind == "category" else f"tag:{name}" for kind, name in groups]
+    rows = [[r["method"], "all" if r["keep"] is None else f"{r['keep']}"]
+            + ([fmt_pct(r["metrics"]["score"])] if what == "score" else [])
+            + [fmt_pct(group_value(r, kind, name, what)) for kind, name in groups]
+            for r in group_order(records)]
+    return _table(header, rows)
+
+
 def markdown(records: list[dict[str, Any]], failed: list[dict[str, Any]], source: Path) -> str:
-    """``leaderboard.md``: per model and task, the baseline, a ranked table per budget, retention by group."""
+    """``leaderboard.md``: per model and task, the baseline, a ranked table per budget, accuracy and retention by
+    group; then how stable the methods' ranking is across model/task pairs."""
     lines = ["# vtprune leaderboard", "",
              f"From `{source}`: {len(records)} successful cell(s), {len(failed)} failed.", "",
              "Retention = score ÷ the unpruned score of the same model and task. FLOPs are per question, prefill "
@@ -169,18 +242,18 @@ def markdown(records: list[dict[str, Any]], failed: list[dict[str, Any]], source
             lines += [f"### keep {fmt_keep(keep)}", ""]
             pruned = ranked([r for r in mine if r["keep"] == keep])
             lines += _table(HEADER, [method_row(i, r) for i, r in enumerate(pruned, 1)]) + [""]
-        groups = group_columns(mine)
-        if groups:
-            lines += ["### retention by category and tag", ""]
-            rows = [[r["method"], "all" if r["keep"] is None else f"{r['keep']}"]
-                    + [fmt_pct(group_value(r, kind, name, "retention")) for kind, name in groups]
-                    for r in sorted(mine, key=lambda r: (r["keep"] is not None, r["method"],
-                                                         budget_key(r["keep"]) if r["keep"] is not None else 0))]
-            header = ["method", "keep"] + [name if kind == "category" else f"tag:{name}" for kind, name in groups]
-            lines += _table(header, rows) + [""]
+        if group_columns(mine):
+            lines += ["### accuracy by category and tag", "", *group_table(mine, "score"), ""]
+            lines += ["### retention by category and tag", "", *group_table(mine, "retention"), ""]
     if failed:
         lines += ["## Failed cells", "", *[f"- {r['model']} · {r['task']} · {r['method']} keep={r['keep']}: "
                                            f"`{r['error']}`" for r in failed], ""]
+    if len(pairs) >= 2:
+        lines += ["## Ranking stability", "",
+                  ("Do two models (or tasks) order the pruning methods the same way? Spearman's ρ of the methods' "
+                   "scores (baseline excluded) over the methods both have, per shared budget and over every common "
+                   "(method, keep): 1 = same order, -1 = reversed, n/a = fewer than 3 common methods or no spread."),
+                  "", *_table(["A", "B", "keep", "methods", "Spearman ρ"], stability_rows(records)), ""]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from .. import api
+from ..capture import HINTS
 from ..config import PrunerConfig
 from ..measure import Timer, measure_prefill
 from .probe import PruneProbe
@@ -77,11 +78,14 @@ class LocalEvaluator:
         timer = Timer(self.device)
         tokenizer = self.processor.tokenizer
         with api.apply(self.model, config) if config is not None else nullcontext() as handle:
+            hint = _hinter(handle, task)
+            hint(my_batches[0])
             warm = measure_prefill(self.model, self.encode([task.items[i] for i in my_batches[0]], task), timer,
                                    memory=measure.memory)
             result.peak_bytes, result.kv_bytes = warm.peak_bytes, warm.kv_bytes
             with PruneProbe(self.model, handle, timer) as probe, torch.inference_mode():
                 for batch in my_batches:
+                    hint(batch)
                     inputs = self.encode([task.items[i] for i in batch], task)
                     out = self.model.generate(**inputs, max_new_tokens=self.generation.max_new_tokens,
                                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -90,3 +94,11 @@ class LocalEvaluator:
                     on_batch(len(batch))
             result.measurements = probe.as_dicts()
         return result
+
+
+def _hinter(handle: Any, task: Task) -> Callable[[list[int]], None]:
+    """For pruners that read hints (informed references): a function giving a batch's questions' extra fields
+    (``targets``, ``token_priority``, ...) to the handle; a no-op for every other pruner."""
+    if handle is None or HINTS not in handle.pruner.needs:
+        return lambda batch: None
+    return lambda batch: handle.set_hints([task.items[i].extra for i in batch])

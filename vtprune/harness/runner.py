@@ -30,7 +30,7 @@ from .probe import GenerateMeasurement, summarize
 from .records import environment, error_record, ok_record
 from .schema import SweepConfig
 from .store import ResultsStore, write_predictions
-from .synthetic import write_shapes_task
+from .synthetic import testbed_export, write_shapes_task
 from .tasks import Task, load_task
 
 RESULTS_FILE = "results.jsonl"
@@ -87,6 +87,8 @@ def prepare(config: SweepConfig, par: Parallel) -> list[Task]:
         for spec, root in zip(config.tasks, roots):
             if spec.synthetic:
                 write_shapes_task(root, spec.size, seed=config.seed)
+            elif spec.testbed:
+                testbed_export().write_task(root, spec.testbed, spec.size)
         for model in config.models:
             if model.tiny:
                 models.materialize_tiny(model, config.output_dir, config.seed)

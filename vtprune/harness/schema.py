@@ -115,11 +115,13 @@ class PrunerSpec(_Strict):
 
 
 class TaskSpec(_Strict):
-    """One local task: a folder (``path``) or a generated one (``synthetic: shapes`` with ``size`` questions).
-    ``name`` defaults to the folder's ``task.yaml`` name, else the folder name."""
+    """One local task: a folder (``path``), a generated one (``synthetic: shapes`` with ``size`` questions), or the
+    first ``size`` held-out questions of the repository's testbed rendered for one testbed model (``testbed: llava``
+    or ``testbed: qwen2_vl``). ``name`` defaults to the folder's ``task.yaml`` name, else the folder name."""
 
     path: str | None = None
     synthetic: Literal["shapes"] | None = None
+    testbed: Literal["llava", "qwen2_vl"] | None = None
     size: int = Field(24, ge=1)
     name: str | None = None
     metric: Literal["exact_match", "vqa", "multiple_choice"] | None = None
@@ -128,10 +130,14 @@ class TaskSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
-        if (self.path is None) == (self.synthetic is None):
-            raise ValueError("give exactly one of path (a task folder) / synthetic (a generated task)")
+        sources = [k for k in ("path", "synthetic", "testbed") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of path (a task folder) / synthetic (a generated task) / testbed "
+                             f"(the testbed's held-out set), got {sources or 'none'}")
         if self.name is None and self.synthetic:
             self.name = f"{self.synthetic}-{self.size}"
+        if self.name is None and self.testbed:
+            self.name = f"testbed-{self.testbed}-{self.size}"
         return self
 
 

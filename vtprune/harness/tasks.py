@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +106,30 @@ def load_task(spec: TaskSpec, root: Path) -> Task:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return Task(name=spec.name or meta.get("name") or root.name, root=root, metric=metric, prompt_suffix=suffix,
                 items=items, digest=digest.hexdigest()[:16])
+
+
+def write_task_folder(folder: Path, rows: Iterable[tuple[dict[str, Any], Callable[[Path], None]]],
+                      meta: dict[str, Any]) -> Path:
+    """Write a generated task folder once: each row is (data.jsonl entry, a function saving its image to the path
+    the entry's ``image`` names); built aside and renamed into place, so a crash never leaves half a task. An
+    existing folder is kept."""
+    folder = Path(folder)
+    if (folder / DATA_FILE).is_file():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    with open(tmp / DATA_FILE, "w") as f:
+        for entry, save_image in rows:
+            save_image(tmp / entry["image"])
+            f.write(json.dumps(entry) + "\n")
+    (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

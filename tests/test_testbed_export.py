@@ -1,0 +1,91 @@
+"""The testbed as harness tasks and the main job: the shipped held-out file matches the generator, exported task
+folders carry categories, tags and token priorities that match the scenes, and the demo config validates and runs
+(reduced) end to end on both shipped checkpoints with the informed references and the leaderboard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from eval.testbed.dataset import load_set, make_eval_set, target_token_indices
+from eval.testbed.evaluate import HELDOUT_SEED, default_checkpoint
+from eval.testbed.export import HELDOUT_FILE, HELDOUT_N, write_task
+from eval.testbed.model import FAMILIES, IMAGE_SIZE, MERGE, PATCH, num_image_tokens
+from vtprune.harness.runner import run_sweep
+from vtprune.harness.schema import load_config
+from vtprune.registry import list_pruners
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def test_shipped_heldout_file_is_the_generators_set():
+    n = 35
+    loaded = load_set(HELDOUT_FILE, 168, limit=n)
+    assert [it for it, _ in loaded] == make_eval_set(HELDOUT_SEED, n)
+    assert len(json.loads(__import__("gzip").decompress(HELDOUT_FILE.read_bytes()))["items"]) == HELDOUT_N
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exported_task_rows_match_their_scenes(tmp_path, family):
+    n = 21
+    folder = write_task(tmp_path / family, family, n)
+    rows = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
+    items = make_eval_set(HELDOUT_SEED, n)
+    assert len(rows) == n
+    merge = 1 if family == "llava" else MERGE
+    for row, item in zip(rows, items):
+        q = item.question
+        assert (row["question"], row["answer"], row["category"], row["targets"]) == \
+            (q.text, q.answer, q.category, list(q.targets))
+        assert ("retrieval" in row["tags"]) == (q.category != "counting")
+        assert ("small_target" in row["tags"]) == item.small_target
+        prio = row["token_priority"]
+        assert len(prio["question"]) == len(prio["objects"]) == num_image_tokens(family)
+        targets = target_token_indices(item, IMAGE_SIZE[family], PATCH, merge)
+        assert [i for i, p in enumerate(prio["question"]) if p == 2] == targets
+        assert [i for i, p in enumerate(prio["question"]) if p >= 1] == [i for i, p in enumerate(prio["objects"]) if p]
+        assert Image.open(folder / row["image"]).size == (IMAGE_SIZE[family],) * 2
+    assert write_task(tmp_path / family, family, n) == folder  # an existing folder is kept
+
+
+def test_bad_export_requests_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="family"):
+        write_task(tmp_path / "x", "llava_next", 5)
+    with pytest.raises(ValueError, match="cannot load"):
+        write_task(tmp_path / "y", "llava", HELDOUT_N + 1)
+
+
+def test_demo_config_covers_every_pruner_at_every_budget():
+    config = load_config(DEMO)
+    names = {p.name for p in config.pruners}
+    assert names == set(list_pruners())
+    assert all(sorted(p.keep) == [0.05, 0.11, 0.25, 0.5] for p in config.pruners)
+    assert {t.testbed for t in config.tasks} == set(FAMILIES)
+    full = load_config(ROOT / "configs" / "testbed_full.yaml")
+    assert {p.name for p in full.pruners} == names and all(t.size >= 1000 for t in full.tasks)
+
+
+def test_reduced_demo_runs_on_both_checkpoints(tmp_path):
+    """The demo with 7 questions per testbed and one budget: every cell succeeds, the informed references and the
+    ranking-stability section reach the leaderboard."""
+    for family in FAMILIES:
+        if not (default_checkpoint(family) / "model.safetensors").exists():
+            pytest.fail(f"the shipped checkpoint {default_checkpoint(family)} is missing")
+    data = yaml.safe_load(DEMO.read_text())
+    data["include"] = str(DEMO.parent / data["include"])
+    for task in data["tasks"]:
+        task["size"] = 7
+    for pruner in data["pruners"]:
+        pruner["keep"] = [0.25]
+    path = tmp_path / "demo_small.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = run_sweep(load_config(path, output=tmp_path / "out"), progress=False)
+    assert run.counts == {"ok": 2 * (len(data["pruners"]) + 1), "error": 0}
+    from vtprune.harness.leaderboard import write_leaderboard
+    board = write_leaderboard(tmp_path / "out" / "results.jsonl", tmp_path / "board")[0].read_text()
+    assert "[ref] informed: question targets" in board and "## Ranking stability" in board
