@@ -139,3 +139,11 @@ def test_ranking_stability_compares_every_two_pairs_and_needs_two(records):
     assert "| m2 · shapes | m1 · colours | 0.5 | 4 | 1.000 |" in stab
     assert {tuple(line.split(" | ")[:2]) for line in stab.splitlines() if line.startswith("| m")} == \
         {("| m1 · shapes", "m2 · shapes"), ("| m1 · shapes", "m1 · colours"), ("| m2 · shapes", "m1 · colours")}
+
+
+def test_informed_references_are_not_ranked_among_methods(records):
+    """A reference (pruner ``informed``) with opposite orders on the two models leaves ρ unchanged."""
+    refs = [dict(record(m, "shapes", "[ref] informed", 0.5, s), pruner="informed")
+            for m, s in (("m1", 1.0), ("m2", 0.0))]
+    stab = section(L.markdown(records + refs, [], Path("results.jsonl")), "## Ranking stability")
+    assert "| m1 · shapes | m2 · shapes | 0.5 | 4 | 1.000 |" in stab

@@ -140,10 +140,16 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return None if vx == 0 or vy == 0 else cov / (vx * vy) ** 0.5
 
 
+#: pruners that are references (they know the answer's location), not methods: never ranked against methods
+REFERENCE_PRUNERS = frozenset({"informed"})
+
+
 def pruned_scores(records: list[dict[str, Any]]) -> dict[tuple[str, float | int], float]:
-    """(method, keep) -> score of the pruned records (the baseline has no rank among the methods)."""
+    """(method, keep) -> score of the pruning methods' records (the baseline and informed references have no rank
+    among the methods)."""
     return {(r["method"], r["keep"]): r["metrics"]["score"] for r in records
-            if r["method"] != BASELINE and r["keep"] is not None and r["metrics"]["score"] is not None}
+            if r["method"] != BASELINE and r.get("pruner") not in REFERENCE_PRUNERS and r["keep"] is not None
+            and r["metrics"]["score"] is not None}
 
 
 def stability_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -251,7 +257,7 @@ def markdown(records: list[dict[str, Any]], failed: list[dict[str, Any]], source
     if len(pairs) >= 2:
         lines += ["## Ranking stability", "",
                   ("Do two models (or tasks) order the pruning methods the same way? Spearman's ρ of the methods' "
-                   "scores (baseline excluded) over the methods both have, per shared budget and over every common "
+                   "scores (baseline and informed references excluded) over the methods both have, per shared budget and over every common "
                    "(method, keep): 1 = same order, -1 = reversed, n/a = fewer than 3 common methods or no spread."),
                   "", *_table(["A", "B", "keep", "methods", "Spearman ρ"], stability_rows(records)), ""]
     return "\n".join(lines)
