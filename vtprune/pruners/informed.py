@@ -58,6 +58,6 @@ class InformedPruner(Pruner):
             values = values[view.extras["hint_image"]]
         priority = torch.as_tensor(values, dtype=torch.float32, device=view.features.device)
         if priority.shape != (view.num_tokens,):
-            raise VTPruneError(f"informed pruner: hint[{key!r}] of sample {view.sample} has shape "
+            raise VTPruneError(f"informed pruner: hint[{self.config.key!r}] of sample {view.sample} has shape "
                                f"{tuple(priority.shape)}, expected one priority per visual token ({view.num_tokens})")
         return selectors.top_k(priority + scorers.random_scores(view, self.generator(view)), k)
