@@ -29,14 +29,13 @@ family      stage              s/step          notes
 ==========  =================  ==============  ================================================================
 llava       1 (batch 16)       0.36            1400 steps: 8.3 min
 llava       2 (batch 32)       1.7-1.8         12 QA turns + caption (8 turns: 1.66); 1550 steps: about 46 min
-qwen2_vl    1 (batch 12)       0.50            1300 steps: about 11 min
-qwen2_vl    2 (batch 32)       see log         ``train_log.json`` of the shipped checkpoint
+qwen2_vl    1 (batch 12)       0.54            1300 steps: 708 s
+qwen2_vl    2 (batch 32)       1.58            2000 steps: 3159 s (validation checks included)
 ==========  =================  ==============  ================================================================
 
-Status of the LLaVA recipe (not yet at the issue's 93 % bar): with 144 visual tokens the LLM stays on the
-text-prior plateau for 400-700 stage-2 steps (validation 30 % at step 387, 52 % at 775 on the current scenes)
-and the first full run (old scenes: 4-10 smaller objects) ended at 64 %: it found objects by colour but never by
-shape ("what colour is the {shape}" at chance). The 64-token Qwen2-VL testbed is in the study's regime.
+Status (neither recipe reaches the issue's 93 % bar yet; docs/testbed_runs.md has every run): LLaVA ended at
+64 % (first scene version), Qwen2-VL at 65.3 % in 64.5 min (current scenes). Both learn to find objects by
+colour and stall there: "what colour is the {shape}" stays at 32-44 %; Qwen2-VL also misses quadrants (54 %).
 """
 
 from __future__ import annotations
