@@ -78,3 +78,11 @@ def test_hints_reach_the_right_rows():
         handle.set_hints(hints)
         tv.model(**inputs)
     assert seen == wanted
+
+
+def test_hints_for_another_batch_size_are_refused():
+    tv = model("llava")
+    with vtprune.apply(tv.model, "informed", keep=2) as handle, \
+            pytest.raises(vtprune.VTPruneError, match="1 hint\\(s\\) set for a batch of 2"):
+        handle.set_hints([{"token_priority": {"question": [0.0] * 4}}])
+        tv.model(**batch_inputs(tv, [0, 1]))

@@ -61,6 +61,7 @@ def test_bad_export_requests_are_clear(tmp_path):
         write_task(tmp_path / "x", "llava_next", 5)
     with pytest.raises(ValueError, match="cannot load"):
         write_task(tmp_path / "y", "llava", HELDOUT_N + 1)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
 
 
 @needs_checkpoints

@@ -142,7 +142,7 @@ class Engine:
         next_pos = pos.masked_fill(~real[None], -1).amax(-1) + 1  # [A, b]
         spans.layouts = [self.adapter.layout(embeds[row, p], pos[:, row, p])
                          for row, p in zip(spans.rows, spans.positions)]
-        spans.extras = self.signals.image_extras(spans)
+        spans.extras = self.signals.image_extras(spans, b)
         if self.config.site == "layer":
             self._layer_ctx = {"spans": spans, "real": real}
             self._prefill = _Prefill(plan=None, full_len=full_len, cache_len=full_len, next_pos=next_pos)

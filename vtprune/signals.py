@@ -78,16 +78,19 @@ class Signals:
         if self.llm is not None:
             self.llm.armed = False
 
-    def image_extras(self, spans: ImageSpans) -> list[dict[str, Any]]:
-        """Per image: {"vision_qk": {layer: [VisionQK per encoder view]}, "projector": ProjectorInput,
-        "final_norm": module, "hint": its row's hint and "hint_image": the
-        image's index within its row}, for whichever the pruner asked for."""
+    def image_extras(self, spans: ImageSpans, batch: int) -> list[dict[str, Any]]:
+        """Per image of a ``batch``-row prefill: {"vision_qk": {layer: [VisionQK per encoder view]}, "projector":
+        ProjectorInput, "final_norm": module, "hint": its row's hint, "hint_image": the image's index within its
+        row}, for whichever the pruner asked for. Hints must come one per row: a count that does not match the
+        batch (e.g. left over from another batch) is an error, never a silent shift."""
         extras: list[dict[str, Any]] = [{} for _ in range(len(spans))]
         if HINTS in self.needs and self.hints is not None:
+            if len(self.hints) != batch:
+                raise VTPruneError(f"pruner {self.config.name!r}: {len(self.hints)} hint(s) set for a batch of "
+                                   f"{batch} row(s); call handle.set_hints with one per row before each forward")
             nth: dict[int, int] = {}
             for ex, row in zip(extras, spans.rows):
-                if row < len(self.hints):
-                    ex["hint"], ex["hint_image"] = self.hints[row], nth.get(row, 0)
+                ex["hint"], ex["hint_image"] = self.hints[row], nth.get(row, 0)
                 nth[row] = nth.get(row, 0) + 1
         if FINAL_NORM in self.needs:
             for ex in extras:

@@ -18,8 +18,6 @@ import argparse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from PIL import Image
-
 from vtprune.harness.tasks import write_task_folder
 
 from .dataset import Item, load_set, make_eval_set, object_token_indices, save_set
@@ -40,9 +38,10 @@ def token_priorities(item: Item, family: str) -> dict[str, list[int]]:
             "objects": [int(t in objects) for t in range(n)]}
 
 
-def _rows(loaded: list[tuple[Item, Image.Image]], family: str) -> Iterator[tuple[dict, Callable[[Path], None]]]:
-    """data.jsonl entries (with image savers) of the loaded items."""
-    for i, (item, image) in enumerate(loaded):
+def _rows(source: Path, family: str, size: int) -> Iterator[tuple[dict, Callable[[Path], None]]]:
+    """data.jsonl entries (with image savers) of the first ``size`` stored items; lazy, so nothing is loaded or
+    rendered when the task folder already exists."""
+    for i, (item, image) in enumerate(load_set(source, IMAGE_SIZE[family], limit=size)):
         q = item.question
         tags = (["retrieval"] if q.category != "counting" else []) + (["small_target"] if item.small_target else [])
         entry = {"id": item.id, "image": f"images/{i:04d}.png", "question": q.text, "answer": q.answer,
@@ -55,11 +54,10 @@ def write_task(folder: str | Path, family: str, size: int, source: str | Path = 
     """The first ``size`` held-out items rendered for ``family`` as a task folder (kept if it exists)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown testbed family {family!r}; expected one of {FAMILIES}")
-    folder = Path(folder)
-    loaded = [] if (folder / "data.jsonl").is_file() else load_set(source, IMAGE_SIZE[family], limit=size)
-    return write_task_folder(folder, _rows(loaded, family), {
+    return write_task_folder(Path(folder), _rows(Path(source), family, size), {
         "name": f"testbed-{family}-{size}", "metric": "exact_match",
-        "description": f"vtprune testbed held-out questions 0..{size - 1} ({Path(source).name}), rendered for {family}"})
+        "description": f"vtprune testbed held-out questions 0..{size - 1} ({Path(source).name}), "
+                       f"rendered for {family}"})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -257,8 +257,9 @@ def markdown(records: list[dict[str, Any]], failed: list[dict[str, Any]], source
     if len(pairs) >= 2:
         lines += ["## Ranking stability", "",
                   ("Do two models (or tasks) order the pruning methods the same way? Spearman's ρ of the methods' "
-                   "scores (baseline and informed references excluded) over the methods both have, per shared budget and over every common "
-                   "(method, keep): 1 = same order, -1 = reversed, n/a = fewer than 3 common methods or no spread."),
+                   "scores (baseline and informed references excluded) over the methods both have, per shared "
+                   "budget and over every common (method, keep): 1 = same order, -1 = reversed, n/a = fewer than 3 "
+                   "common methods or no spread."),
                   "", *_table(["A", "B", "keep", "methods", "Spearman ρ"], stability_rows(records)), ""]
     return "\n".join(lines)
 

@@ -119,11 +119,15 @@ def write_task_folder(folder: Path, rows: Iterable[tuple[dict[str, Any], Callabl
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
-    with open(tmp / DATA_FILE, "w") as f:
-        for entry, save_image in rows:
-            save_image(tmp / entry["image"])
-            f.write(json.dumps(entry) + "\n")
-    (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    try:
+        with open(tmp / DATA_FILE, "w") as f:
+            for entry, save_image in rows:
+                save_image(tmp / entry["image"])
+                f.write(json.dumps(entry) + "\n")
+        (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    except BaseException:  # a failing row (bad request, integrity error) leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(folder)

@@ -14,6 +14,6 @@ from .vtc_cls import VTCCLSConfig
 from .zoo import ZooConfig
 
 __all__ = [
-    "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig", "PagerankConfig", "PoolConfig",
-    "Pruner", "RandomConfig", "UniformConfig", "VTCCLSConfig", "VisionZipConfig", "ZooConfig",
+    "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig", "PagerankConfig",
+    "PoolConfig", "Pruner", "RandomConfig", "UniformConfig", "VTCCLSConfig", "VisionZipConfig", "ZooConfig",
 ]
