@@ -196,6 +196,12 @@ ENUMERATORS: dict[str, Callable[[Scene], list[Question]]] = {
 }
 
 
+def looks_up_by_shape(q: Question) -> bool:
+    """Whether answering ``q`` means finding one object by its shape ("what colour is the [small] {shape} ?"):
+    the lookup the testbeds learn last, so training asks for it first."""
+    return q.text.startswith("what colour is the")
+
+
 def questions_for(scene: Scene, category: str) -> list[Question]:
     """Every valid question of ``category`` about ``scene``, in a fixed order."""
     return ENUMERATORS[category](scene)

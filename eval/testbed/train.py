@@ -95,7 +95,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60),
-                    stage2=Stage(steps=1550, batch=32, lr=1.5e-3, warmup=120)),
+                    stage2=Stage(steps=2800, batch=16, lr=1.5e-3, warmup=120)),
     "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60),
                        stage2=Stage(steps=2000, batch=32, lr=1.5e-3, warmup=120)),
 }
