@@ -64,7 +64,7 @@ from .scenes import COLOUR_NAMES, SHAPES
 from .training_data import CLS_TARGETS, SIZE_CLASSES, Stage1Batch, prefetch, stage1_batch, stage2_batch
 
 HELDOUT_N = 1400  # 200 questions per category
-VALIDATION_N = 140  # quick check at each quarter of stage 2
+VALIDATION_N = 280  # quick check at each quarter of stage 2 (40 per category)
 LOSS_POINTS = 50  # the loss curve in the log is averaged into this many windows
 STATS_WINDOW = 50  # stage-1 patch accuracies in the log are averaged over this many last steps
 
@@ -95,7 +95,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60),
-                    stage2=Stage(steps=2800, batch=16, lr=1.5e-3, warmup=120)),
+                    stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
     "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60),
                        stage2=Stage(steps=2000, batch=32, lr=1.5e-3, warmup=120)),
 }
@@ -252,9 +252,10 @@ def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step in checks:
-            accuracy = evaluate(model, processor, validation, family=family).accuracy
-            curve.append({"step": step, "accuracy": round(accuracy, 4)})
-            bar.write(f"stage 2 step {step}: validation accuracy {accuracy:.3f}")
+            result = evaluate(model, processor, validation, family=family)
+            per_category = {c: round(a, 3) for c, a in result.per_category.items()}
+            curve.append({"step": step, "accuracy": round(result.accuracy, 4), "per_category": per_category})
+            bar.write(f"stage 2 step {step}: validation accuracy {result.accuracy:.3f} {per_category}")
     return stage_log(stage, time.perf_counter() - start, losses, validation=curve,
                      note="seconds include the validation checks")
 

@@ -5,8 +5,8 @@
   object's centre lies in the patch, and for LLaVA the patch's row and column) and, for LLaVA's [CLS], the
   set of colours, shapes and (colour, shape) pairs present.
 * Stage 2 (instruction tuning): multi-turn sequences built with the family's processor, exactly as at
-  evaluation time: every question that finds an object by shape first, then other questions, then one
-  training-only ``list the {shapes} ?`` turn per shape present and a caption turn; labels only on answers,
+  evaluation time: every question that finds an object by shape first, then other questions, then
+  training-only list turns (``list the {shapes} ?``, ``list the {colour} objects ?``) and a caption turn; labels only on answers,
   lists and caption, each with its ``<eos>``.
 
 Stage 1 draws scenes from ``train_item(seed, STAGE1_OFFSET + k)`` and stage 2 from ``train_item(seed, k)``,
@@ -30,7 +30,7 @@ from .scenes import COLOUR_NAMES, QUADRANTS, SHAPES, Obj, Scene, render, render_
 
 STAGE1_OFFSET = 10**9  # stage-1 scenes are train items [1e9, ...), stage 2 uses [0, ...)
 QA_STREAM = 3  # seed stream for choosing the extra questions of a stage-2 image
-QA_PER_IMAGE = 12  # question turns per stage-2 image (fewer when the scene has fewer distinct questions)
+QA_PER_IMAGE = 20  # question turns per stage-2 image (fewer when the scene has fewer distinct questions)
 MIN_PIXELS = 4  # an object labels a patch only if it covers at least this many of its pixels
 SIZE_CLASSES = ("none", "small", "large")
 CLS_TARGETS = len(COLOUR_NAMES) + len(SHAPES) + len(COLOUR_NAMES) * len(SHAPES)
@@ -169,20 +169,25 @@ def caption(scene: Scene) -> list[str]:
     return words
 
 
-def shape_lists(scene: Scene) -> list[tuple[list[str], list[str]]]:
-    """Training-only turns ``list the {shapes} ?`` -> the colours of the objects of that shape (canonical colour
-    order), one per shape present: cheap, always available practice at finding objects by shape."""
+def attribute_lists(scene: Scene) -> list[tuple[list[str], list[str]]]:
+    """Training-only list turns, cheap and always available practice at both lookups the questions need:
+    ``list the {shapes} ?`` -> the colours of the objects of that shape, one turn per shape present, and
+    ``list the {colour} objects ?`` -> their shapes, one turn per colour present (canonical answer order)."""
     turns = []
     for s in SHAPES:
         colours = sorted((o.colour for o in scene.objects if o.shape == s), key=COLOUR_NAMES.index)
         if colours:
             turns.append((["list", "the", PLURALS[s], "?"], colours))
+    for c in COLOUR_NAMES:
+        shapes = sorted((o.shape for o in scene.objects if o.colour == c), key=SHAPES.index)
+        if shapes:
+            turns.append((["list", "the", c, "objects", "?"], shapes))
     return turns
 
 
 def conversation(family: str, scene: Scene, questions: list[Question]) -> tuple[list[str], list[bool]]:
     """The training sequence as words (the image prefix is the first "word") and, per word, whether the
-    loss sees it: answers, the shape lists and the caption, each with its ``<eos>``."""
+    loss sees it: answers, the attribute lists and the caption, each with its ``<eos>``."""
     words, supervised = [], []
 
     def add(ws: list[str], flag: bool) -> None:
@@ -194,9 +199,9 @@ def conversation(family: str, scene: Scene, questions: list[Question]) -> tuple[
     for q in questions[1:]:
         add(q.text.split(" "), False)
         add([q.answer, EOS], True)
-    for ask, colours in shape_lists(scene):
+    for ask, answer in attribute_lists(scene):
         add(ask, False)
-        add(colours + [EOS], True)
+        add(answer + [EOS], True)
     add(CAPTION_PROMPT.split(" "), False)
     add(caption(scene) + [EOS], True)
     return words, supervised
