@@ -18,10 +18,11 @@ from eval.testbed.dataset import make_eval_set, train_item
 from eval.testbed.evaluate import HELDOUT_SEED, TEST_SUBSET, default_checkpoint, evaluate
 from eval.testbed.model import (ANSWER_WORDS, EXTRA_WORDS, FAMILIES, IMAGE_SIZE, PATCH, build_model,
                                 build_processor, load_checkpoint, num_image_tokens, prompt)
-from eval.testbed.questions import VOCAB
-from eval.testbed.scenes import render
+from eval.testbed.questions import PLURALS, VOCAB, all_questions, looks_up_by_shape
+from eval.testbed.scenes import COLOUR_NAMES, render
 from eval.testbed.train import RECIPES, Stage, run_stage1, train
-from eval.testbed.training_data import conversation, patch_order, pick_questions, stage1_batch, stage2_batch
+from eval.testbed.training_data import (QA_PER_IMAGE, conversation, patch_order, pick_questions, stage1_batch,
+                                        stage2_batch, turn_ids)
 
 MAX_BYTES = 20 * 2**20  # issue: safetensors at most 20 MB
 MIN_ACCURACY = 0.93  # issue: held-out unpruned accuracy
@@ -99,6 +100,46 @@ def test_stage2_labels_are_the_answers_and_the_caption(family):
         words, supervised = conversation(family, item.scene, pick_questions(item.scene, item.question, 3, 3 + row))
         labels = batch["labels"][row]
         assert tok.convert_ids_to_tokens(labels[labels != -100].tolist()) == [w for w, s in zip(words, supervised) if s]
+
+
+def test_training_rows_ask_every_shape_lookup_and_list_both_attributes():
+    for k in range(20):
+        item = train_item(5, k)
+        questions = pick_questions(item.scene, item.question, 5, k)
+        texts = {q.text for q in questions}
+        assert len(texts) == len(questions) <= QA_PER_IMAGE
+        shape_lookups = {q.text for q in all_questions(item.scene) if looks_up_by_shape(q)}
+        assert shape_lookups <= texts  # at most 4 + 4 of them: always room
+        words, _ = conversation("llava", item.scene, questions)
+        text = " ".join(words)
+        for o in item.scene.objects:
+            assert f"list the {PLURALS[o.shape]} ?" in text and f"list the {o.colour} objects ?" in text
+        circles = sorted((o.colour for o in item.scene.objects if o.shape == "circle"), key=COLOUR_NAMES.index)
+        if circles:
+            assert f"list the circles ? {' '.join(circles)} <eos>" in text
+
+
+def test_llava_training_turns_see_only_the_image_and_themselves():
+    """Under the isolated-turn mask and positions, each question of a padded multi-turn row gets exactly the
+    logits of its single-turn evaluation prompt (so no turn can read an earlier turn's answer)."""
+    model, processor = build_model("llava", seed=1, size="tiny")
+    batch = stage2_batch(processor, "llava", seed=3, step=1, batch=2)
+    assert batch["attention_mask"].ndim == 4 and not batch["attention_mask"].all()
+    with torch.no_grad():
+        packed = model.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for row in range(2):
+            item = train_item(3, 2 + row)
+            questions = pick_questions(item.scene, item.question, 3, 2 + row)
+            words, _ = conversation("llava", item.scene, questions)
+            turns = turn_ids(words)
+            for turn in (1, 2, len(questions)):
+                text = questions[turn - 1].text
+                single = processor(text=[prompt("llava", text)], images=[render(item.scene, IMAGE_SIZE["llava"])],
+                                   return_tensors="pt")
+                expected = model(**single).logits[0, -1]
+                where = [i for i, t in enumerate(turns) if t == turn][len(text.split()) - 1]  # the "?" of the turn
+                got = packed[row, packed.shape[1] - len(turns) + where]
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_data_and_training_are_deterministic():

@@ -91,22 +91,20 @@ def _ids(scene: Scene, colour: str | None = None, shape: str | None = None, smal
 
 def _colour_questions(scene: Scene) -> list[Question]:
     """Colour of the only object of a shape."""
-    out = []
-    for s in SHAPES:
-        ids = _ids(scene, shape=s)
-        if len(ids) == 1:
-            out.append(Question(f"what colour is the {s} ?", scene.objects[ids[0]].colour, "colour", tuple(ids)))
-    return out
+    return [Question(f"what colour is the {s} ?", scene.objects[ids[0]].colour, "colour", tuple(ids))
+            for s, ids in _unique(scene, "shape", SHAPES)]
 
 
 def _shape_questions(scene: Scene) -> list[Question]:
     """Shape of the only object of a colour."""
-    out = []
-    for c in COLOUR_NAMES:
-        ids = _ids(scene, colour=c)
-        if len(ids) == 1:
-            out.append(Question(f"what shape is the {c} object ?", scene.objects[ids[0]].shape, "shape", tuple(ids)))
-    return out
+    return [Question(f"what shape is the {c} object ?", scene.objects[ids[0]].shape, "shape", tuple(ids))
+            for c, ids in _unique(scene, "colour", COLOUR_NAMES)]
+
+
+def _unique(scene: Scene, attribute: str, values: tuple[str, ...]) -> list[tuple[str, list[int]]]:
+    """(value, [object index]) for every value of ``attribute`` that exactly one object has."""
+    found = [(v, _ids(scene, **{attribute: v})) for v in values]
+    return [(v, ids) for v, ids in found if len(ids) == 1]
 
 
 def _existence_questions(scene: Scene) -> list[Question]:

@@ -14,7 +14,10 @@ dense stage-1 objective on the vision tower fixes it):
   and (colour, shape) pairs present, so [CLS]-attention pruners read a trained signal. For Qwen2-VL the heads sit on the
   pre-merge 16x16 patch outputs and the merger is left to stage 2, like LLaVA's projector.
 * Stage 2 freezes the tower (for Qwen2-VL: everything but the merger) and trains projector + LLM on
-  multi-turn question answering plus a caption turn, with the loss on answers and captions only.
+  multi-turn rows (``training_data.conversation``): up to 20 questions, those that find an object by shape
+  first, training-only list turns for both lookups, and a caption turn, with the loss on answers, lists and
+  caption only. For LLaVA each turn sees only the image prefix and itself, at single-turn positions
+  (``training_data.isolated_turns``), so no answer can be copied from an earlier turn.
 
 Everything is seeded: batch s of a stage is a pure function of (seed, s), weights start from
 ``torch.manual_seed(seed)``, and deterministic algorithms are enforced; the same seed and thread count give
@@ -27,15 +30,16 @@ on the quiet 2-core dev machine (AMD EPYC, AVX2), 2 threads:
 ==========  =================  ==============  ================================================================
 family      stage              s/step          notes
 ==========  =================  ==============  ================================================================
-llava       1 (batch 16)       0.36            1400 steps: 8.3 min
-llava       2 (batch 32)       1.7-1.8         12 QA turns + caption (8 turns: 1.66); 1550 steps: about 46 min
+llava       1 (batch 16)       0.34            1400 steps: 475 s
+llava       2 (batch 16)       1.3-1.4         20 QA + list turns + caption; 2000 steps: 2717 s (run total 3194 s)
 qwen2_vl    1 (batch 12)       0.54            1300 steps: 708 s
-qwen2_vl    2 (batch 32)       1.58            2000 steps: 3159 s (validation checks included)
+qwen2_vl    2 (batch 32)       1.58            old mix (12 QA + caption); 2000 steps: 3159 s
 ==========  =================  ==============  ================================================================
 
-Status (neither recipe reaches the issue's 93 % bar yet; docs/testbed_runs.md has every run): LLaVA ended at
-64 % (first scene version), Qwen2-VL at 65.3 % in 64.5 min (current scenes). Both learn to find objects by
-colour and stall there: "what colour is the {shape}" stays at 32-44 %; Qwen2-VL also misses quadrants (54 %).
+Status (neither family reaches the issue's 93 % bar yet; docs/testbed_runs.md has every run): LLaVA 71.0 % in
+53 min with the 20-question mix before isolated turns (existence, relation and counting at chance: copied
+from earlier turns); Qwen2-VL 65.3 % with the older 12-question mix. The Qwen2-VL recipe still needs isolated
+turns (M-RoPE position ids) and a re-timing of its stage 2 at the new mix.
 """
 
 from __future__ import annotations

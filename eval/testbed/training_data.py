@@ -116,17 +116,51 @@ def cls_target(scene: Scene) -> np.ndarray:
 def stage2_batch(processor, family: str, seed: int, step: int, batch: int) -> dict[str, torch.Tensor]:
     """Processor outputs plus ``labels`` for images ``step * batch + b`` of the seed's training stream."""
     size = IMAGE_SIZE[family]
-    texts, masks, images = [], [], []
+    texts, masks, images, turns = [], [], [], []
     for b in range(batch):
         k = step * batch + b
         item = train_item(seed, k)
         words, supervised = conversation(family, item.scene, pick_questions(item.scene, item.question, seed, k))
         texts.append(" ".join(words))
         masks.append(supervised)
+        turns.append(turn_ids(words))
         images.append(render(item.scene, size))
     inputs = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
     inputs["labels"] = answer_labels(inputs["input_ids"], masks)
+    if family == "llava":
+        inputs["attention_mask"], inputs["position_ids"] = isolated_turns(inputs["attention_mask"], turns)
     return inputs
+
+
+def turn_ids(words: list[str]) -> list[int]:
+    """Per word after the image prefix: 1 + the number of ``<eos>`` before it, i.e. which turn it belongs to."""
+    out, turn = [], 1
+    for w in words[1:]:
+        out.append(turn)
+        turn += w == EOS
+    return out
+
+
+def isolated_turns(padding: torch.Tensor, turns: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4-D boolean attention mask [batch, 1, L, L] and position ids [batch, L] under which every turn sees the
+    image prefix and itself only, at the positions a single-turn prompt has. A multi-turn sequence then trains
+    exactly what evaluation asks (one question per image) and no turn can copy its answer from an earlier one
+    (with 20 turns, "is there a red square ?" often followed "what colour is the square ? red")."""
+    n, length = padding.shape
+    seg = torch.full((n, length), -1, dtype=torch.long)
+    for row, ids in enumerate(turns):
+        real = int(padding[row].sum())
+        seg[row, length - real:] = 0  # the image prefix (and <bos>)
+        seg[row, length - len(ids):] = torch.tensor(ids)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    mask = causal & same & (seg[:, None, :] >= 0)
+    mask |= torch.eye(length, dtype=torch.bool)  # padding rows see themselves (no empty softmax)
+    prefix = (seg == 0).sum(1, keepdim=True)
+    start = torch.stack([torch.searchsorted(s.contiguous(), s.contiguous(), right=False) for s in seg.clamp(min=0)])
+    index = torch.arange(length).expand(n, length)
+    positions = torch.where(seg == 0, index - (length - padding.sum(1, keepdim=True)), prefix + index - start)
+    return mask[:, None], torch.where(seg >= 0, positions, 0)
 
 
 def pick_questions(scene: Scene, first: Question, seed: int, k: int) -> list[Question]:
