@@ -20,7 +20,7 @@ from eval.testbed.model import (ANSWER_WORDS, EXTRA_WORDS, FAMILIES, IMAGE_SIZE,
                                 build_processor, load_checkpoint, num_image_tokens, prompt)
 from eval.testbed.questions import PLURALS, VOCAB, all_questions, looks_up_by_shape
 from eval.testbed.scenes import COLOUR_NAMES, render
-from eval.testbed.train import RECIPES, Stage, run_stage1, train
+from eval.testbed.train import RECIPES, Stage, run_stage1, stage2_inputs, train
 from eval.testbed.training_data import (QA_PER_IMAGE, conversation, patch_order, pick_questions, stage1_batch,
                                         stage2_batch, turn_ids)
 
@@ -119,22 +119,23 @@ def test_training_rows_ask_every_shape_lookup_and_list_both_attributes():
             assert f"list the circles ? {' '.join(circles)} <eos>" in text
 
 
-def test_llava_training_turns_see_only_the_image_and_themselves():
-    """Under the isolated-turn mask and positions, each question of a padded multi-turn row gets exactly the
-    logits of its single-turn evaluation prompt (so no turn can read an earlier turn's answer)."""
-    model, processor = build_model("llava", seed=1, size="tiny")
-    batch = stage2_batch(processor, "llava", seed=3, step=1, batch=2)
+def test_training_turns_see_only_the_image_and_themselves(family):
+    """Under the isolated-turn mask and positions (M-RoPE ids for Qwen2-VL), each question of a padded multi-turn
+    row gets exactly the logits of its single-turn evaluation prompt, so no turn can read an earlier turn's
+    answer; under a plain causal mask turns 2 and later would differ."""
+    model, processor = build_model(family, seed=1, size="tiny")
+    batch = stage2_inputs(model, family, stage2_batch(processor, family, seed=3, step=1, batch=2))
     assert batch["attention_mask"].ndim == 4 and not batch["attention_mask"].all()
     with torch.no_grad():
         packed = model.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits
         for row in range(2):
             item = train_item(3, 2 + row)
             questions = pick_questions(item.scene, item.question, 3, 2 + row)
-            words, _ = conversation("llava", item.scene, questions)
+            words, _ = conversation(family, item.scene, questions)
             turns = turn_ids(words)
             for turn in (1, 2, len(questions)):
                 text = questions[turn - 1].text
-                single = processor(text=[prompt("llava", text)], images=[render(item.scene, IMAGE_SIZE["llava"])],
+                single = processor(text=[prompt(family, text)], images=[render(item.scene, IMAGE_SIZE[family])],
                                    return_tensors="pt")
                 expected = model(**single).logits[0, -1]
                 where = [i for i, t in enumerate(turns) if t == turn][len(text.split()) - 1]  # the "?" of the turn

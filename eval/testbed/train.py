@@ -16,8 +16,8 @@ dense stage-1 objective on the vision tower fixes it):
 * Stage 2 freezes the tower (for Qwen2-VL: everything but the merger) and trains projector + LLM on
   multi-turn rows (``training_data.conversation``): up to 20 questions, those that find an object by shape
   first, training-only list turns for both lookups, and a caption turn, with the loss on answers, lists and
-  caption only. For LLaVA each turn sees only the image prefix and itself, at single-turn positions
-  (``training_data.isolated_turns``), so no answer can be copied from an earlier turn.
+  caption only. Each turn sees only the image prefix and itself, at single-turn positions (``stage2_inputs``;
+  M-RoPE ids for Qwen2-VL), so no answer can be copied from an earlier turn.
 
 Everything is seeded: batch s of a stage is a pure function of (seed, s), weights start from
 ``torch.manual_seed(seed)``, and deterministic algorithms are enforced; the same seed and thread count give
@@ -38,8 +38,8 @@ qwen2_vl    2 (batch 32)       1.58            old mix (12 QA + caption); 2000 s
 
 Status (neither family reaches the issue's 93 % bar yet; docs/testbed_runs.md has every run): LLaVA 71.0 % in
 53 min with the 20-question mix before isolated turns (existence, relation and counting at chance: copied
-from earlier turns); Qwen2-VL 65.3 % with the older 12-question mix. The Qwen2-VL recipe still needs isolated
-turns (M-RoPE position ids) and a re-timing of its stage 2 at the new mix.
+from earlier turns); Qwen2-VL 65.3 % with the older 12-question mix. The Qwen2-VL recipe has not been run with
+isolated turns yet, and its stage 2 needs re-timing at the new mix.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ from .evaluate import (HELDOUT_SEED, TEST_SUBSET, VALIDATION_SEED, EvalResult, d
 from .model import FAMILIES, IMAGE_SIZE, PATCH, build_model, load_checkpoint
 from .questions import CATEGORIES
 from .scenes import COLOUR_NAMES, SHAPES
-from .training_data import CLS_TARGETS, SIZE_CLASSES, Stage1Batch, prefetch, stage1_batch, stage2_batch
+from .training_data import (CLS_TARGETS, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
+                            stage1_batch, stage2_batch)
 
 HELDOUT_N = 1400  # 200 questions per category
 VALIDATION_N = 280  # quick check at each quarter of stage 2 (40 per category)
@@ -237,6 +238,22 @@ def frozen_tower(model: nn.Module, family: str) -> None:
         p.requires_grad_(False)
 
 
+def stage2_inputs(model: nn.Module, family: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model inputs of a stage-2 batch, with isolated turns: the turn mask, and position ids from the plain
+    row's (LLaVA: counted over the padding; Qwen2-VL: the model's own M-RoPE ``get_rope_index``) with every turn
+    moved to where a single-turn prompt puts its question."""
+    inputs = dict(batch)
+    segments, padding = inputs.pop("segments"), inputs["attention_mask"]
+    if family == "llava":
+        standard = (padding.cumsum(-1) - 1).clamp(min=0)
+    else:
+        standard, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                 image_grid_thw=inputs["image_grid_thw"], attention_mask=padding)
+    inputs["attention_mask"] = isolated_mask(segments)
+    inputs["position_ids"] = isolated_positions(standard, segments)
+    return inputs
+
+
 def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage, val_n: int = VALIDATION_N
                ) -> dict:
     """Instruction-tune projector + LLM on multi-turn QA and captions; validates at each quarter."""
@@ -251,7 +268,7 @@ def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage
     batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch), range(stage.steps))
     bar = tqdm(batches, total=stage.steps, desc=f"stage 2 ({family})", mininterval=2)
     for step, batch in enumerate(bar, 1):
-        loss = model(**batch, use_cache=False).loss
+        loss = model(**stage2_inputs(model, family, batch), use_cache=False).loss
         step_on(loss, opt, sched, params)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -127,8 +127,7 @@ def stage2_batch(processor, family: str, seed: int, step: int, batch: int) -> di
         images.append(render(item.scene, size))
     inputs = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
     inputs["labels"] = answer_labels(inputs["input_ids"], masks)
-    if family == "llava":
-        inputs["attention_mask"], inputs["position_ids"] = isolated_turns(inputs["attention_mask"], turns)
+    inputs["segments"] = turn_segments(inputs["attention_mask"], turns)
     return inputs
 
 
@@ -141,26 +140,38 @@ def turn_ids(words: list[str]) -> list[int]:
     return out
 
 
-def isolated_turns(padding: torch.Tensor, turns: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 4-D boolean attention mask [batch, 1, L, L] and position ids [batch, L] under which every turn sees the
-    image prefix and itself only, at the positions a single-turn prompt has. A multi-turn sequence then trains
-    exactly what evaluation asks (one question per image) and no turn can copy its answer from an earlier one
-    (with 20 turns, "is there a red square ?" often followed "what colour is the square ? red")."""
+def turn_segments(padding: torch.Tensor, turns: list[list[int]]) -> torch.Tensor:
+    """Per token of the left-padded batch: -1 for padding, 0 for the image prefix, else its turn number."""
     n, length = padding.shape
     seg = torch.full((n, length), -1, dtype=torch.long)
     for row, ids in enumerate(turns):
-        real = int(padding[row].sum())
-        seg[row, length - real:] = 0  # the image prefix (and <bos>)
+        seg[row, length - int(padding[row].sum()):] = 0
         seg[row, length - len(ids):] = torch.tensor(ids)
+    return seg
+
+
+def isolated_mask(segments: torch.Tensor) -> torch.Tensor:
+    """A 4-D boolean attention mask [batch, 1, L, L] under which every turn sees the image prefix and itself
+    only. A multi-turn row then trains exactly what evaluation asks (one question per image), and no turn can
+    copy its answer from an earlier one (with 20 turns, "is there a red square ?" often followed "what colour is
+    the square ? red"). Padding rows see themselves, so no softmax row is empty."""
+    length = segments.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
-    mask = causal & same & (seg[:, None, :] >= 0)
-    mask |= torch.eye(length, dtype=torch.bool)  # padding rows see themselves (no empty softmax)
-    prefix = (seg == 0).sum(1, keepdim=True)
-    start = torch.stack([torch.searchsorted(s.contiguous(), s.contiguous(), right=False) for s in seg.clamp(min=0)])
-    index = torch.arange(length).expand(n, length)
-    positions = torch.where(seg == 0, index - (length - padding.sum(1, keepdim=True)), prefix + index - start)
-    return mask[:, None], torch.where(seg >= 0, positions, 0)
+    keys = segments[:, None, :]
+    mask = causal & ((segments[:, :, None] == keys) | (keys == 0)) & (keys >= 0)
+    return (mask | torch.eye(length, dtype=torch.bool))[:, None]
+
+
+def isolated_positions(standard: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Position ids ([..., batch, L], e.g. Qwen2-VL's 3 M-RoPE rows) with every turn restarting where the first
+    turn starts in ``standard`` (the ids of the plain multi-turn row), so a turn sits exactly where a single-turn
+    prompt's question does; the image prefix keeps its ids."""
+    index = torch.arange(segments.shape[1]).expand_as(segments)
+    start = torch.stack([torch.searchsorted(s.contiguous(), s.contiguous()) for s in segments.clamp(min=0)])
+    first = (segments <= 0).sum(1, keepdim=True)  # where turn 1 starts
+    first_pos = standard.gather(-1, first.expand(*standard.shape[:-1], 1).contiguous())
+    turned = first_pos + index - start
+    return torch.where(segments >= 1, turned, standard)
 
 
 def pick_questions(scene: Scene, first: Question, seed: int, k: int) -> list[Question]:
