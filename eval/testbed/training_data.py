@@ -6,8 +6,9 @@
   set of colours, shapes and (colour, shape) pairs present.
 * Stage 2 (instruction tuning): multi-turn sequences built with the family's processor, exactly as at
   evaluation time: every question that finds an object by shape first, then other questions, then
-  training-only list turns (``list the {shapes} ?``, ``list the {colour} objects ?``) and a caption turn; labels only on answers,
-  lists and caption, each with its ``<eos>``.
+  training-only list turns (``list the {shapes} ?``, ``list the {colour} objects ?``) and a caption turn;
+  labels only on answers, lists and caption, each with its ``<eos>``. ``segments`` numbers each token's turn,
+  from which ``train.stage2_inputs`` builds the isolated-turn mask and positions.
 
 Stage 1 draws scenes from ``train_item(seed, STAGE1_OFFSET + k)`` and stage 2 from ``train_item(seed, k)``,
 so the two stages never share an image; the held-out sets come from a different seed stream altogether.
@@ -114,7 +115,8 @@ def cls_target(scene: Scene) -> np.ndarray:
 
 
 def stage2_batch(processor, family: str, seed: int, step: int, batch: int) -> dict[str, torch.Tensor]:
-    """Processor outputs plus ``labels`` for images ``step * batch + b`` of the seed's training stream."""
+    """Processor outputs plus ``labels`` and turn ``segments`` for images ``step * batch + b`` of the seed's
+    training stream."""
     size = IMAGE_SIZE[family]
     texts, masks, images, turns = [], [], [], []
     for b in range(batch):
