@@ -25,7 +25,7 @@ from .evaluate import HELDOUT_SEED
 from .model import FAMILIES, IMAGE_SIZE, MERGE, PATCH, num_image_tokens
 
 HELDOUT_FILE = Path(__file__).parent / "heldout.json.gz"
-HELDOUT_N = 1400  # 200 per category
+HELDOUT_N = 1200  # 200 per category
 
 
 def token_priorities(item: Item, family: str) -> dict[str, list[int]]:

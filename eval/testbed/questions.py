@@ -23,9 +23,11 @@ counting        how many {shapes} are there ? / how many {colour}    the counted
                 objects are there ?
 small_object    what colour is the small {shape} ? / what shape is   the one small such object; a large
                 the small {colour} object ?                          object of the same shape/colour exists
-relation        is the {c} {s} left of / right of / above / below    (subject, reference); the two boxes are
-                the {c} {s} ?                                        at least REL_GAP apart along that axis
 ==============  ===================================================  =======================================
+
+A seventh category, relation ("is the {c} {s} left of / right of / above / below the {c} {s} ?"), was dropped
+because it does not fit the training budget: the LLaVA testbed stayed at chance on it (51 % held-out) after
+the full 51-minute recipe, while every other category reached 84-100 % (docs/testbed_runs.md).
 
 Words are lower case, separated by single spaces, and ``?`` is its own word. ``VOCAB`` lists every word of
 every question and answer, so a word-level tokenizer can be built from it (special tokens such as ``<image>``
@@ -36,18 +38,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import permutations
 
 import numpy as np
 
-from .scenes import COLOUR_NAMES, QUADRANTS, REF_SIZE, SHAPES, Forbid, Obj, Request, Scene, pick, sample_scene
+from .scenes import COLOUR_NAMES, QUADRANTS, SHAPES, Forbid, Request, Scene, pick, sample_scene
 
 NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 YES_NO: tuple[str, ...] = ("yes", "no")
-REL_GAP = 4 / REF_SIZE  # minimal gap between the two boxes of a relation question (4 reference px)
 
-CATEGORIES: tuple[str, ...] = ("colour", "shape", "existence", "position", "counting", "small_object", "relation")
+CATEGORIES: tuple[str, ...] = ("colour", "shape", "existence", "position", "counting", "small_object")
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": COLOUR_NAMES,
     "shape": SHAPES,
@@ -55,11 +55,10 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "position": QUADRANTS,
     "counting": NUMBERS,
     "small_object": COLOUR_NAMES + SHAPES,
-    "relation": YES_NO,
 }
 TEMPLATE_WORDS: tuple[str, ...] = (
-    "?", "a", "above", "are", "below", "colour", "how", "is", "left", "many", "object", "objects", "of", "right",
-    "shape", "small", "the", "there", "what", "where",
+    "?", "a", "are", "colour", "how", "is", "many", "object", "objects", "shape", "small", "the", "there", "what",
+    "where",
 )
 VOCAB: tuple[str, ...] = tuple(sorted(
     set(TEMPLATE_WORDS) | set(COLOUR_NAMES) | set(SHAPES) | set(PLURALS.values()) | set(QUADRANTS)
@@ -163,26 +162,6 @@ def _small_object_questions(scene: Scene) -> list[Question]:
     return out
 
 
-def _relation_questions(scene: Scene) -> list[Question]:
-    """Left/right/above/below between two uniquely named objects, asked both ways round (yes and no)."""
-    out = []
-    for a, b in permutations(_unique_pairs(scene), 2):
-        oa, ob = scene.objects[a], scene.objects[b]
-        if oa.box[2] + REL_GAP <= ob.box[0]:  # a is left of b
-            out += _relation_pair(oa, a, ob, b, "left of", "right of")
-        if oa.box[3] + REL_GAP <= ob.box[1]:  # a is above b
-            out += _relation_pair(oa, a, ob, b, "above", "below")
-    return out
-
-
-def _relation_pair(oa: Obj, a: int, ob: Obj, b: int, rel: str, inverse: str) -> list[Question]:
-    """The four questions for "a rel b": two true, two false."""
-    def ask(x: Obj, y: Obj, r: str, answer: str, targets: tuple[int, int]) -> Question:
-        return Question(f"is the {x.colour} {x.shape} {r} the {y.colour} {y.shape} ?", answer, "relation", targets)
-    return [ask(oa, ob, rel, "yes", (a, b)), ask(ob, oa, rel, "no", (b, a)),
-            ask(oa, ob, inverse, "no", (a, b)), ask(ob, oa, inverse, "yes", (b, a))]
-
-
 ENUMERATORS: dict[str, Callable[[Scene], list[Question]]] = {
     "colour": _colour_questions,
     "shape": _shape_questions,
@@ -190,7 +169,6 @@ ENUMERATORS: dict[str, Callable[[Scene], list[Question]]] = {
     "position": _position_questions,
     "counting": _counting_questions,
     "small_object": _small_object_questions,
-    "relation": _relation_questions,
 }
 
 
@@ -283,15 +261,6 @@ def _plan_small_object(rng: np.random.Generator, answer: str) -> Plan:
                 lambda co, sh, sm: co == c and sm, _asks(f"what shape is the small {c} object ?"))
 
 
-def _plan_relation(rng: np.random.Generator, answer: str) -> Plan:
-    """Two uniquely named objects; where they land decides which relations (asked both ways) qualify."""
-    pairs = [(c, s) for c in COLOUR_NAMES for s in SHAPES]
-    named = [pairs[int(i)] for i in rng.permutation(len(pairs))[:2]]
-    names = {f"the {c} {s} " for c, s in named}
-    return Plan(tuple(Request(c, s) for c, s in named), lambda co, sh, sm: (co, sh) in named,
-                lambda q: all(n in q.text for n in names))
-
-
 PLANS: dict[str, Callable[[np.random.Generator, str], Plan]] = {
     "colour": _plan_colour,
     "shape": _plan_shape,
@@ -299,7 +268,6 @@ PLANS: dict[str, Callable[[np.random.Generator, str], Plan]] = {
     "position": _plan_position,
     "counting": _plan_counting,
     "small_object": _plan_small_object,
-    "relation": _plan_relation,
 }
 
 

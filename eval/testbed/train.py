@@ -68,8 +68,8 @@ from .scenes import COLOUR_NAMES, SHAPES
 from .training_data import (CLS_TARGETS, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
                             stage1_batch, stage2_batch)
 
-HELDOUT_N = 1400  # 200 questions per category
-VALIDATION_N = 280  # quick check at each quarter of stage 2 (40 per category)
+HELDOUT_N = 1200  # 200 questions per category
+VALIDATION_N = 240  # quick check at each quarter of stage 2 (40 per category)
 LOSS_POINTS = 50  # the loss curve in the log is averaged into this many windows
 STATS_WINDOW = 50  # stage-1 patch accuracies in the log are averaged over this many last steps
 
@@ -102,7 +102,7 @@ RECIPES: dict[str, Recipe] = {
     "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60),
                     stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
     "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60),
-                       stage2=Stage(steps=2000, batch=32, lr=1.5e-3, warmup=120)),
+                       stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
 }
 
 
