@@ -62,13 +62,13 @@ from tqdm import tqdm
 from .dataset import make_eval_set
 from .evaluate import (HELDOUT_SEED, TEST_SUBSET, VALIDATION_SEED, EvalResult, default_checkpoint, evaluate,
                        format_table)
+from .export import HELDOUT_N
 from .model import FAMILIES, IMAGE_SIZE, PATCH, build_model, load_checkpoint
 from .questions import CATEGORIES
 from .scenes import COLOUR_NAMES, SHAPES
 from .training_data import (CLS_TARGETS, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
                             stage1_batch, stage2_batch)
 
-HELDOUT_N = 1200  # 200 questions per category
 VALIDATION_N = 240  # quick check at each quarter of stage 2 (40 per category)
 LOSS_POINTS = 50  # the loss curve in the log is averaged into this many windows
 STATS_WINDOW = 50  # stage-1 patch accuracies in the log are averaged over this many last steps
