@@ -104,7 +104,7 @@ RECIPES: dict[str, Recipe] = {
     "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60),
                     stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
     "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60),
-                       stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
+                       stage2=Stage(steps=2200, batch=16, lr=1.5e-3, warmup=120)),
 }
 
 
