@@ -198,3 +198,34 @@ def test_two_processes_with_accelerate_launch_give_the_results_of_one(sweep, tmp
         assert r["flops"] == pytest.approx(one[cell]["flops"])
         assert r["latency"]["batches"] == 3
         assert (out / r["predictions"]).read_text() == (single / one[cell]["predictions"]).read_text()
+
+
+def test_the_evaluator_encodes_each_batch_of_a_task_once_and_predicts_the_same(tmp_path, monkeypatch):
+    from vtprune.harness import models
+    from vtprune.harness.local import LocalEvaluator, batches
+    from vtprune.harness.schema import GenerationSpec, MeasureSpec, ModelSpec, TaskSpec
+    from vtprune.harness.synthetic import write_shapes_task
+    from vtprune.harness.tasks import load_task
+    from vtprune.registry import make_config
+
+    spec = ModelSpec(name="m", tiny="llava", batch_size=3)
+    model, processor = models.load(spec, tmp_path, "cpu", 0)
+    tasks = [load_task(TaskSpec(path=str(write_shapes_task(tmp_path / f"t{n}", n))), tmp_path / f"t{n}")
+             for n in (6, 5)]
+    cached = LocalEvaluator(model, processor, spec, GenerationSpec(max_new_tokens=2))
+    calls = []
+    encode = cached.encode
+    monkeypatch.setattr(cached, "encode", lambda items, task: calls.append(task.name) or encode(items, task))
+    config, measure = make_config("uniform", keep=0.5), MeasureSpec()
+    first = cached.run(tasks[0], batches(6, 3), config, measure)
+    again = cached.run(tasks[0], batches(6, 3), None, measure)
+    assert calls == [tasks[0].name] * 2  # two batches, encoded by the first cell only
+    cached.run(tasks[1], batches(5, 3), None, measure)
+    cached.run(tasks[0], batches(6, 3), None, measure)
+    assert calls == [tasks[0].name] * 2 + [tasks[1].name] * 2 + [tasks[0].name] * 2  # one task held at a time
+    fresh = LocalEvaluator(model, processor, spec, GenerationSpec(max_new_tokens=2))
+    assert fresh.run(tasks[0], batches(6, 3), config, measure).predictions == first.predictions
+    assert fresh.run(tasks[0], batches(6, 3), None, measure).predictions == again.predictions
+    for batch in batches(6, 3):
+        inputs, direct = cached.batch_inputs(tasks[0], batch), encode([tasks[0].items[i] for i in batch], tasks[0])
+        assert inputs.keys() == direct.keys() and all(torch.equal(inputs[k], direct[k]) for k in direct)

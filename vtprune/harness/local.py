@@ -42,7 +42,8 @@ class ShardResult:
 
 
 class LocalEvaluator:
-    """Prompts, encodes and generates for one loaded model."""
+    """Prompts, encodes and generates for one loaded model. Encoded batches of the current task are kept, so the
+    cells of a sweep that share a model and a task (run one after another) decode and preprocess each image once."""
 
     def __init__(self, model: nn.Module, processor: Any, spec: ModelSpec, generation: GenerationSpec) -> None:
         self.model = model
@@ -50,6 +51,8 @@ class LocalEvaluator:
         self.spec = spec
         self.generation = generation
         self.device = next(model.parameters()).device
+        self._cached_task: tuple[str, str] | None = None
+        self._cache: dict[tuple[int, ...], dict[str, Any]] = {}
 
     def prompt(self, item: Item, task: Task) -> str:
         """The model's text for a question: its chat template with the images first, or the ``prompt`` template."""
@@ -68,6 +71,18 @@ class LocalEvaluator:
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in inputs.items() if torch.is_tensor(v)}
 
+    def batch_inputs(self, task: Task, batch: list[int]) -> dict[str, Any]:
+        """``encode`` of the questions ``batch`` of ``task``, from the cache when this task was encoded last; the
+        cache holds one task and is replaced when another comes. A fresh dict each call (the tensors are shared);
+        encoded outside inference mode, so that a batch first met inside ``run``'s loop is usable anywhere later."""
+        if self._cached_task != (task.name, task.digest):
+            self._cached_task, self._cache = (task.name, task.digest), {}
+        key = tuple(batch)
+        if key not in self._cache:
+            with torch.inference_mode(False):
+                self._cache[key] = self.encode([task.items[i] for i in batch], task)
+        return dict(self._cache[key])
+
     def run(self, task: Task, my_batches: list[list[int]], config: PrunerConfig | None, measure: MeasureSpec,
             on_batch: Callable[[int], None] = lambda n: None) -> ShardResult:
         """Evaluate ``my_batches`` of ``task`` with ``config`` installed (``None`` = unpruned). One untimed prefill
@@ -80,13 +95,12 @@ class LocalEvaluator:
         with api.apply(self.model, config) if config is not None else nullcontext() as handle:
             hint = _hinter(handle, task)
             hint(my_batches[0])
-            warm = measure_prefill(self.model, self.encode([task.items[i] for i in my_batches[0]], task), timer,
-                                   memory=measure.memory)
+            warm = measure_prefill(self.model, self.batch_inputs(task, my_batches[0]), timer, memory=measure.memory)
             result.peak_bytes, result.kv_bytes = warm.peak_bytes, warm.kv_bytes
             with PruneProbe(self.model, handle, timer) as probe, torch.inference_mode():
                 for batch in my_batches:
                     hint(batch)
-                    inputs = self.encode([task.items[i] for i in batch], task)
+                    inputs = self.batch_inputs(task, batch)
                     out = self.model.generate(**inputs, max_new_tokens=self.generation.max_new_tokens,
                                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
                     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
