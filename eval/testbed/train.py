@@ -86,6 +86,7 @@ class Stage:
     warmup: int
     floor: float = 0.1
     weight_decay: float = 0.05
+    extra_counts: int = 0  # stage 2: counting turns per image beyond QA_PER_IMAGE (training_data.pick_questions)
 
     def scaled(self, factor: float) -> Stage:
         """Fewer (or more) steps with the same schedule shape, for smoke runs."""
@@ -104,7 +105,7 @@ RECIPES: dict[str, Recipe] = {
     "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60),
                     stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
     "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60),
-                       stage2=Stage(steps=2200, batch=16, lr=1.5e-3, warmup=120)),
+                       stage2=Stage(steps=2200, batch=16, lr=1.5e-3, warmup=120, extra_counts=6)),
 }
 
 
@@ -267,7 +268,7 @@ def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage
     model.train()
     losses, curve = [], []
     start = time.perf_counter()
-    batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch), range(stage.steps))
+    batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch, stage.extra_counts), range(stage.steps))
     bar = tqdm(batches, total=stage.steps, desc=f"stage 2 ({family})", mininterval=2)
     for step, batch in enumerate(bar, 1):
         loss = model(**stage2_inputs(model, family, batch), use_cache=False).loss

@@ -114,15 +114,17 @@ def cls_target(scene: Scene) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- stage 2
 
 
-def stage2_batch(processor, family: str, seed: int, step: int, batch: int) -> dict[str, torch.Tensor]:
+def stage2_batch(processor, family: str, seed: int, step: int, batch: int, extra_counts: int = 0
+                 ) -> dict[str, torch.Tensor]:
     """Processor outputs plus ``labels`` and turn ``segments`` for images ``step * batch + b`` of the seed's
-    training stream."""
+    training stream; ``extra_counts`` as in ``pick_questions``."""
     size = IMAGE_SIZE[family]
     texts, masks, images, turns = [], [], [], []
     for b in range(batch):
         k = step * batch + b
         item = train_item(seed, k)
-        words, supervised = conversation(family, item.scene, pick_questions(item.scene, item.question, seed, k))
+        words, supervised = conversation(family, item.scene, pick_questions(item.scene, item.question, seed, k,
+                                                                                 extra_counts))
         texts.append(" ".join(words))
         masks.append(supervised)
         turns.append(turn_ids(words))
@@ -176,15 +178,17 @@ def isolated_positions(standard: torch.Tensor, segments: torch.Tensor) -> torch.
     return torch.where(segments >= 1, turned, standard)
 
 
-def pick_questions(scene: Scene, first: Question, seed: int, k: int) -> list[Question]:
+def pick_questions(scene: Scene, first: Question, seed: int, k: int, extra_counts: int = 0) -> list[Question]:
     """``first``, then every other question that looks an object up by shape (``looks_up_by_shape``), then other
-    questions until there are QA_PER_IMAGE, all in random order. The fill lets categories take turns; within a
-    category the answer is drawn uniformly among the answers still available, then a question with that
-    answer, so frequent answers (e.g. "zero") do not dominate.
+    questions until there are QA_PER_IMAGE, then up to ``extra_counts`` more counting questions, all in random
+    order. The fill lets categories take turns; within a category (and for the extra counts) the answer is drawn
+    uniformly among the answers still available, then a question with that answer, so frequent answers (e.g.
+    "zero") do not dominate.
 
     Asking every shape lookup first fixes the stall of the first recipes, where categories simply took turns
     (about 1.3 colour questions per image): the models learned to find objects by colour and stayed at
-    32-44 % on "what colour is the {shape}" (docs/testbed_runs.md)."""
+    32-44 % on "what colour is the {shape}" (docs/testbed_runs.md). Extra counts are for the family that learns
+    counting slowest (Qwen2-VL, 56 % after the plain mix)."""
     rng = np.random.default_rng([seed, QA_STREAM, k])
     others = [q for q in all_questions(scene) if q.text != first.text]
     chosen = [first] + [q for q in others if looks_up_by_shape(q)][:QA_PER_IMAGE - 1]
@@ -194,14 +198,21 @@ def pick_questions(scene: Scene, first: Question, seed: int, k: int) -> list[Que
             pool[q.category][q.answer].append(q)
     while len(chosen) < QA_PER_IMAGE and any(pool.values()):
         for c in rng.permutation(len(CATEGORIES)):
-            by_answer = pool[CATEGORIES[c]]
-            if not by_answer or len(chosen) == QA_PER_IMAGE:
-                continue
-            answer = sorted(by_answer)[int(rng.integers(len(by_answer)))]
-            chosen.append(by_answer[answer].pop(int(rng.integers(len(by_answer[answer])))))
-            if not by_answer[answer]:
-                del by_answer[answer]
+            if pool[CATEGORIES[c]] and len(chosen) < QA_PER_IMAGE:
+                chosen.append(_draw(pool[CATEGORIES[c]], rng))
+    for _ in range(extra_counts):
+        if pool["counting"]:
+            chosen.append(_draw(pool["counting"], rng))
     return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+def _draw(by_answer: dict[str, list[Question]], rng: np.random.Generator) -> Question:
+    """Remove and return a question of ``by_answer``: a uniformly drawn answer, then one of its questions."""
+    answer = sorted(by_answer)[int(rng.integers(len(by_answer)))]
+    question = by_answer[answer].pop(int(rng.integers(len(by_answer[answer]))))
+    if not by_answer[answer]:
+        del by_answer[answer]
+    return question
 
 
 def caption(scene: Scene) -> list[str]:
