@@ -102,6 +102,17 @@ def test_stage2_labels_are_the_answers_and_the_caption(family):
         assert tok.convert_ids_to_tokens(labels[labels != -100].tolist()) == [w for w, s in zip(words, supervised) if s]
 
 
+def test_extra_counts_add_distinct_counting_turns_and_leave_the_rest():
+    for k in range(20):
+        item = train_item(5, k)
+        plain, extra = pick_questions(item.scene, item.question, 5, k), pick_questions(item.scene, item.question, 5, k, 6)
+        counts = [q for q in all_questions(item.scene) if q.category == "counting"]
+        added = len(extra) - len(plain)
+        assert added == min(6, len(counts) - sum(q.category == "counting" for q in plain)) and added > 0
+        assert {q.text for q in plain} <= {q.text for q in extra} and len({q.text for q in extra}) == len(extra)
+        assert sum(q.category == "counting" for q in extra) == sum(q.category == "counting" for q in plain) + added
+
+
 def test_training_rows_ask_every_shape_lookup_and_list_both_attributes():
     for k in range(20):
         item = train_item(5, k)
