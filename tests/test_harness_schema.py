@@ -131,6 +131,18 @@ def test_the_grid_has_a_baseline_first_and_stable_distinct_hashes(tmp_path):
     assert not set(hashes) & {c.hash for c in expand(config, [task])}  # what the numbers depend on changes them
 
 
+def test_a_task_runs_only_on_the_models_it_names(tmp_path):
+    models = [{"tiny": "llava"}, {"tiny": "qwen2_vl"}]
+    tasks = [{"synthetic": "shapes", "size": 4, "models": ["tiny-qwen2_vl"]}, {"synthetic": "shapes", "size": 3}]
+    config = load_config(write(tmp_path / "c.yaml", {**BASE, "models": models, "tasks": tasks}))
+    loaded = [load_task(TaskSpec(synthetic="shapes", size=n), write_shapes_task(tmp_path / f"t{n}", n)) for n in (4, 3)]
+    pairs = [(c.model.name, c.task.name) for c in expand(config, loaded) if c.setting.is_baseline]
+    assert pairs == [("tiny-llava", "shapes-3"), ("tiny-qwen2_vl", "shapes-4"), ("tiny-qwen2_vl", "shapes-3")]
+    bad = {**BASE, "tasks": [{"synthetic": "shapes", "size": 4, "models": ["tiny-qwen"]}]}
+    message = errors(write(tmp_path / "bad.yaml", bad))
+    assert "tasks[0].models" in message and "tiny-qwen" in message and "bad.yaml" in message
+
+
 def test_task_folder_format_and_its_errors(tmp_path):
     root = write_shapes_task(tmp_path / "shapes", 6)
     task = load_task(TaskSpec(path=str(root)), root)

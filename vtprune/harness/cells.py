@@ -94,12 +94,15 @@ def stable_hash(data: Any) -> str:
 
 
 def expand(config: SweepConfig, tasks: list[Task]) -> list[Cell]:
-    """All cells in run order: per model, per task, the baseline then every setting (duplicates dropped)."""
+    """All cells in run order: per model, per task it runs on, the baseline then every setting (duplicates
+    dropped)."""
     settings = [Setting()] + [s for spec in config.pruners for s in settings_of(spec)]
     cells: list[Cell] = []
     seen: set[str] = set()
     for model in config.models:
-        for task in tasks:
+        for spec, task in zip(config.tasks, tasks, strict=True):
+            if spec.models is not None and model.name not in spec.models:
+                continue
             for setting in settings:
                 cell = Cell(model, task, setting, {
                     "backend": config.backend, "model": model.model_dump(), "task": task.identity(),

@@ -117,7 +117,9 @@ class PrunerSpec(_Strict):
 class TaskSpec(_Strict):
     """One local task: a folder (``path``), a generated one (``synthetic: shapes`` with ``size`` questions), or the
     first ``size`` held-out questions of the repository's testbed rendered for one testbed model (``testbed: llava``
-    or ``testbed: qwen2_vl``). ``name`` defaults to the folder's ``task.yaml`` name, else the folder name."""
+    or ``testbed: qwen2_vl``). ``name`` defaults to the folder's ``task.yaml`` name, else the folder name.
+    ``models`` names the models it runs on (default: every model of the sweep), e.g. a testbed task rendered for
+    one testbed model."""
 
     path: str | None = None
     synthetic: Literal["shapes"] | None = None
@@ -127,6 +129,7 @@ class TaskSpec(_Strict):
     metric: Literal["exact_match", "vqa", "multiple_choice"] | None = None
     limit: int | None = Field(None, ge=1)
     prompt_suffix: str | None = None
+    models: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
@@ -183,6 +186,10 @@ class SweepConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"model names must be unique; set name: on the entries named {dup}")
+        for i, task in enumerate(self.tasks):
+            unknown = sorted(set(task.models or ()) - set(names))
+            if unknown:
+                raise ValueError(f"tasks[{i}].models: no model named {unknown} in this sweep (models: {names})")
         return self
 
     @property
