@@ -105,7 +105,8 @@ def test_stage2_labels_are_the_answers_and_the_caption(family):
 def test_extra_counts_add_distinct_counting_turns_and_leave_the_rest():
     for k in range(20):
         item = train_item(5, k)
-        plain, extra = pick_questions(item.scene, item.question, 5, k), pick_questions(item.scene, item.question, 5, k, 6)
+        plain = pick_questions(item.scene, item.question, 5, k)
+        extra = pick_questions(item.scene, item.question, 5, k, extra_counts=6)
         counts = [q for q in all_questions(item.scene) if q.category == "counting"]
         added = len(extra) - len(plain)
         assert added == min(6, len(counts) - sum(q.category == "counting" for q in plain)) and added > 0

@@ -269,7 +269,8 @@ def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage
     model.train()
     losses, curve = [], []
     start = time.perf_counter()
-    batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch, stage.extra_counts), range(stage.steps))
+    batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch, stage.extra_counts),
+                       range(stage.steps))
     bar = tqdm(batches, total=stage.steps, desc=f"stage 2 ({family})", mininterval=2)
     for step, batch in enumerate(bar, 1):
         loss = model(**stage2_inputs(model, family, batch), use_cache=False).loss
