@@ -69,12 +69,13 @@ from .export import HELDOUT_N
 from .model import FAMILIES, IMAGE_SIZE, PATCH, build_model, load_checkpoint
 from .questions import CATEGORIES
 from .scenes import COLOUR_NAMES, SHAPES
-from .training_data import (CLS_TARGETS, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
+from .training_data import (CLS_TARGETS, COUNT_CLASSES, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
                             stage1_batch, stage2_batch)
 
 VALIDATION_N = 240  # quick check at each quarter of stage 2 (40 per category)
 LOSS_POINTS = 50  # the loss curve in the log is averaged into this many windows
 STATS_WINDOW = 50  # stage-1 patch accuracies in the log are averaged over this many last steps
+TARGET_WEIGHTS = {"size": 0.5, "row": 0.5, "col": 0.5}  # stage-1 loss weights; the other targets weigh 1
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Stage:
     floor: float = 0.1
     weight_decay: float = 0.05
     extra_counts: int = 0  # stage 2: counting turns per image beyond QA_PER_IMAGE (training_data.pick_questions)
+    dense_targets: tuple[str, ...] = ("colour", "shape", "size", "centre")  # stage 1: per-patch heads
 
     def scaled(self, factor: float) -> Stage:
         """Fewer (or more) steps with the same schedule shape, for smoke runs."""
@@ -103,9 +105,11 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60),
+    "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60,
+                                 dense_targets=("colour", "shape", "size", "centre", "row", "col")),
                     stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
-    "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60),
+    "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60,
+                                    dense_targets=("colour", "shape", "size", "centre", "same_colour", "same_shape")),
                        stage2=Stage(steps=2200, batch=16, lr=1.5e-3, warmup=120, extra_counts=6)),
 }
 
@@ -155,16 +159,20 @@ def loss_curve(losses: list[float]) -> list[float]:
 
 
 class VisionHeads(nn.Module):
-    """Throw-away stage-1 heads: per-patch classifiers, and for LLaVA the [CLS] multi-label classifier."""
+    """Throw-away stage-1 heads: one per-patch classifier per target of the recipe (``DenseTargets`` field
+    names), and for LLaVA the [CLS] multi-label classifier."""
 
-    def __init__(self, family: str, width: int):
+    def __init__(self, family: str, width: int, targets: tuple[str, ...]):
         super().__init__()
         grid = IMAGE_SIZE[family] // PATCH
-        self.sizes = [1 + len(COLOUR_NAMES), 1 + len(SHAPES), len(SIZE_CLASSES), 2]
-        self.weights = [1.0, 1.0, 0.5, 1.0]
-        if family == "llava":
-            self.sizes += [grid, grid]
-            self.weights += [0.5, 0.5]
+        classes = {"colour": 1 + len(COLOUR_NAMES), "shape": 1 + len(SHAPES), "size": len(SIZE_CLASSES), "centre": 2,
+                   "row": grid, "col": grid, "same_colour": COUNT_CLASSES, "same_shape": COUNT_CLASSES}
+        unknown = sorted(set(targets) - set(classes))
+        if unknown:
+            raise ValueError(f"unknown stage-1 targets {unknown}; expected some of {sorted(classes)}")
+        self.targets = targets
+        self.sizes = [classes[t] for t in targets]
+        self.weights = [TARGET_WEIGHTS.get(t, 1.0) for t in targets]
         self.patch = nn.Linear(width, sum(self.sizes))
         self.cls = nn.Linear(width, CLS_TARGETS) if family == "llava" else None
 
@@ -183,14 +191,14 @@ def stage1_loss(model: nn.Module, heads: VisionHeads, family: str, batch: Stage1
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the per-patch cross-entropies and the [CLS] BCE; also quick accuracies."""
     patches, cls = vision_features(model, family, batch.inputs)
-    logits = heads.patch(patches).split(heads.sizes, dim=-1)
+    logits = dict(zip(heads.targets, heads.patch(patches).split(heads.sizes, dim=-1)))
     d = batch.dense
-    targets = [d.colour, d.shape, d.size, d.centre, d.row, d.col][:len(heads.sizes)]
-    loss = sum(w * nn.functional.cross_entropy(lg.flatten(0, 1), t.flatten())
-               for w, lg, t in zip(heads.weights, logits, targets))
+    loss = sum(w * nn.functional.cross_entropy(logits[t].flatten(0, 1), getattr(d, t).flatten())
+               for w, t in zip(heads.weights, heads.targets))
     on_object = d.colour > 0
-    stats = {"colour_acc": _acc(logits[0], d.colour, on_object), "shape_acc": _acc(logits[1], d.shape, on_object),
-             "centre_recall": _acc(logits[3], d.centre, d.centre > 0)}
+    stats = {"centre_recall": _acc(logits["centre"], d.centre, d.centre > 0)} if "centre" in logits else {}
+    stats |= {f"{t}_acc": _acc(logits[t], getattr(d, t), on_object) for t in heads.targets
+              if t in ("colour", "shape", "same_colour", "same_shape")}
     if heads.cls is not None:
         cls_logits = heads.cls(cls)
         loss = loss + nn.functional.binary_cross_entropy_with_logits(cls_logits, batch.cls)
@@ -213,7 +221,7 @@ def vision_params(model: nn.Module, family: str) -> list[nn.Parameter]:
 def run_stage1(model: nn.Module, processor, family: str, seed: int, stage: Stage) -> dict:
     """Train the vision tower on the dense (and [CLS]) objectives; returns the stage's log."""
     heads = VisionHeads(family, model.config.vision_config.hidden_size if family == "llava"
-                        else model.config.vision_config.embed_dim)
+                        else model.config.vision_config.embed_dim, stage.dense_targets)
     params = vision_params(model, family) + list(heads.parameters())
     opt, sched = make_optimizer(params, stage)
     model.train()
@@ -226,8 +234,7 @@ def run_stage1(model: nn.Module, processor, family: str, seed: int, stage: Stage
         step_on(loss, opt, sched, params)
         losses.append(loss.item())
         stats.append(batch_stats)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", colour=f"{batch_stats['colour_acc']:.2f}",
-                        shape=f"{batch_stats['shape_acc']:.2f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k.removesuffix("_acc"): f"{v:.2f}" for k, v in batch_stats.items()})
     last = stats[-STATS_WINDOW:]
     accuracies = {k: round(sum(s[k] for s in last) / len(last), 4) for k in last[0]}
     return stage_log(stage, time.perf_counter() - start, losses, last_steps_accuracy=accuracies)
