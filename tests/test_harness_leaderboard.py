@@ -98,3 +98,17 @@ def test_leaderboard_command_reads_a_file_or_a_folder(results, tmp_path, capsys)
     assert (tmp_path / "a" / "leaderboard.md").read_text() != ""
     assert (tmp_path / "a" / "leaderboard.csv").read_text() == (tmp_path / "b" / "leaderboard.csv").read_text()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_plot_legend_fits_inside_the_figure():
+    """Long method labels wrap into fewer legend columns instead of running off the figure's edges."""
+    from vtprune.harness import plots as P
+
+    fig = P.plt.figure(figsize=(12, 4), layout="constrained")
+    fig.subplots(1, 2)
+    used = {L.BASELINE} | {f"[ref] informed: question targets {i}" for i in range(20)}
+    P._legend(fig, P._styles([{"method": m} for m in used]), used, panel_cols=2)
+    fig.canvas.draw()
+    box = fig.legends[0].get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1
+    P.plt.close(fig)

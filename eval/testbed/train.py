@@ -69,7 +69,7 @@ from .export import HELDOUT_N
 from .model import FAMILIES, IMAGE_SIZE, PATCH, build_model, load_checkpoint
 from .questions import CATEGORIES
 from .scenes import COLOUR_NAMES, SHAPES
-from .training_data import (CLS_TARGETS, COUNT_CLASSES, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
+from .training_data import (CLS_TARGETS, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
                             stage1_batch, stage2_batch)
 
 VALIDATION_N = 240  # quick check at each quarter of stage 2 (40 per category)
@@ -108,8 +108,7 @@ RECIPES: dict[str, Recipe] = {
     "llava": Recipe(stage1=Stage(steps=1400, batch=16, lr=3e-3, warmup=60,
                                  dense_targets=("colour", "shape", "size", "centre", "row", "col")),
                     stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
-    "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60,
-                                    dense_targets=("colour", "shape", "size", "centre", "same_colour", "same_shape")),
+    "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60),
                        stage2=Stage(steps=2200, batch=16, lr=1.5e-3, warmup=120, extra_counts=6)),
 }
 
@@ -166,7 +165,7 @@ class VisionHeads(nn.Module):
         super().__init__()
         grid = IMAGE_SIZE[family] // PATCH
         classes = {"colour": 1 + len(COLOUR_NAMES), "shape": 1 + len(SHAPES), "size": len(SIZE_CLASSES), "centre": 2,
-                   "row": grid, "col": grid, "same_colour": COUNT_CLASSES, "same_shape": COUNT_CLASSES}
+                   "row": grid, "col": grid}
         unknown = sorted(set(targets) - set(classes))
         if unknown:
             raise ValueError(f"unknown stage-1 targets {unknown}; expected some of {sorted(classes)}")
@@ -197,8 +196,7 @@ def stage1_loss(model: nn.Module, heads: VisionHeads, family: str, batch: Stage1
                for w, t in zip(heads.weights, heads.targets))
     on_object = d.colour > 0
     stats = {"centre_recall": _acc(logits["centre"], d.centre, d.centre > 0)} if "centre" in logits else {}
-    stats |= {f"{t}_acc": _acc(logits[t], getattr(d, t), on_object) for t in heads.targets
-              if t in ("colour", "shape", "same_colour", "same_shape")}
+    stats |= {f"{t}_acc": _acc(logits[t], getattr(d, t), on_object) for t in heads.targets if t in ("colour", "shape")}
     if heads.cls is not None:
         cls_logits = heads.cls(cls)
         loss = loss + nn.functional.binary_cross_entropy_with_logits(cls_logits, batch.cls)

@@ -2,9 +2,8 @@
 
 * Stage 1 (vision pretraining, a stand-in for CLIP pretraining): pixel values plus dense per-patch labels
   read off ``render_mask`` (colour, shape and size class of the object covering most of the patch, whether an
-  object's centre lies in the patch, how many objects share its colour / its shape, and the patch's row and
-  column; each family's recipe picks which it trains) and, for LLaVA's [CLS], the set of colours, shapes and
-  (colour, shape) pairs present.
+  object's centre lies in the patch, and the patch's row and column; each family's recipe picks which it
+  trains) and, for LLaVA's [CLS], the set of colours, shapes and (colour, shape) pairs present.
 * Stage 2 (instruction tuning): multi-turn sequences built with the family's processor, exactly as at
   evaluation time: every question that finds an object by shape first, then other questions, then
   training-only list turns (``list the {shapes} ?``, ``list the {colour} objects ?``) and a caption turn;
@@ -28,7 +27,7 @@ import torch
 from .dataset import train_item
 from .model import CAPTION_PROMPT, EOS, IMAGE_SIZE, MERGE, PATCH, prompt
 from .questions import CATEGORIES, PLURALS, Question, all_questions, looks_up_by_shape
-from .scenes import COLOUR_NAMES, N_OBJECTS, QUADRANTS, SHAPES, Obj, Scene, render, render_mask
+from .scenes import COLOUR_NAMES, QUADRANTS, SHAPES, Obj, Scene, render, render_mask
 
 STAGE1_OFFSET = 10**9  # stage-1 scenes are train items [1e9, ...), stage 2 uses [0, ...)
 QA_STREAM = 3  # seed stream for choosing the extra questions of a stage-2 image
@@ -36,7 +35,6 @@ QA_PER_IMAGE = 20  # question turns per stage-2 image (fewer when the scene has 
 MIN_PIXELS = 4  # an object labels a patch only if it covers at least this many of its pixels
 SIZE_CLASSES = ("none", "small", "large")
 CLS_TARGETS = len(COLOUR_NAMES) + len(SHAPES) + len(COLOUR_NAMES) * len(SHAPES)
-COUNT_CLASSES = N_OBJECTS[1] + 1  # look-alike counts 0 (no object) .. the most objects a scene has
 
 
 @dataclass
@@ -49,8 +47,6 @@ class DenseTargets:
     centre: torch.Tensor  # 1 if an object's centre lies in the patch
     row: torch.Tensor
     col: torch.Tensor
-    same_colour: torch.Tensor  # objects with the covering object's colour (itself included); 0 = no object
-    same_shape: torch.Tensor  # objects with the covering object's shape (itself included); 0 = no object
 
 
 @dataclass
@@ -92,11 +88,7 @@ def patch_labels(scene: Scene, size: int) -> tuple[np.ndarray, ...]:
     for o in objs:
         centre[min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1)] = 1
     cells = np.arange(grid * grid)
-    per_colour = np.array([sum(o.colour == p.colour for o in objs) for p in objs])  # per object
-    per_shape = np.array([sum(o.shape == p.shape for o in objs) for p in objs])
-    same_colour, same_shape = np.where(covered, per_colour[main], 0), np.where(covered, per_shape[main], 0)
-    return tuple(a.astype(np.int64) for a in (colour, shape, size_class, centre, cells // grid, cells % grid,
-                                              same_colour, same_shape))
+    return tuple(a.astype(np.int64) for a in (colour, shape, size_class, centre, cells // grid, cells % grid))
 
 
 def patch_order(family: str) -> np.ndarray:

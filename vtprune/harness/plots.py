@@ -22,6 +22,9 @@ from .cells import BASELINE  # noqa: E402
 from .leaderboard import group_columns, group_value  # noqa: E402
 
 MARKERS = "osD^vP*Xhp<>"
+LEGEND_CHAR_INCHES = 0.085  # width of one legend label character at the default 10 pt font, with margin
+LEGEND_MARKER_INCHES = 0.7  # the marker, its padding and the gap to the next column
+LEGEND_ROW_INCHES = 0.25  # height of one legend row
 FLOPS_LABEL = {"fastv": "FLOPs per question, FastV convention (LLM prefill)",
                "prefill": "FLOPs per question, exact prefill (vision + LLM + overhead)"}
 
@@ -47,7 +50,7 @@ def _styles(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def _grid(n: int, ncols_max: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
     ncols = min(n, ncols_max)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows + 0.9), squeeze=False,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows + 0.3), squeeze=False,
                              layout="constrained")
     flat = list(axes.flat)
     for ax in flat[n:]:
@@ -57,15 +60,18 @@ def _grid(n: int, ncols_max: int, size: tuple[float, float]) -> tuple[Any, list[
 
 def _legend(fig: Any, styles: dict[str, dict[str, Any]], used: set[str], panel_cols: int,
             pareto_line: bool = False) -> None:
-    """One legend for the figure, below the panels, at most three entries per panel width."""
+    """One legend for the figure, below the panels, in as many columns as the longest label lets fit across
+    the figure (at most three per panel width); the figure grows by the legend's rows."""
     order = [BASELINE] + sorted(m for m in used if m != BASELINE)
     handles = [Line2D([], [], linestyle="none", markersize=9 if m == BASELINE else 7, label=m, **styles[m])
                for m in order if m in used]
     if pareto_line and handles:
         handles.append(Line2D([], [], color="grey", linestyle="-", label="Pareto front of a method"))
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3 * panel_cols),
-                   frameon=False)
+        column_inches = LEGEND_CHAR_INCHES * max(len(h.get_label()) for h in handles) + LEGEND_MARKER_INCHES
+        ncol = min(len(handles), 3 * panel_cols, max(1, int(fig.get_figwidth() // column_inches)))
+        fig.set_figheight(fig.get_figheight() + LEGEND_ROW_INCHES * math.ceil(len(handles) / ncol))  # panels keep theirs
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
 
 
 def _empty(ax: Any, text: str) -> None:
@@ -133,7 +139,7 @@ def _retention_plot(records: list[dict[str, Any]], path: Path, ncols: int = 4) -
         blocks.append((model, task, mine, [(None, None)] + group_columns(mine)))
     ncols = min(ncols, max(len(groups) for *_, groups in blocks))
     heights = [math.ceil(len(groups) / ncols) for *_, groups in blocks]
-    fig = plt.figure(figsize=(4.0 * ncols, 3.3 * sum(heights) + 0.6 * len(blocks) + 0.8), layout="constrained")
+    fig = plt.figure(figsize=(4.0 * ncols, 3.3 * sum(heights) + 0.6 * len(blocks) + 0.3), layout="constrained")
     subfigs = fig.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0]
     used: set[str] = set()
     for sub, height, (model, task, mine, groups) in zip(subfigs, heights, blocks):
