@@ -21,8 +21,8 @@ from eval.testbed.model import (ANSWER_WORDS, EXTRA_WORDS, FAMILIES, IMAGE_SIZE,
 from eval.testbed.questions import CATEGORIES, PLURALS, VOCAB, all_questions, looks_up_by_shape
 from eval.testbed.scenes import COLOUR_NAMES, render
 from eval.testbed.train import RECIPES, Stage, VisionHeads, run_stage1, stage2_inputs, train
-from eval.testbed.training_data import (QA_PER_IMAGE, conversation, patch_order, pick_questions, stage1_batch,
-                                        stage2_batch, turn_ids)
+from eval.testbed.training_data import (HIGH_COUNTS, QA_PER_IMAGE, conversation, patch_order, pick_questions,
+                                        stage1_batch, stage2_batch, stage2_item, turn_ids)
 
 MAX_BYTES = 20 * 2**20  # issue: safetensors at most 20 MB
 MIN_ACCURACY = 0.93  # issue: held-out unpruned accuracy
@@ -153,6 +153,24 @@ def test_training_turns_see_only_the_image_and_themselves(family):
                 where = [i for i, t in enumerate(turns) if t == turn][len(text.split()) - 1]  # the "?" of the turn
                 got = packed[row, packed.shape[1] - len(turns) + where]
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_high_count_scenes_replace_a_share_of_stage2_images():
+    """``stage2_item``: without ``high_counts`` it is ``train_item``; with it, about that share of the images
+    are scenes for a counting question answered three to five, and the trained counting turns hold more
+    "four" / "five" answers than without."""
+    plain = [stage2_item(0, k) for k in range(200)]
+    assert [i.id for i in plain] == [train_item(0, k).id for k in range(200)]
+    mixed = [stage2_item(0, k, 0.4) for k in range(200)]
+    swapped = [i for i in mixed if i.id.endswith("-count")]
+    assert 60 <= len(swapped) <= 100
+    assert all(i.question.category == "counting" and i.question.answer in HIGH_COUNTS for i in swapped)
+    assert all(a.id == b.id for a, b in zip(plain, mixed) if not b.id.endswith("-count"))
+
+    def high(items):
+        return sum(q.answer in ("four", "five") for k, i in enumerate(items)
+                   for q in pick_questions(i.scene, i.question, 0, k, extra_counts=6) if q.category == "counting")
+    assert high(mixed) > 1.5 * high(plain)
 
 
 def test_vision_heads_follow_the_recipe_targets():

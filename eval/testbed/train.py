@@ -89,6 +89,7 @@ class Stage:
     floor: float = 0.1
     weight_decay: float = 0.05
     extra_counts: int = 0  # stage 2: counting turns per image beyond QA_PER_IMAGE (training_data.pick_questions)
+    high_counts: float = 0.0  # stage 2: share of images swapped for high-count scenes (training_data.stage2_item)
     dense_targets: tuple[str, ...] = ("colour", "shape", "size", "centre")  # stage 1: per-patch heads
 
     def scaled(self, factor: float) -> Stage:
@@ -109,7 +110,8 @@ RECIPES: dict[str, Recipe] = {
                                  dense_targets=("colour", "shape", "size", "centre", "row", "col")),
                     stage2=Stage(steps=2000, batch=16, lr=1.5e-3, warmup=120)),
     "qwen2_vl": Recipe(stage1=Stage(steps=1300, batch=12, lr=3e-3, warmup=60),
-                       stage2=Stage(steps=2200, batch=16, lr=1.5e-3, warmup=120, extra_counts=6)),
+                       stage2=Stage(steps=2200, batch=16, lr=1.5e-3, warmup=120, extra_counts=6,
+                                    high_counts=0.4)),
 }
 
 
@@ -274,7 +276,8 @@ def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage
     model.train()
     losses, curve = [], []
     start = time.perf_counter()
-    batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch, stage.extra_counts),
+    batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch, stage.extra_counts,
+                                              stage.high_counts),
                        range(stage.steps))
     bar = tqdm(batches, total=stage.steps, desc=f"stage 2 ({family})", mininterval=2)
     for step, batch in enumerate(bar, 1):
