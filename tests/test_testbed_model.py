@@ -254,12 +254,6 @@ def test_shipped_checkpoint_reaches_its_recorded_accuracy(family):
     assert abs(result.accuracy - log["eval"]["test_subset"]["accuracy"]) <= SUBSET_TOLERANCE
 
 
-BELOW_THE_BAR = {"qwen2_vl": "provisional checkpoint, 90.7 % held-out (counting 61.5 %): issue 8 stays open until a "
-                             "retrained one reaches 93 %"}
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=BELOW_THE_BAR[f], strict=True))
-                                    if f in BELOW_THE_BAR else f for f in FAMILIES])
 def test_shipped_checkpoint_meets_the_accuracy_bar(family):
     path = default_checkpoint(family)
     if not (path / "train_log.json").exists():
