@@ -236,7 +236,8 @@ def run_stage1(model: nn.Module, processor, family: str, seed: int, stage: Stage
         step_on(loss, opt, sched, params)
         losses.append(loss.item())
         stats.append(batch_stats)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k.removesuffix("_acc"): f"{v:.2f}" for k, v in batch_stats.items()})
+        shown = {k.removesuffix("_acc"): f"{v:.2f}" for k, v in batch_stats.items()}
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **shown)
     last = stats[-STATS_WINDOW:]
     accuracies = {k: round(sum(s[k] for s in last) / len(last), 4) for k in last[0]}
     return stage_log(stage, time.perf_counter() - start, losses, last_steps_accuracy=accuracies)

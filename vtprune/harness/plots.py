@@ -70,7 +70,8 @@ def _legend(fig: Any, styles: dict[str, dict[str, Any]], used: set[str], panel_c
     if handles:
         column_inches = LEGEND_CHAR_INCHES * max(len(h.get_label()) for h in handles) + LEGEND_MARKER_INCHES
         ncol = min(len(handles), 3 * panel_cols, max(1, int(fig.get_figwidth() // column_inches)))
-        fig.set_figheight(fig.get_figheight() + LEGEND_ROW_INCHES * math.ceil(len(handles) / ncol))  # panels keep theirs
+        rows = math.ceil(len(handles) / ncol)
+        fig.set_figheight(fig.get_figheight() + LEGEND_ROW_INCHES * rows)  # the panels keep their height
         fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
 
 
