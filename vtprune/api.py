@@ -80,12 +80,11 @@ def apply(model: nn.Module, pruner: str | PrunerConfig, **options: Any) -> "Prun
     image), ``site`` ("pre_llm" | "layer"), ``layer`` (K), ``positions`` ("original" | "compact"), ``seed``.
     """
     config = make_config(pruner, **options)
+    config.freeze()
     if timm_patch.is_timm_vit(model):  # Zero-TPrune's own setting: prune between ViT blocks
         return timm_patch.apply_timm(model, config)
     adapter = adapter_for(model)
     instance = build_pruner(config)
-    if config.site not in instance.sites:
-        raise VTPruneError(f"pruner {config.name!r} supports site(s) {instance.sites}, not {config.site!r}")
     if config.site == "layer" and not 1 <= config.layer < adapter.num_layers:
         raise VTPruneError(f"layer={config.layer} is out of range: this model has {adapter.num_layers} decoder "
                            f"layers, so K must be in [1, {adapter.num_layers - 1}]")

@@ -9,7 +9,16 @@ from typing import ClassVar
 from .errors import VTPruneError
 
 SITES = ("pre_llm", "layer")
+#: how errors name each site
+SITE_NAMES = {"pre_llm": "pre-LLM", "layer": "in-LLM"}
 POSITION_POLICIES = ("original", "compact")
+#: the seeds torch.Generator.manual_seed accepts (negative seeds wrap modulo 2**64)
+SEED_RANGE = (-2**63, 2**64 - 1)
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is an int or float option value (a bool is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -23,7 +32,11 @@ class PrunerConfig:
     layer:     K for ``site="layer"`` (1 <= K < number of decoder layers).
     positions: ``"original"`` keeps the position ids computed on the full sequence (M-RoPE triples for
                Qwen); ``"compact"`` renumbers kept tokens 0..N'-1 (pre-LLM only).
-    seed:      seeds every random choice a pruner makes.
+    seed:      seeds every random choice a pruner makes; an int in ``SEED_RANGE`` (what
+               ``torch.Generator.manual_seed`` accepts).
+
+    :func:`vtprune.apply` installs a frozen copy: the hooks and the pruner were built from it, so setting a
+    field of ``handle.config`` raises; ``dataclasses.replace(handle.config, keep=...)`` gives a new config.
     """
 
     name: ClassVar[str] = ""
@@ -39,7 +52,7 @@ class PrunerConfig:
     def validate(self) -> None:
         """Raise :class:`VTPruneError` naming the offending field."""
         keep = self.keep
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        if not is_number(keep):
             raise VTPruneError(f"keep must be a float in (0, 1] or an int >= 1, got {keep!r}")
         if isinstance(keep, float) and not 0.0 < keep <= 1.0:
             raise VTPruneError(
@@ -65,6 +78,19 @@ class PrunerConfig:
                                "continue consistently")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise VTPruneError(f"seed must be an int, got {self.seed!r}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise VTPruneError(f"seed={self.seed}: expected an int in [-2**63, 2**64 - 1], the range "
+                               "torch.Generator.manual_seed accepts")
+
+    def freeze(self) -> None:
+        """Refuse every later field assignment (the config of installed hooks must not drift from them)."""
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.__dict__.get("_frozen"):
+            raise VTPruneError(f"cannot set {name}={value!r}: this config belongs to applied pruning hooks and is "
+                               f"frozen; remove the handle and apply dataclasses.replace(config, {name}=...)")
+        super().__setattr__(name, value)
 
     @classmethod
     def field_names(cls) -> list[str]:

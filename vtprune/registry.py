@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import TYPE_CHECKING, Any
 
-from .config import PrunerConfig
+from .config import SITE_NAMES, PrunerConfig
 from .errors import VTPruneError
 
 if TYPE_CHECKING:
@@ -40,20 +41,26 @@ def pruner_class(name: str) -> type["Pruner"]:
 
 
 def make_config(name_or_config: str | PrunerConfig, **options: Any) -> PrunerConfig:
-    """Build a validated config from a name + options, or pass a config object through."""
+    """A new validated config from a name + options, or from a config object (copied), for a site its pruner
+    supports."""
     if isinstance(name_or_config, PrunerConfig):
         if options:
             raise VTPruneError(f"options {sorted(options)} given together with a config object; "
                                "set them on the config instead")
         pruner_class(name_or_config.name)
-        name_or_config.validate()
-        return name_or_config
-    config_cls = pruner_class(name_or_config).config_class
-    valid = config_cls.field_names()
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise VTPruneError(f"unknown option(s) {unknown} for pruner {name_or_config!r}; valid options: {valid}")
-    return config_cls(**options)
+        config = dataclasses.replace(name_or_config)  # validated anew; a frozen config gives a free copy
+    else:
+        config_cls = pruner_class(name_or_config).config_class
+        valid = config_cls.field_names()
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise VTPruneError(f"unknown option(s) {unknown} for pruner {name_or_config!r}; valid options: {valid}")
+        config = config_cls(**options)
+    sites = pruner_class(config.name).sites
+    if config.site not in sites:
+        names = " or ".join(f"{SITE_NAMES[s]} site ({s!r})" for s in sites)
+        raise VTPruneError(f"pruner {config.name!r} supports only the {names}, not site={config.site!r}")
+    return config
 
 
 def build_pruner(config: PrunerConfig) -> "Pruner":

@@ -17,6 +17,7 @@ for the sensitivity pass only, as the reference does on LLaVA-NeXT (rank 128), t
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .capture import MLPProjector, ProjectorInput
+from .config import is_number
 from .errors import VTPruneError
 
 #: perturbed projector evaluations per chunk, bounding memory to about this many output rows at a time
@@ -50,8 +52,8 @@ class ZOOptions:
         """Raise :class:`VTPruneError` naming the offending field."""
         if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
             raise VTPruneError(f"directions={self.directions!r}: expected an int >= 1 (number of ZO directions)")
-        if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not self.step > 0:
-            raise VTPruneError(f"step={self.step!r}: expected a float > 0 (central-difference step h)")
+        if not is_number(self.step) or not 0 < self.step < math.inf:
+            raise VTPruneError(f"step={self.step!r}: expected a finite float > 0 (central-difference step h)")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise VTPruneError(f"rank={self.rank!r}: expected None (full-rank projector) or an int >= 1")
 

@@ -25,9 +25,10 @@ class Pruner:
 
     def generator(self, view: VisualView) -> torch.Generator:
         """A generator seeded by (seed, token count): the same image gets the same draw whether it is
-        run alone or in any batch, and every prefill (cached or not) repeats it."""
+        run alone or in any batch, and every prefill (cached or not) repeats it. The mix is taken modulo
+        2**64, as ``manual_seed`` takes negative seeds, so every valid seed stays in range."""
         g = torch.Generator(device=view.features.device)
-        g.manual_seed(self.config.seed * 1_000_003 + view.num_tokens)
+        g.manual_seed((self.config.seed * 1_000_003 + view.num_tokens) % 2**64)
         return g
 
     def vision_layers(self, full_attention_layers: list[int], num_layers: int) -> list[int]:

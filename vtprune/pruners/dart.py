@@ -27,7 +27,7 @@ class DARTConfig(PrunerConfig):
 
     name = "dart"
     site: str = "layer"
-    layer: int | None = 2
+    layer: int | None = None  # site="layer" fills in K = 2
     image_pivots: int = 4
     text_pivots: int = 4
     mode: str = "clean"

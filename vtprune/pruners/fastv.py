@@ -21,7 +21,7 @@ class FastVConfig(PrunerConfig):
 
     name = "fastv"
     site: str = "layer"
-    layer: int | None = 2
+    layer: int | None = None  # site="layer" fills in K = 2
 
 
 def fastv_scores(view: VisualView) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..attention import (
     wpr_node_scores,
 )
 from ..capture import VISION_QK
-from ..config import PrunerConfig
+from ..config import PrunerConfig, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import Selection, VisualView
@@ -48,18 +48,18 @@ class PagerankConfig(PrunerConfig):
         if self.wpr_iters is not None and (isinstance(self.wpr_iters, bool) or not isinstance(self.wpr_iters, int)
                                            or self.wpr_iters < 1):
             raise VTPruneError(f"wpr_iters={self.wpr_iters!r}: expected None or an int >= 1")
-        if not isinstance(self.wpr_tol, (int, float)) or isinstance(self.wpr_tol, bool) or self.wpr_tol < 0:
+        if not is_number(self.wpr_tol) or not self.wpr_tol >= 0:
             raise VTPruneError(f"wpr_tol={self.wpr_tol!r}: expected a number >= 0")
         if self.head_variance is not None:
-            hv = tuple(self.head_variance)
-            if len(hv) != 2 or not all(isinstance(v, (int, float)) for v in hv) or not 0 <= hv[0] <= hv[1]:
+            hv = tuple(self.head_variance) if isinstance(self.head_variance, (tuple, list)) else ()
+            if len(hv) != 2 or not all(is_number(v) for v in hv) or not 0 <= hv[0] <= hv[1]:
                 raise VTPruneError(f"head_variance={self.head_variance!r}: expected None or (low, high), "
                                    "0 <= low <= high")
             self.head_variance = hv
-        if not isinstance(self.similarity_share, (int, float)) or not 0.0 <= self.similarity_share <= 1.0:
+        if not is_number(self.similarity_share) or not 0.0 <= self.similarity_share <= 1.0:
             raise VTPruneError(f"similarity_share={self.similarity_share!r}: expected a fraction in [0, 1]")
         if self.vit_blocks is not None:
-            blocks = tuple(self.vit_blocks)
+            blocks = tuple(self.vit_blocks) if isinstance(self.vit_blocks, (tuple, list)) else ()
             if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
                 raise VTPruneError(f"vit_blocks={self.vit_blocks!r}: expected None or block indices >= 0")
             self.vit_blocks = tuple(sorted(set(blocks)))

@@ -15,7 +15,7 @@ from ..attention import (
     token_keys,
 )
 from ..capture import PROJECTOR, VISION_QK, ProjectorInput
-from ..config import PrunerConfig
+from ..config import PrunerConfig, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import Selection, VisualView
@@ -36,8 +36,7 @@ class VisionZipConfig(PrunerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.contextual, bool) or not isinstance(self.contextual, (int, float)) \
-                or not 0.0 <= self.contextual < 1.0:
+        if not is_number(self.contextual) or not 0.0 <= self.contextual < 1.0:
             raise VTPruneError(f"contextual={self.contextual!r}: expected a fraction in [0, 1)")
         if self.mode not in MODES:
             raise VTPruneError(f"mode={self.mode!r}: expected one of {MODES}")
