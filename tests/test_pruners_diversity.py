@@ -282,21 +282,6 @@ def test_zoo_directions_come_from_the_seeded_generator(recorded):
 
 
 # ---- mmr importance options ---------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["script", "pickle"])
-def test_mmr_learned_scorer(tmp_path, kind):
-    torch.manual_seed(0)
-    scorer = nn.Sequential(nn.Linear(8, 1), nn.Flatten(0))
-    path = tmp_path / "scorer.pt"
-    if kind == "script":
-        torch.jit.script(scorer).save(str(path))
-    else:
-        torch.save(scorer, path)
-    x = torch.randn(30, 8)
-    with torch.no_grad():
-        top = sorted(torch.topk(scorer(x), 6).indices.tolist())
-    assert _select("mmr", _view(x), 6, importance="learned", scorer_path=str(path), lam=1.0) == top
-
-
 def test_mmr_text_importance():
     x = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
     assert _select("mmr", _view(x, x[[3]] * 2), 1, importance="text", lam=1.0) == [3]

@@ -159,9 +159,10 @@ def build_model(family: str, seed: int, size: str = "full") -> tuple[Any, tf.Pro
 
 
 def load_checkpoint(path: str | Path) -> tuple[Any, tf.ProcessorMixin]:
-    """A saved testbed model in float32 (checkpoints are stored in float16) with its processor, in eval mode."""
-    model = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    return model.eval(), tf.AutoProcessor.from_pretrained(path)
+    """A saved testbed model in float32 (checkpoints are stored in float16) with its processor, in eval mode;
+    local files only, so a mistyped path never becomes a hub download."""
+    model = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    return model.eval(), tf.AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
 def _text_config(tok: tf.PreTrainedTokenizerFast, s: Sizes) -> dict:

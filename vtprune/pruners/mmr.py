@@ -8,15 +8,20 @@ IDPruner's own importance is a *trained* scorer (VisionSelector); without one, t
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import safetensors
+import safetensors.torch
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import attention, diversity
 from ..capture import PROJECTOR, VISION_QK
-from ..config import PrunerConfig
+from ..config import PrunerConfig, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..sensitivity import ZOOptions, ZOScorer
@@ -44,9 +49,11 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
       * ``"cls"`` / ``"pagerank"``: vision-encoder attention scores from :mod:`vtprune.attention`.
       * ``"learned"``: a scorer loaded from ``scorer_path``.
     lam:         λ, importance vs. diversity trade-off in [0, 1] (0.5, the paper's best).
-    scorer_path: a TorchScript file or a ``torch.save``d ``nn.Module`` mapping features [V, D] -> scores [V]
-                 (raw logits, as the reference code uses them). Loading a pickled module runs its code: only
-                 use files you trust.
+    scorer_path: a scorer mapping features [V, D] -> raw scores [V] (logits, as the reference code uses them),
+                 stored as tensors of the :class:`MLPScorer` architecture (a safetensors file, or a
+                 ``torch.save``d state dict read with ``weights_only=True``): loading never runs code from it.
+    trust_scorer_code: also accept a TorchScript scorer (any architecture). Loading one runs the file's code,
+                 so it must be asked for; pickled ``nn.Module`` objects are never loaded.
     mode:        ``"reference"`` uses IDPruner's count rule ``k = round(ρ·V)`` (Python rounding, ≥ 1); the
                  selection itself (fp32 cosine, one pick per step) is the same in both modes.
     """
@@ -55,6 +62,7 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
     importance: str = "norm"
     lam: float = 0.5
     scorer_path: str | None = None
+    trust_scorer_code: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -62,25 +70,104 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
         self.validate_mode()
         if self.importance not in IMPORTANCES:
             raise VTPruneError(f"importance={self.importance!r}: expected one of {IMPORTANCES}")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0 <= self.lam <= 1:
+        if not is_number(self.lam) or not 0 <= self.lam <= 1:
             raise VTPruneError(f"lam={self.lam!r}: expected a float in [0, 1]")
         if (self.importance == "learned") != (self.scorer_path is not None):
             raise VTPruneError(f"scorer_path={self.scorer_path!r}: give a scorer file exactly when "
                                f"importance='learned' (importance is {self.importance!r})")
-        if self.scorer_path is not None and not os.path.isfile(self.scorer_path):
-            raise VTPruneError(f"scorer_path={self.scorer_path!r}: no such file")
+        if self.scorer_path is not None:
+            if not isinstance(self.scorer_path, (str, os.PathLike)):
+                raise VTPruneError(f"scorer_path={self.scorer_path!r}: expected the path of a scorer file")
+            if not os.path.isfile(self.scorer_path):
+                raise VTPruneError(f"scorer_path={self.scorer_path!r}: no such file")
+            self.scorer_path = os.fspath(self.scorer_path)
+        if not isinstance(self.trust_scorer_code, bool):
+            raise VTPruneError(f"trust_scorer_code={self.trust_scorer_code!r}: expected true or false")
+        if self.trust_scorer_code and self.scorer_path is None:
+            raise VTPruneError("trust_scorer_code=True is only meaningful with importance='learned' and a "
+                               "TorchScript scorer_path")
 
 
-def load_scorer(path: str) -> nn.Module:
-    """A TorchScript module, else a pickled ``nn.Module`` (``torch.save(module, path)``), on the CPU."""
+class MLPScorer(nn.Module):
+    """The architecture of a scorer stored as tensors: linear layers ``layers.{i}.weight`` [out, in] (and
+    optional ``layers.{i}.bias`` [out]), i = 0..n-1, GELU between consecutive layers; the last layer has
+    out = 1, its output is each token's raw score. Runs in the dtype of the stored tensors."""
+
+    def __init__(self, state: dict[str, torch.Tensor], path: str) -> None:
+        super().__init__()
+        layers = []
+        while f"layers.{len(layers)}.weight" in state:
+            i = len(layers)
+            weight, bias = state[f"layers.{i}.weight"], state.get(f"layers.{i}.bias")
+            if weight.dim() != 2:
+                raise VTPruneError(f"scorer_path={path!r}: layers.{i}.weight has shape {list(weight.shape)}, "
+                                   "expected [out, in]")
+            if i and weight.shape[1] != layers[-1].out_features:
+                raise VTPruneError(f"scorer_path={path!r}: layers.{i}.weight has shape {list(weight.shape)}, expected "
+                                   f"[out, {layers[-1].out_features}] (layer {i - 1}'s output)")
+            if bias is not None and bias.shape != weight.shape[:1]:
+                raise VTPruneError(f"scorer_path={path!r}: layers.{i}.bias has shape {list(bias.shape)}, "
+                                   f"expected [{weight.shape[0]}]")
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            layer.load_state_dict({"weight": weight} | ({} if bias is None else {"bias": bias}), assign=True)
+            layers.append(layer)
+        known = {f"layers.{i}.{p}" for i in range(len(layers)) for p in ("weight", "bias")}
+        unexpected = sorted(set(state) - known)
+        if not layers or unexpected:
+            missing = f"; layers.{len(layers)}.weight is missing" if any(k.startswith("layers.") for k in unexpected) \
+                else ""
+            raise VTPruneError(f"scorer_path={path!r}: unexpected tensor(s) {unexpected}{missing}; expected "
+                               "layers.0.weight, layers.0.bias, layers.1.weight, ... (see MLPScorer)")
+        if layers[-1].out_features != 1:
+            raise VTPruneError(f"scorer_path={path!r}: the last layer must output 1 score per token, it outputs "
+                               f"{layers[-1].out_features}")
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.layers[0].in_features:
+            raise VTPruneError(f"the learned scorer expects {self.layers[0].in_features} features per token, got "
+                               f"{features.shape[-1]}: it was trained for another model or site")
+        x = self.layers[0](features)
+        for layer in self.layers[1:]:
+            x = layer(F.gelu(x))
+        return x.squeeze(-1)
+
+
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip file with a ``code/`` folder)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or of a ``torch.save``d state dict, read without running code."""
     try:
-        return torch.jit.load(path, map_location="cpu")
-    except RuntimeError:
+        return safetensors.torch.load_file(path, device="cpu")
+    except safetensors.SafetensorError:
         pass
-    module = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(module, nn.Module):
-        raise VTPruneError(f"scorer_path={path!r} holds a {type(module).__name__}, not an nn.Module")
-    return module
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise VTPruneError(f"scorer_path={path!r} is neither a safetensors file nor a state dict that "
+                           f"torch.load(weights_only=True) reads ({type(exc).__name__}); save the scorer's "
+                           "tensors in the MLPScorer layout, or a TorchScript scorer with trust_scorer_code=True"
+                           ) from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise VTPruneError(f"scorer_path={path!r} holds a {type(state).__name__}, not a dict of tensors")
+    return state
+
+
+def load_scorer(path: str, trust_code: bool) -> nn.Module:
+    """The scorer stored at ``path``, on the CPU: tensors into :class:`MLPScorer`, or TorchScript when
+    ``trust_code`` allows running the file's code."""
+    if is_torchscript(path):
+        if not trust_code:
+            raise VTPruneError(f"scorer_path={path!r} is a TorchScript archive, which runs its own code when "
+                               "loaded; pass trust_scorer_code=True if you trust it")
+        return torch.jit.load(path, map_location="cpu")
+    return MLPScorer(read_tensors(path), path)
 
 
 def learned_scores(scorer: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -123,7 +210,7 @@ class MMRPruner(RoundedReferenceCount, Pruner):
             scorer = ZOScorer(config)
             return lambda view: scorer(view.extras, self.generator(view))
         if config.importance == "learned":
-            module = load_scorer(config.scorer_path).eval()
+            module = load_scorer(config.scorer_path, config.trust_scorer_code).eval()
             return lambda view: learned_scores(module, view.features)
         fn = attention.cls_attention_scores if config.importance == "cls" else attention.pagerank_scores
         return lambda view: fn(view, self)
