@@ -48,8 +48,17 @@ def adaptive_pool(features: torch.Tensor, layout: ImageLayout, k: int) -> Select
     """Average-pool each grid segment to a smaller grid (PyTorch adaptive-pooling windows) so that exactly
     k tokens remain. Each pooled token takes the place (and position id) of its window's top-left token.
     The budget is split over segments by size; when a pooled grid has more than its share of cells, cells
-    are dropped evenly in raster order. Newline tokens (LLaVA-NeXT) are not kept."""
+    are dropped evenly in raster order. Newline tokens (LLaVA-NeXT) are kept only when k exceeds the grid
+    tokens: then every grid token stays unpooled and the rest of the budget goes to newline tokens spread
+    evenly in raster order (``lattice``), so every k <= V is met and k = V keeps everything unchanged."""
     grids = layout.grid_tokens()
+    grid = torch.cat([idx.reshape(-1) for _, idx in grids])
+    if k >= grid.numel():
+        newline = torch.ones(layout.size, dtype=torch.bool)
+        newline[grid] = False
+        newline = newline.nonzero().flatten()
+        extra = newline[lattice(newline.numel(), k - grid.numel()).indices] if k > grid.numel() else newline[:0]
+        return Selection(indices=torch.sort(torch.cat([grid, extra])).values.to(features.device))
     shares = split_budget(k, [idx.numel() for _, idx in grids])
     kept_idx, kept_emb = [], []
     for (_, idx), share in zip(grids, shares):

@@ -95,6 +95,8 @@ class VisionZipPruner(ReadsEncoderAttention, Pruner):
         rest = rest_mask.nonzero().flatten()
         targets = contextual_targets(rest, n_ctx)
         others = rest[~torch.isin(rest, targets)]
+        if others.numel() == 0:  # k = every token with encoder features: nothing left to merge
+            return Selection(indices=torch.sort(torch.cat([dominant, targets])).values)
         keys = token_keys(reading_graphs(view), view.num_tokens)
         assign = best_match(keys[others], keys[targets])[1]
         merged = proj.project(merge_groups(proj.inputs, targets, others, assign, self.config.mode))
