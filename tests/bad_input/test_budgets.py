@@ -9,9 +9,9 @@ import functools
 
 import pytest
 import torch
+from conftest import batch_inputs, model
 
 import vtprune
-from conftest import batch_inputs, model
 from vtprune.capture import HINTS
 from vtprune.registry import pruner_class
 from vtprune.testing import FAMILIES
@@ -24,7 +24,7 @@ VARIANTS = [pytest.param(name, {}, id=name) for name in PRUNERS] + [
 BUDGETS = ("1", "V-1", "V", "1.0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sample(family: str) -> tuple[dict, int, torch.Tensor]:
     """One prompt with one image: its inputs, its visual token count V and the unhooked model's logits."""
     tv = model(family)
@@ -60,7 +60,7 @@ def test_budget_is_kept_and_keep_all_is_identity(pruner, options, family, keep_n
         assert torch.equal(logits, ref)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid_tokens(family: str) -> int:
     """Visual tokens of ``_sample(family)``'s image that are part of a grid (LLaVA-NeXT newline tokens are not)."""
     tv = model(family)
