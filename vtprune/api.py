@@ -47,6 +47,9 @@ class PruneHandle:
     def set_hints(self, hints: Sequence[Any] | None) -> None:
         """Per-sample values (one per batch row, in batch order) for pruners that read them, such as
         ``informed``; they stay in force until replaced. Other pruners ignore them."""
+        if hints is not None and (isinstance(hints, (str, bytes)) or not isinstance(hints, (list, tuple))):
+            raise VTPruneError(f"set_hints expects one hint per batch row (a list or tuple) or None, got "
+                               f"{type(hints).__name__}")
         self._engine_or_raise().signals.hints = None if hints is None else list(hints)
 
     def remove(self) -> None:
