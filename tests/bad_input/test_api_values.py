@@ -118,6 +118,6 @@ def test_applied_config_is_frozen_and_the_given_one_stays_free():
 
 @pytest.mark.parametrize("hints", [5, "abc", {"token_priority": {}}, torch.ones(2)])
 def test_hints_must_be_one_per_batch_row(hints):
-    with vtprune.apply(model("llava").model, "informed", keep=0.5) as handle:
-        with pytest.raises(VTPruneError, match="set_hints.*one hint per batch row"):
-            handle.set_hints(hints)
+    with vtprune.apply(model("llava").model, "informed", keep=0.5) as handle, \
+            pytest.raises(VTPruneError, match="set_hints.*one hint per batch row"):
+        handle.set_hints(hints)

@@ -34,6 +34,20 @@ def _sample(family: str) -> tuple[dict, int, torch.Tensor]:
         return inputs, v, tv.model(**inputs).logits
 
 
+def _pruned(family: str, pruner: str, **options) -> tuple[vtprune.PruneHandle, list, list]:
+    """``apply`` on ``_sample(family)``'s model (with a hint per visual token for pruners that read hints) and the
+    lists that the views its pruner selects from and the layouts it counts are appended to."""
+    v = _sample(family)[1]
+    handle = vtprune.apply(model(family).model, pruner, **options)
+    if HINTS in handle.pruner.needs:
+        handle.set_hints([{"token_priority": {"question": [i % 3 for i in range(v)]}}])
+    views, layouts = [], []
+    select, count = handle.pruner.select, handle.pruner.count
+    handle.pruner.select = lambda view, k: views.append(view) or select(view, k)
+    handle.pruner.count = lambda layout: layouts.append(layout) or count(layout)
+    return handle, views, layouts
+
+
 @pytest.mark.parametrize("keep_name", BUDGETS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pruner,options", VARIANTS)
@@ -41,19 +55,14 @@ def test_budget_is_kept_and_keep_all_is_identity(pruner, options, family, keep_n
     tv = model(family)
     inputs, v, ref = _sample(family)
     keep = {"1": 1, "V-1": v - 1, "V": v, "1.0": 1.0}[keep_name]
-    views, layouts = [], []
-    with vtprune.apply(tv.model, pruner, keep=keep, **options) as handle:
-        if HINTS in handle.pruner.needs:
-            handle.set_hints([{"token_priority": {"question": [i % 3 for i in range(v)]}}])
-        select, count = handle.pruner.select, handle.pruner.count
-        handle.pruner.select = lambda view, k: views.append(view) or select(view, k)
-        handle.pruner.count = lambda layout: layouts.append(layout) or count(layout)
+    handle, views, layouts = _pruned(family, pruner, keep=keep, **options)
+    with handle:
         with torch.no_grad():
             logits = tv.model(**inputs).logits
-        expected = budget(keep, v) if not options else min(count(layouts[0]), v)
+        expected = budget(keep, v) if not options else min(handle.pruner.count(layouts[0]), v)
         assert [tuple(image) for image in handle.stats.samples[0].images] == [(v, expected)]
         if keep_name == "V-1" and not options:
-            everything = select(views[0], v)
+            everything = handle.pruner.select(views[0], v)
             assert torch.equal(everything.indices.cpu(), torch.arange(v))
             assert everything.embeddings is None or torch.equal(everything.embeddings, views[0].features)
     if expected == v:
@@ -63,13 +72,9 @@ def test_budget_is_kept_and_keep_all_is_identity(pruner, options, family, keep_n
 @functools.cache
 def _grid_tokens(family: str) -> int:
     """Visual tokens of ``_sample(family)``'s image that are part of a grid (LLaVA-NeXT newline tokens are not)."""
-    tv = model(family)
-    layouts = []
-    with vtprune.apply(tv.model, "uniform", keep=1.0) as handle:
-        count = handle.pruner.count
-        handle.pruner.count = lambda layout: layouts.append(layout) or count(layout)
-        with torch.no_grad():
-            tv.model(**_sample(family)[0])
+    handle, _, layouts = _pruned(family, "uniform", keep=1.0)
+    with handle, torch.no_grad():
+        model(family).model(**_sample(family)[0])
     return sum(idx.numel() for _, idx in layouts[0].grid_tokens())
 
 
@@ -79,9 +84,7 @@ def test_llava_next_budget_of_all_grid_tokens(pruner):
     inputs, v, _ = _sample("llava_next")
     keep = _grid_tokens("llava_next")
     assert keep < v
-    with vtprune.apply(tv.model, pruner, keep=keep) as handle:
-        if HINTS in handle.pruner.needs:
-            handle.set_hints([{"token_priority": {"question": [i % 3 for i in range(v)]}}])
-        with torch.no_grad():
-            tv.model(**inputs)
+    handle, _, _ = _pruned("llava_next", pruner, keep=keep)
+    with handle, torch.no_grad():
+        tv.model(**inputs)
         assert [tuple(image) for image in handle.stats.samples[0].images] == [(v, keep)]
