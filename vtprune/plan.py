@@ -30,6 +30,27 @@ class KeepPlan:
     def has_padding_slots(self) -> bool:
         return not bool(self.valid.all())
 
+    @property
+    def is_identity(self) -> bool:
+        """True when the plan keeps every token in place with no merged states: applying it changes nothing."""
+        return (self.length == self.full_len and self.replace_mask is None and not self.has_padding_slots
+                and bool((self.index == torch.arange(self.full_len, device=self.index.device)).all()))
+
+    @classmethod
+    def identity(cls, batch: int, length: int, device: torch.device) -> "KeepPlan":
+        """The plan that keeps all ``length`` tokens of every row (an unpruned stretch of a cache)."""
+        index = torch.arange(length, device=device).expand(batch, -1)
+        return cls(index=index, valid=torch.ones(batch, length, dtype=torch.bool, device=device), full_len=length)
+
+    def extend(self, n: int) -> "KeepPlan":
+        """This plan followed by ``n`` unpruned tokens (merged states are dropped: the result maps slots only)."""
+        return self.concat(KeepPlan.identity(self.index.shape[0], n, self.index.device))
+
+    def concat(self, other: "KeepPlan") -> "KeepPlan":
+        """This plan followed by ``other``, whose indices count from this plan's end (a later pruned chunk)."""
+        return KeepPlan(index=torch.cat([self.index, other.index + self.full_len], 1),
+                        valid=torch.cat([self.valid, other.valid], 1), full_len=self.full_len + other.full_len)
+
     @classmethod
     def from_keep_mask(cls, keep: torch.Tensor,
                        replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = ()) -> "KeepPlan":
@@ -89,18 +110,26 @@ class KeepPlan:
         head = head & self.valid if head.dtype == torch.bool else head * self.valid.to(head.dtype)
         return torch.cat([head, mask[:, self.full_len:]], dim=1)
 
-    def gather_4d_mask(self, mask: torch.Tensor, rows: bool) -> torch.Tensor:
-        """A [b, h, q, L(+extra)] boolean or additive mask -> kept key columns (invalid slots masked),
-        and kept query rows when ``rows`` (prefill). Padding-slot rows attend to themselves only, so
-        no row is fully masked (which would put NaNs into the cache)."""
-        head = self.gather(mask[..., :self.full_len], seq_dim=3)
-        col_ok = self.valid[:, None, None, :]
-        head = _restrict(head, col_ok)
-        out = torch.cat([head, mask[..., self.full_len:]], dim=3)
-        if rows:
-            out = self.gather(out, seq_dim=2)
-            out = _self_only_rows(out, self.valid)
+    def gather_4d_mask(self, mask: torch.Tensor, rows: "KeepPlan | None" = None, fixed_width: bool = False
+                       ) -> torch.Tensor:
+        """A [b, h, q, L(+extra)] boolean or additive mask -> this plan's key columns (invalid slots masked),
+        and the query rows of ``rows`` (the plan of the tokens this call prunes, if any). ``fixed_width``
+        (static caches, whose key length never changes) pads the freed columns back as masked. Padding-slot
+        rows of a prefill attend to themselves only, so no row is fully masked (NaNs in the cache)."""
+        head = _restrict(self.gather(mask[..., :self.full_len], seq_dim=3), self.valid[:, None, None, :])
+        parts = [head, mask[..., self.full_len:]]
+        if fixed_width:
+            parts.append(_restrict(mask[..., :self.full_len - self.length], torch.zeros((), dtype=torch.bool)))
+        out = torch.cat(parts, dim=3)
+        if rows is not None:
+            out = rows.gather(out, seq_dim=2)
+            if rows.length == self.length:  # a prefill: row i's own key is column i
+                out = _self_only_rows(out, rows.valid)
         return out
+
+    def gather_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """[b, L] token labels -> the kept slots' labels, ``ignore_index`` on padding slots."""
+        return self.gather(labels, seq_dim=1).masked_fill(~self.valid, ignore_index)
 
     def causal_mask(self, q_len: int, extra: int, like: str, dtype: torch.dtype) -> torch.Tensor:
         """Build a [b, 1, q, Lk+extra] mask from scratch (when the model passed none): causal over the
@@ -111,7 +140,7 @@ class KeepPlan:
         col_ok = torch.cat([self.valid, torch.ones(b, extra, dtype=torch.bool, device=dev)], 1)
         qpos = torch.arange(kv - q_len, kv, device=dev)[:, None]
         allowed = (torch.arange(kv, device=dev)[None, :] <= qpos)[None, None] & col_ok[:, None, None, :]
-        if extra == 0:
+        if extra == 0 and q_len == lk:
             allowed = _self_only_rows(allowed, self.valid)
         return to_mask_kind(allowed, like, dtype)
 
@@ -135,7 +164,7 @@ def _self_only_rows(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return mask
     q, kv = mask.shape[-2], mask.shape[-1]
     eye = torch.zeros(q, kv, dtype=torch.bool, device=mask.device)
-    eye[torch.arange(q), torch.arange(kv - q, kv)] = True
+    eye[torch.arange(q), torch.arange(q)] = True
     bad_row = ~valid[:, None, :, None]
     if mask.dtype == torch.bool:
         return torch.where(bad_row, eye[None, None], mask)

@@ -56,7 +56,7 @@ class LlavaAdapter(ModelAdapter):
     def _views_qk(self, layer: int, capture: InputCapture) -> tuple[torch.Tensor, torch.Tensor, float]:
         """q/k [views, H, 1+P, hd] of every encoded view (token 0 is [CLS])."""
         attn = self.vision_attention(layer)
-        hidden = capture.tensor("hidden_states")
+        hidden = capture.tensor("hidden_states", call=0)
         v, n, _ = hidden.shape
         q = attn.q_proj(hidden).view(v, n, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(hidden).view(v, n, -1, attn.head_dim).transpose(1, 2)
@@ -88,7 +88,7 @@ class LlavaAdapter(ModelAdapter):
 
     def projector_inputs(self, capture: InputCapture, tower: InputCapture, layouts: list[ImageLayout]
                          ) -> list[ProjectorInput]:
-        x = capture.tensor("image_features")  # [views, P, d_v], [CLS] already dropped
+        x = capture.tensor("image_features", call=0)  # [views, P, d_v], [CLS] already dropped; later calls re-project
         out = []
         for layout, maps in zip(layouts, self._token_maps(x.shape[0], layouts, x.device)):
             inputs = x.new_zeros(layout.size, 1, x.shape[-1])
