@@ -33,7 +33,7 @@ from .measure import (
     selection_seconds,
     timed_selection,
 )
-from .registry import make_config
+from .registry import make_config, pruner_class
 
 #: where ``--model NAME`` looks for ``NAME.json``
 CONFIG_DIRS = (Path(__file__).resolve().parent.parent / "configs" / "models", Path("configs") / "models")
@@ -225,12 +225,19 @@ class Setting:
         return f"{c.name} {c.site if c.site == 'pre_llm' else f'K={c.layer}'} keep={c.keep}"
 
 
-def make_settings(pruners: Sequence[str], keeps: Sequence[float | int], site: str = "pre_llm",
+def make_settings(pruners: Sequence[str], keeps: Sequence[float | int], site: str | None = None,
                   layer: int | None = None) -> list[Setting]:
-    """The unpruned baseline + every (pruner, keep) pair, validated now (before any model is built)."""
+    """The unpruned baseline + every (pruner, keep) pair, validated now (before any model is built). ``site=None``
+    is each pruner's own default site (``layer`` for FastV and DART), and then ``layer`` goes to the pruners acting
+    at site ``layer`` only; a ``site`` given applies, with ``layer``, to every pruner."""
     if not pruners or not keeps:
         raise VTPruneError("give at least one pruner and one keep value")
-    return [Setting(None)] + [Setting(make_config(p, keep=k, site=site, layer=layer)) for p in pruners for k in keeps]
+    settings = [Setting(None)]
+    for p in pruners:
+        at = site or pruner_class(p).config_class.site
+        k_layer = layer if site or at == "layer" else None
+        settings += [Setting(make_config(p, keep=k, site=at, layer=k_layer)) for k in keeps]
+    return settings
 
 
 @dataclass

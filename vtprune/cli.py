@@ -52,8 +52,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pruners", default="random", help="comma-separated pruner names (default: random)")
     p.add_argument("--keep", type=_number_list, default=[0.5, 0.25, 0.11],
                    help="comma-separated keep values: fractions in (0, 1] or int token counts")
-    p.add_argument("--site", choices=("pre_llm", "layer"), default="pre_llm")
-    p.add_argument("--layer", type=int, default=None, help="K for --site layer (default 2)")
+    p.add_argument("--site", choices=("pre_llm", "layer"), default=None,
+                   help="where every pruner acts (default: each pruner's own site: layer for fastv and dart, "
+                        "pre_llm for the others); a pruner that cannot act there is an error")
+    p.add_argument("--layer", type=int, default=None,
+                   help="K for the pruners acting at site layer (default: the pruner's own, 2)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

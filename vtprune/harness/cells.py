@@ -64,9 +64,12 @@ class Setting:
 
 
 def settings_of(spec: PrunerSpec) -> list[Setting]:
-    """Every grid point of one pruner entry."""
+    """Every grid point of one pruner entry, with the layer the pruner's config resolves (its default K when the
+    entry gives none), so the setting names what runs."""
     options = tuple(sorted(spec.options.items()))
-    return [Setting(pruner=spec.name, options=options, label=spec.label, **point) for point in spec.grid()]
+    return [Setting(pruner=spec.name, options=options, label=spec.label,
+                    **{**point, "layer": make_config(spec.name, **point, **spec.options).layer})
+            for point in spec.grid()]
 
 
 @dataclass

@@ -27,10 +27,29 @@ from pydantic import (
 )
 
 from ..errors import VTPruneError
-from ..registry import make_config
+from ..registry import make_config, pruner_class
 
 METRICS = ("exact_match", "vqa", "multiple_choice")
 _PATH_KEYS = {"models": ("path", "config", "processor"), "tasks": ("path",)}
+GRID_FIELDS = ("keep", "site", "layer", "positions")
+#: largest sweep seed: it seeds torch, numpy (the generated tasks) and every pruner without overflow
+MAX_SEED = 2**32 - 1
+#: YAML 1.2 core-schema floats: unlike YAML 1.1 (PyYAML's default) they include ``1e-3`` and ``1.0e3``
+_FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?
+                           |[-+]?[0-9]+[eE][-+]?[0-9]+
+                           |[-+]?\.(?:inf|Inf|INF)
+                           |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
+
+
+class _SafeLoader12(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only, never code) with YAML 1.2 float resolution, so ``keep: 1e-3`` is a
+    number, not the string YAML 1.1 makes of it."""
+
+
+_SafeLoader12.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SafeLoader12.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
 class ConfigError(VTPruneError):
@@ -84,11 +103,12 @@ def _as_list(value: Any) -> Any:
 
 class PrunerSpec(_Strict):
     """One pruner and its grid: every combination of ``keep`` × ``site`` × ``layer`` × ``positions`` is a setting;
-    ``options`` are the pruner's own options (validated by its config class)."""
+    ``options`` are the pruner's own options (validated by its config class). A ``site`` of ``None`` (the default)
+    is the pruner's own default site, e.g. ``layer`` for FastV and DART."""
 
     name: str
     keep: list[StrictFloat | StrictInt] = Field(min_length=1)
-    site: list[Literal["pre_llm", "layer"]] = ["pre_llm"]
+    site: list[Literal["pre_llm", "layer"] | None] = [None]
     layer: list[StrictInt | None] = [None]
     positions: list[Literal["original", "compact"]] = ["original"]
     options: dict[str, Any] = {}
@@ -99,19 +119,22 @@ class PrunerSpec(_Strict):
     @field_validator("options")
     @classmethod
     def _no_grid_keys(cls, options: dict[str, Any]) -> dict[str, Any]:
-        clash = sorted(set(options) & {"keep", "site", "layer", "positions"})
+        clash = sorted(set(options) & set(GRID_FIELDS))
         if clash:
             raise ValueError(f"{clash} are grid fields of the pruner entry, not options")
         return options
 
     def grid(self) -> list[dict[str, Any]]:
-        """Every (keep, site, layer, positions) combination; ``layer`` only applies to ``site: layer``."""
-        out = []
+        """Every distinct (keep, site, layer, positions) combination, an unset site being the pruner's default;
+        ``layer`` only applies to site ``layer``. An int keep (tokens) and a float keep (a fraction) are different
+        budgets even when equal as numbers (``1`` vs ``1.0``)."""
+        default_site = pruner_class(self.name).config_class.site
+        out: dict[tuple, dict[str, Any]] = {}
         for keep, site, layer, positions in itertools.product(self.keep, self.site, self.layer, self.positions):
+            site = site or default_site
             point = {"keep": keep, "site": site, "layer": layer if site == "layer" else None, "positions": positions}
-            if point not in out:
-                out.append(point)
-        return out
+            out.setdefault(tuple((type(v), v) for v in point.values()), point)
+        return list(out.values())
 
 
 class TaskSpec(_Strict):
@@ -172,7 +195,7 @@ class SweepConfig(_Strict):
     name: str = "sweep"
     output: str | None = None
     backend: Literal["local", "lmms_eval"] = "local"
-    seed: int = 0
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     models: list[ModelSpec] = Field(min_length=1)
     pruners: list[PrunerSpec] = []
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -228,7 +251,7 @@ def _load_raw(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], Prov
     if path in chain:
         raise ConfigError(f"{path}: include cycle: {' -> '.join(str(p) for p in (*chain, path))}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_SafeLoader12)
     except OSError as e:
         where = f" (included from {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}: cannot read{where}: {e.strerror}") from None
@@ -348,21 +371,38 @@ def _pydantic_issues(errors: list[dict[str, Any]], prov: Provenance, root: Path)
 
 
 def _check_pruners(config: SweepConfig, prov: Provenance, root: Path) -> list[str]:
-    """Build every setting's config through the registry: unknown pruners/options and bad budgets fail now."""
+    """Build every setting's config through the registry: unknown pruners/options, bad budgets and seeds, and sites a
+    pruner cannot act at fail now."""
     problems = []
+
+    def report(i: int, field: str, text: str) -> None:
+        loc = ("pruners", i, *field.split("."))
+        problems.append(f"{_file_for(loc, prov, root)}: {_field_name(loc)}: {text}")
+
     for i, spec in enumerate(config.pruners):
-        for point in spec.grid():
+        try:
+            points = spec.grid()
+        except VTPruneError as e:  # an unknown pruner
+            report(i, "name", str(e))
+            continue
+        for point in points:
             try:
                 make_config(spec.name, **point, **{"seed": config.seed, **spec.options})
             except VTPruneError as e:
-                text = str(e)
-                field = ("name" if text.startswith("unknown pruner") else "options" if "option" in text
-                         else next((f for f in ("keep", "site", "layer", "positions", "seed") if text.startswith(f)),
-                                   "options"))
-                loc = ("pruners", i, field)
-                problems.append(f"{_file_for(loc, prov, root)}: {_field_name(loc)}: {text}")
+                report(i, _field_of(str(e), spec, point), str(e))
                 break
     return problems
+
+
+def _field_of(text: str, spec: PrunerSpec, point: dict[str, Any]) -> str:
+    """The entry field a registry error about ``point`` concerns: ``site`` (one the pruner cannot act at), else the
+    grid field or ``options.<option>`` its message starts with, else ``options``."""
+    if point["site"] not in pruner_class(spec.name).sites:
+        return "site"
+    word = re.match(r"\w*", text).group()
+    if word in GRID_FIELDS:
+        return word
+    return f"options.{word}" if word in spec.options else "options"
 
 
 def _check_sources(config: SweepConfig, prov: Provenance, root: Path) -> list[str]:
