@@ -107,7 +107,7 @@ def test_plot_legend_fits_inside_the_figure():
     fig = P.plt.figure(figsize=(12, 4), layout="constrained")
     fig.subplots(1, 2)
     used = {L.BASELINE} | {f"[ref] informed: question targets {i}" for i in range(20)}
-    P._legend(fig, P._styles([{"method": m} for m in used]), used, panel_cols=2)
+    P._legend(fig, P._styles([{"label": m} for m in used]), used, panel_cols=2)
     fig.canvas.draw()
     box = fig.legends[0].get_window_extent()
     assert 0 <= box.x0 and box.x1 <= fig.bbox.x1

@@ -103,7 +103,8 @@ def test_accuracy_table_shows_the_overall_and_group_scores(records):
     assert rows == [line.split(" | ")[:2] for line in ret.splitlines()
                     if line.startswith("| ") and "method" not in line]  # same row order in both tables
     mine = [r for r in records if r["model"] == "m1"]
-    assert [[f"| {r['method']}", "all" if r["keep"] is None else f"{r['keep']}"] for r in L.group_order(mine)] == rows
+    order = L.group_order(L.labelled(mine))
+    assert [[f"| {r['label']}", "all" if r["keep"] is None else f"{r['keep']}"] for r in order] == rows
     assert rows[0] == ["| unpruned", "all"] and rows[1:4] == [["| a", "0.75"], ["| a", "0.5"], ["| a", "0.25"]]
     assert "| a | 0.5 | 80.0% | n/a | 25.0% |" in ret  # retention keeps its columns (no "all")
 

@@ -155,6 +155,9 @@ def _add_leaderboard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for leaderboard.md, leaderboard.csv and PNGs")
     p.add_argument("--flops", choices=("fastv", "prefill"), default="fastv",
                    help="FLOPs on the plots' x axis: FastV convention (LLM prefill) or exact prefill (default fastv)")
+    p.add_argument("--aggregate-seeds", action="store_true",
+                   help="merge the rows that differ only in seed (the sweep's or options.seed) into one: mean ± "
+                        "sample std with the number of seeds n (default: every cell is its own row)")
     p.set_defaults(run=_leaderboard)
 
 
@@ -162,7 +165,7 @@ def _leaderboard(args: argparse.Namespace) -> int:
     """Run ``vtprune leaderboard``."""
     from .harness.leaderboard import write_leaderboard
 
-    for path in write_leaderboard(args.results, args.out, flops=args.flops):
+    for path in write_leaderboard(args.results, args.out, flops=args.flops, aggregate=args.aggregate_seeds):
         print(f"wrote {path}")
     return 0
 

@@ -1,13 +1,20 @@
 """Leaderboard tables from a results file: ``leaderboard.csv`` (every number at full precision, one row per cell)
 and ``leaderboard.md`` (per model and task, methods ranked by accuracy retention at each keep budget, and across
 model/task pairs how stable the methods' ranking is), plus the plots of :mod:`.plots`. Every number in a table comes
-straight from a stored record; only the ranking-stability correlations are computed from them.
+straight from a stored record; only the ranking-stability correlations, and the mean ± std of seeds that
+``aggregate_seeds`` merges on request, are computed from them.
+
+Every distinct setting is its own row: an int budget (tokens) and a float one (a fraction) differ even when equal
+as numbers, and so do two entries differing only in options or seed; a row's ``label`` is its method name plus
+whatever tells it apart from other rows of that method (``seed=1``, ``sweep_seed=2``, an option, the site).
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,13 +29,20 @@ COLUMNS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "task": lambda r: r["task"],
     "metric": lambda r: r["metrics"]["metric"],
     "method": lambda r: r["method"],
+    "label": lambda r: r["label"],
     "pruner": lambda r: r["pruner"],
     "keep": lambda r: r["keep"],
     "site": lambda r: r["site"],
     "layer": lambda r: r["layer"],
+    "positions": lambda r: r.get("positions"),
+    "options": lambda r: json.dumps(r.get("options") or {}, sort_keys=True),
+    "seed": lambda r: r.get("seed"),
+    "seeds": lambda r: r.get("seeds", {}).get("n"),
     "n": lambda r: r["metrics"]["n"],
     "score": lambda r: r["metrics"]["score"],
+    "score_std": lambda r: r.get("seeds", {}).get("std", {}).get("score"),
     "retention": lambda r: r["retention"]["score"],
+    "retention_std": lambda r: r.get("seeds", {}).get("std", {}).get("retention"),
     "visual_before": lambda r: r["visual_tokens"]["visual_before"],
     "visual_after": lambda r: r["visual_tokens"]["visual_after"],
     "kept_ratio": lambda r: r["visual_tokens"]["kept_ratio"],
@@ -49,19 +63,102 @@ COLUMNS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-def entry_key(record: dict[str, Any]) -> tuple:
-    """What one leaderboard row stands for: model, task, method and budget (a rerun with changed data or options
-    replaces the older row)."""
-    return record["model"], record["task"], record["method"], record["keep"]
+def budget_key(keep: float | int) -> tuple[int, float]:
+    """Budgets in display order: fractions (largest first), then token counts (largest first); ``1`` (one token)
+    and ``1.0`` (every token) are different budgets."""
+    return (0 if isinstance(keep, float) else 1, -float(keep))
+
+
+def entry_key(record: dict[str, Any], seeds: bool = True) -> tuple:
+    """What one leaderboard row stands for: model, task, method, budget, site, layer, positions, options and sweep
+    seed (a rerun with changed data, model or generation settings replaces the older row); ``seeds=False`` leaves
+    out the seeds (the sweep's and ``options.seed``), so the seeds of one setting share a key."""
+    options = dict(record.get("options") or {})
+    if not seeds:
+        options.pop("seed", None)
+    keep = record["keep"]
+    return (record["model"], record["task"], record["method"], record.get("pruner"),
+            None if keep is None else budget_key(keep), record.get("site"), record.get("layer"),
+            record.get("positions"), json.dumps(options, sort_keys=True), record.get("seed") if seeds else None)
+
+
+def _details(record: dict[str, Any]) -> dict[str, Any]:
+    """What may tell two rows of one method apart, by how a label names it."""
+    return {"sweep_seed": record.get("seed"), **(record.get("options") or {}), "site": record.get("site"),
+            "layer": record.get("layer"), "positions": record.get("positions")}
+
+
+def labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``rows`` with a ``label``: the method, plus ``name=value`` of each detail (seeds, options, site,
+    layer, positions) that differs between rows of that method on the same model and task."""
+    peers: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        peers.setdefault((r["model"], r["task"], r["method"]), []).append(_details(r))
+    out = []
+    for r in rows:
+        group = peers[(r["model"], r["task"], r["method"])]
+        names = dict.fromkeys(k for d in group for k in d)
+        differ = [k for k in names if len({json.dumps(d.get(k), sort_keys=True) for d in group}) > 1]
+        mine = _details(r)
+        shown = [f"{k}={mine[k]}" for k in differ if mine.get(k) is not None]
+        out.append({**r, "label": " ".join([r["method"], *shown])})
+    return out
 
 
 def latest_ok(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last successful record of every leaderboard row, in first-seen order."""
+    """The last successful record of every leaderboard row, in first-seen order, labelled (:func:`labelled`)."""
     latest: dict[tuple, dict[str, Any]] = {}
     for r in records:
         if r.get("status") == "ok":
             latest[entry_key(r)] = r
-    return list(latest.values())
+    return labelled(list(latest.values()))
+
+
+#: the measured parts of a record, averaged when seeds are merged
+MEASURED = ("metrics", "retention", "visual_tokens", "flops", "latency", "memory")
+#: the parts naming the setting, the same for every seed merged
+IDENTITY = ("schema", "status", "sweep", "model", "task", "method", "pruner", "keep", "site", "layer", "positions")
+
+
+def _mean(values: list[Any]) -> Any:
+    """A value every member shares as is; numbers averaged, dicts key by key; ``None`` where members disagree
+    otherwise (or one lacks the value)."""
+    if all(v == values[0] and type(v) is type(values[0]) for v in values):
+        return values[0]
+    if all(isinstance(v, dict) for v in values):
+        return {k: _mean([v.get(k) for v in values]) for k in dict.fromkeys(k for v in values for k in v)}
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return statistics.fmean(values)
+    return None
+
+
+def _std(values: list[float | None]) -> float | None:
+    """Sample standard deviation; ``None`` below two values or when one is missing."""
+    return statistics.stdev(values) if len(values) > 1 and None not in values else None
+
+
+def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows differing only in seed (the sweep's or ``options.seed``) merged into one: every measured number is the
+    mean over the seeds; ``seeds`` holds ``n``, the seeds, the cells and the sample std of score and retention.
+    Only on request (``vtprune leaderboard --aggregate-seeds``): by default every cell is its own row."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(entry_key(r, seeds=False), []).append(r)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        row = {k: first.get(k) for k in IDENTITY}
+        row.update({k: _mean([m[k] for m in members]) for k in MEASURED})
+        row.update({
+            "cell": "+".join(m["cell"] for m in members), "seed": None,
+            "options": {k: v for k, v in (first.get("options") or {}).items() if k != "seed"},
+            "seeds": {"n": len(members), "cells": [m["cell"] for m in members],
+                      "values": [{"sweep": m.get("seed"), "options": (m.get("options") or {}).get("seed")}
+                                 for m in members],
+                      "std": {"score": _std([m["metrics"]["score"] for m in members]),
+                              "retention": _std([m["retention"]["score"] for m in members])}}})
+        out.append(row)
+    return labelled(out)
 
 
 def group_columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -91,11 +188,6 @@ def csv_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]
     return header, rows
 
 
-def budget_key(keep: float | int) -> tuple[int, float]:
-    """Budgets in display order: fractions (largest first), then token counts (largest first)."""
-    return (0 if isinstance(keep, float) else 1, -float(keep))
-
-
 def ranked(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Methods ranked by retention (missing last), then score, then fewer FLOPs."""
     def key(r: dict[str, Any]) -> tuple:
@@ -107,7 +199,7 @@ def ranked(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def group_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Row order of the per-group tables: the baseline first, then by method, then budget (display order)."""
-    return sorted(records, key=lambda r: (r["keep"] is not None, r["method"],
+    return sorted(records, key=lambda r: (r["keep"] is not None, r["label"],
                                           budget_key(r["keep"]) if r["keep"] is not None else 0))
 
 
@@ -144,10 +236,10 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 REFERENCE_PRUNERS = frozenset({"informed"})
 
 
-def pruned_scores(records: list[dict[str, Any]]) -> dict[tuple[str, float | int], float]:
-    """(method, keep) -> score of the pruning methods' records (the baseline and informed references have no rank
+def pruned_scores(records: list[dict[str, Any]]) -> dict[tuple[str, tuple[int, float]], float]:
+    """(label, budget key) -> score of the pruning methods' rows (the baseline and informed references have no rank
     among the methods)."""
-    return {(r["method"], r["keep"]): r["metrics"]["score"] for r in records
+    return {(r["label"], budget_key(r["keep"])): r["metrics"]["score"] for r in records
             if r["method"] != BASELINE and r.get("pruner") not in REFERENCE_PRUNERS and r["keep"] is not None
             and r["metrics"]["score"] is not None}
 
@@ -157,11 +249,12 @@ def stability_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     shared budget, then over all their common (method, keep) entries."""
     pairs = list(dict.fromkeys((r["model"], r["task"]) for r in records))
     scores = {p: pruned_scores([r for r in records if (r["model"], r["task"]) == p]) for p in pairs}
+    keeps = {budget_key(r["keep"]): r["keep"] for r in records if r["keep"] is not None}
     rows = []
     for a, b in itertools.combinations(pairs, 2):
-        common = sorted(scores[a].keys() & scores[b].keys(), key=lambda mk: (budget_key(mk[1]), mk[0]))
-        keeps = sorted({keep for _, keep in common}, key=budget_key)
-        subsets = [(f"{k}", [mk for mk in common if mk[1] == k]) for k in keeps] + [("all budgets", common)]
+        common = sorted(scores[a].keys() & scores[b].keys(), key=lambda mk: (mk[1], mk[0]))
+        budgets = sorted({budget for _, budget in common})
+        subsets = [(f"{keeps[k]}", [mk for mk in common if mk[1] == k]) for k in budgets] + [("all budgets", common)]
         for keep, entries in subsets:
             rho = spearman([scores[a][mk] for mk in entries], [scores[b][mk] for mk in entries])
             rows.append([" · ".join(a), " · ".join(b), keep, str(len(entries)), fmt_score(rho)])
@@ -197,11 +290,21 @@ def fmt_tokens(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
 
+def fmt_spread(text: str, std: float | None, fmt: Callable[[float | None], str], n: int | None) -> str:
+    """A mean as ``mean ± std (n=N)`` for a row merged from N seeds, else the number as is."""
+    if n is None:
+        return text
+    return f"{text} ± {fmt(std)} (n={n})" if std is not None else f"{text} (n={n})"
+
+
 def method_row(rank: int | str, r: dict[str, Any]) -> list[str]:
-    """One markdown table row of a record."""
+    """One markdown table row of a leaderboard row."""
     lat, flops = r["latency"], r["flops"]
     overhead = f"{fmt_ms(lat['overhead_ms'])} ms ({fmt_pct(lat['overhead_share'])})"
-    return [str(rank), r["method"], fmt_score(r["metrics"]["score"]), fmt_pct(r["retention"]["score"]),
+    seeds = r.get("seeds", {})
+    std, n = seeds.get("std", {}), seeds.get("n")
+    return [str(rank), r["label"], fmt_spread(fmt_score(r["metrics"]["score"]), std.get("score"), fmt_score, n),
+            fmt_spread(fmt_pct(r["retention"]["score"]), std.get("retention"), fmt_pct, n),
             fmt_tokens(r["visual_tokens"]["visual_after"]), fmt_flops(flops["fastv"]), fmt_flops(flops["prefill"]),
             fmt_ms(lat["prefill_ms"]), fmt_x(lat["prefill_speedup"]), overhead]
 
@@ -221,7 +324,7 @@ def group_table(records: list[dict[str, Any]], what: str) -> list[str]:
     groups = group_columns(records)
     overall = ["all"] if what == "score" else []
     header = ["method", "keep", *overall] + [name if kind == "category" else f"tag:{name}" for kind, name in groups]
-    rows = [[r["method"], "all" if r["keep"] is None else f"{r['keep']}"]
+    rows = [[r["label"], "all" if r["keep"] is None else f"{r['keep']}"]
             + ([fmt_pct(r["metrics"]["score"])] if what == "score" else [])
             + [fmt_pct(group_value(r, kind, name, what)) for kind, name in groups]
             for r in group_order(records)]
@@ -229,10 +332,14 @@ def group_table(records: list[dict[str, Any]], what: str) -> list[str]:
 
 
 def markdown(records: list[dict[str, Any]], failed: list[dict[str, Any]], source: Path) -> str:
-    """``leaderboard.md``: per model and task, the baseline, a ranked table per budget, accuracy and retention by
-    group; then how stable the methods' ranking is across model/task pairs."""
+    """``leaderboard.md`` of leaderboard rows: per model and task, the baseline, a ranked table per budget, accuracy
+    and retention by group; then how stable the methods' ranking is across model/task pairs."""
+    records = labelled(records)
+    merged = sum(r["seeds"]["n"] for r in records if "seeds" in r)
+    what = (f"{len(records)} row(s) merged from {merged} successful cell(s): seeds of one setting as mean ± sample "
+            "std (n = seeds)" if merged else f"{len(records)} successful cell(s)")
     lines = ["# vtprune leaderboard", "",
-             f"From `{source}`: {len(records)} successful cell(s), {len(failed)} failed.", "",
+             f"From `{source}`: {what}, {len(failed)} failed.", "",
              "Retention = score ÷ the unpruned score of the same model and task. FLOPs are per question, prefill "
              "only: FastV convention (LLM layers, 4nd²+2n²d+2ndm) and exact (vision, projector, LLM, LM head, "
              "pruner overhead). Prefill = measured time to first token per batch (median); speedup = unpruned "
@@ -240,13 +347,14 @@ def markdown(records: list[dict[str, Any]], failed: list[dict[str, Any]], source
     pairs = list(dict.fromkeys((r["model"], r["task"]) for r in records))
     for model, task in pairs:
         mine = [r for r in records if (r["model"], r["task"]) == (model, task)]
-        base = next((r for r in mine if r["method"] == BASELINE), None)
+        bases = [r for r in mine if r["keep"] is None]
         lines += [f"## {model} · {task} ({mine[0]['metrics']['metric']}, n={mine[0]['metrics']['n']})", ""]
-        if base is not None:
-            lines += _table(HEADER, [method_row("-", base)]) + [""]
-        for keep in sorted({r["keep"] for r in mine if r["keep"] is not None}, key=budget_key):
-            lines += [f"### keep {fmt_keep(keep)}", ""]
-            pruned = ranked([r for r in mine if r["keep"] == keep])
+        if bases:
+            lines += _table(HEADER, [method_row("-", base) for base in bases]) + [""]
+        keeps = {budget_key(r["keep"]): r["keep"] for r in mine if r["keep"] is not None}
+        for budget in sorted(keeps):
+            lines += [f"### keep {fmt_keep(keeps[budget])}", ""]
+            pruned = ranked([r for r in mine if r["keep"] is not None and budget_key(r["keep"]) == budget])
             lines += _table(HEADER, [method_row(i, r) for i, r in enumerate(pruned, 1)]) + [""]
         if group_columns(mine):
             lines += ["### accuracy by category and tag", "", *group_table(mine, "score"), ""]
@@ -264,15 +372,19 @@ def markdown(records: list[dict[str, Any]], failed: list[dict[str, Any]], source
     return "\n".join(lines)
 
 
-def write_leaderboard(results: str | Path, out: str | Path, flops: str = "fastv") -> list[Path]:
-    """Write ``leaderboard.md``, ``leaderboard.csv`` and the PNG plots into ``out``; returns the paths. Each
-    (model, task, method, keep) shows its last successful record; failures without one are listed."""
+def write_leaderboard(results: str | Path, out: str | Path, flops: str = "fastv", aggregate: bool = False
+                      ) -> list[Path]:
+    """Write ``leaderboard.md``, ``leaderboard.csv`` and the PNG plots into ``out``; returns the paths. Each row
+    (:func:`entry_key`) shows its last successful record, or with ``aggregate`` the mean ± std of its seeds
+    (:func:`aggregate_seeds`); failures without a success are listed."""
     from .plots import write_plots
 
     source = Path(results)
     records = read_records(source)
     ok = latest_ok(records)
     done = {entry_key(r) for r in ok}
+    if aggregate:
+        ok = aggregate_seeds(ok)
     failed = list({entry_key(r): r for r in records if r.get("status") == "error" and entry_key(r) not in done}
                   .values())
     out = Path(out)

@@ -39,8 +39,8 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _styles(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A fixed colour and marker per method (the baseline is a black star)."""
-    methods = sorted({r["method"] for r in records} - {BASELINE})
+    """A fixed colour and marker per row label, i.e. per method setting (the baseline is a black star)."""
+    methods = sorted({r["label"] for r in records} - {BASELINE})
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     styles = {m: {"color": cmap(i % cmap.N), "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(methods)}
     styles[BASELINE] = {"color": "black", "marker": "*"}
@@ -91,8 +91,8 @@ def _accuracy_plot(records: list[dict[str, Any]], path: Path, x_of: Any, xlabel:
     used: set[str] = set()
     for ax, (model, task) in zip(axes, pairs):
         mine = [r for r in records if (r["model"], r["task"]) == (model, task) and x_of(r) is not None]
-        for method in sorted({r["method"] for r in mine}):
-            pts = [(x_of(r), r["metrics"]["score"]) for r in mine if r["method"] == method]
+        for method in sorted({r["label"] for r in mine}):
+            pts = [(x_of(r), r["metrics"]["score"]) for r in mine if r["label"] == method]
             used.add(method)
             style = styles[method]
             ax.scatter(*zip(*pts), color=style["color"], marker=style["marker"], s=90 if method == BASELINE else 40,
@@ -150,10 +150,10 @@ def _retention_plot(records: list[dict[str, Any]], path: Path, ncols: int = 4) -
             ax.set_visible(False)
         for ax, (kind, name) in zip(axes, groups):
             drawn = False
-            for method in sorted({r["method"] for r in mine}):
+            for method in sorted({r["label"] for r in mine}):
                 pts = [(r["visual_tokens"]["kept_ratio"],
                         r["retention"]["score"] if kind is None else group_value(r, kind, name, "retention"))
-                       for r in mine if r["method"] == method]
+                       for r in mine if r["label"] == method]
                 pts = [(x, y) for x, y in pts if x is not None and y is not None]
                 if not pts:
                     continue
