@@ -30,7 +30,7 @@ def results(tmp_path_factory):
     lines = (root / "probe" / record["predictions"]).read_text().splitlines()
     said = [json.loads(line)["prediction"] for line in lines]
     task = root / "task"
-    shutil.copytree(root / "probe" / "tasks" / "shapes-8", task)
+    shutil.copytree(root / "probe" / "tasks" / "shapes-8-seed-0", task)
     rows = [json.loads(line) for line in (task / "data.jsonl").read_text().splitlines()]
     for i, row in enumerate(rows):
         row["answer"] = said[i] if i % 2 == 0 else "zzz"

@@ -112,7 +112,7 @@ def test_a_failing_cell_is_recorded_and_retried_on_the_next_run(sweep, capsys):
 
 
 def test_random_weight_models_from_a_config_or_a_saved_folder(sweep, tmp_path):
-    saved = sweep[1] / "models" / "tiny-llava"
+    saved = sweep[1] / "models" / "tiny-llava-seed-0"
     data = {**CONFIG, "pruners": [], "tasks": [{"synthetic": "shapes", "size": 3}],
             "models": [{"name": "from-config", "config": str(saved / "config.json"), "random_weights": True,
                         "processor": str(saved)},

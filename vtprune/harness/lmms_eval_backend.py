@@ -107,7 +107,7 @@ def _run_group(run: SweepRun, cells: list[Cell]) -> None:
     config, out = run.config, run.out
     spec, task = cells[0].model, cells[0].task
     started = time.time()
-    pretrained = saved_dir(spec, out)  # tiny models were saved by the runner
+    pretrained = saved_dir(spec, out, config.seed)  # tiny models were saved by the runner
     family = _family(pretrained)
     device = device_for(spec)
     include = export_task(task, out, config.generation.max_new_tokens)

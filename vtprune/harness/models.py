@@ -1,7 +1,8 @@
 """Load a sweep's model + processor from its :class:`~.schema.ModelSpec` (local files only, never a hub).
 
-``tiny`` models are saved once under ``OUTPUT/models/NAME`` and then loaded like any saved model, so the local and
-the lmms-eval backend see the same weights.
+``tiny`` models are saved once under ``OUTPUT/models/tiny-ARCH-seed-SEED`` (named by what generates their weights, so
+a rerun with another seed never loads an earlier seed's model) and then loaded like any saved model, so the local
+and the lmms-eval backend see the same weights.
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ def device_for(spec: ModelSpec, local_rank: int = 0) -> str:
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
-def saved_dir(spec: ModelSpec, output_dir: Path) -> Path | None:
-    """Where the model's weights are on disk (``None`` for a random-weight model built from a config)."""
+def saved_dir(spec: ModelSpec, output_dir: Path, seed: int) -> Path | None:
+    """Where the model's weights are on disk (``None`` for a random-weight model built from a config); a ``tiny``
+    model's folder is keyed by its architecture and the ``seed`` that drew its weights."""
     if spec.tiny is not None:
-        return output_dir / "models" / spec.name
+        return output_dir / "models" / f"tiny-{spec.tiny}-seed-{seed}"
     return None if spec.random_weights else Path(spec.path)
 
 
 def materialize_tiny(spec: ModelSpec, output_dir: Path, seed: int) -> Path:
-    """Save the ``tiny`` model and its processor once (built aside, renamed into place)."""
+    """Save the ``tiny`` model of ``seed`` and its processor once (built aside, renamed into place)."""
     from ..testing import tiny_vlm
 
-    target = saved_dir(spec, output_dir)
+    target = saved_dir(spec, output_dir, seed)
     if (target / "config.json").is_file():
         return target
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

@@ -30,7 +30,7 @@ from .probe import GenerateMeasurement, summarize
 from .records import environment, error_record, ok_record
 from .schema import SweepConfig
 from .store import ResultsStore, write_predictions
-from .synthetic import testbed_export, write_shapes_task
+from .synthetic import generated_task_dir, testbed_export, write_shapes_task
 from .tasks import Task, load_task
 
 RESULTS_FILE = "results.jsonl"
@@ -82,7 +82,7 @@ def prepare(config: SweepConfig, par: Parallel) -> list[Task]:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # per-shard bars would break the sweep's progress bar
-    roots = [Path(t.path) if t.path else config.output_dir / "tasks" / t.name for t in config.tasks]
+    roots = [Path(t.path) if t.path else generated_task_dir(t, config.output_dir, config.seed) for t in config.tasks]
     if par.is_main:
         for spec, root in zip(config.tasks, roots):
             if spec.synthetic:

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import VTPruneError
 from .metrics import NUMBER_WORDS
+from .schema import TaskSpec
 from .tasks import write_task_folder
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
@@ -84,6 +85,14 @@ def _question(objects: list[dict], category: str, rng: np.random.Generator) -> t
         hits = [i for i, o in enumerate(objects) if (o["colour"], o["shape"]) == (colour, shape)]
         return f"is there a {colour} {shape}", "yes" if hits else "no", hits
     return "how many objects are there", DIGIT_WORDS[str(len(objects))], list(range(len(objects)))
+
+
+def generated_task_dir(spec: TaskSpec, output_dir: Path, seed: int) -> Path:
+    """Where a sweep writes a generated task: named by what generates it (shapes: size and ``seed``; testbed: model
+    and size), never by the task's name alone, so a rerun with another seed or size never reuses other data."""
+    if spec.synthetic:
+        return output_dir / "tasks" / f"{spec.synthetic}-{spec.size}-seed-{seed}"
+    return output_dir / "tasks" / f"testbed-{spec.testbed}-{spec.size}"
 
 
 def write_shapes_task(folder: Path, size: int, seed: int = 0) -> Path:
