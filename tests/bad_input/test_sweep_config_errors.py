@@ -4,30 +4,17 @@ unless told otherwise."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
+from test_harness_schema import errors, write
 
 from vtprune.benchmark import make_settings
 from vtprune.cli import main
 from vtprune.harness.cells import expand
-from vtprune.harness.schema import ConfigError, TaskSpec, load_config
+from vtprune.harness.schema import TaskSpec, load_config
 from vtprune.harness.synthetic import write_shapes_task
 from vtprune.harness.tasks import load_task
 
 BASE = {"models": [{"tiny": "llava"}], "tasks": [{"synthetic": "shapes", "size": 4}]}
-
-
-def write(path: Path, data: dict | str) -> Path:
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
-    return path
-
-
-def errors(path: Path) -> str:
-    with pytest.raises(ConfigError) as e:
-        load_config(path)
-    return str(e.value)
 
 
 @pytest.mark.parametrize("seed, expected", [(2**63, "less than or equal to 4294967295"), (2**32, "less than"),
