@@ -167,7 +167,7 @@ def test_store_appends_whole_lines_and_skips_a_damaged_one(tmp_path):
         f.write(b'{"cell": "b", "status": "o')  # a line cut short, e.g. by a full disk
     store.append({"cell": "c", "status": "error"})
     store.append({"cell": "c", "status": "ok"})
-    assert [r["cell"] for r in store.records()] == ["a", "c", "c"] and store.skipped_lines == 1
+    assert [r["cell"] for r in store.records()] == ["a", "c", "c"] and store.damaged == [2]
     assert store.records()[0]["x"] is None
     assert set(store.finished()) == {"a", "c"}
 

@@ -106,15 +106,40 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> (2, 8): shard I of N, 0 <= I < N (``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)."""
+    index, _, count = text.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: expected 0 <= I < N (shards count from 0), e.g. 0/4")
+    return shard
+
+
+def _folder(path: Path, what: str) -> None:
+    """Fail before any work when ``path``, where a folder goes, is something else."""
+    if path.exists() and not path.is_dir():
+        raise VTPruneError(f"{what} {path} is a file; expected a folder (move the file or choose another path)")
+
+
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     """Arguments of ``vtprune sweep``."""
     p = sub.add_parser("sweep", help="run a YAML sweep: models x pruners x keep budgets x tasks (+ unpruned baselines)",
                        description="Validates the config, then runs every cell without a successful record in "
-                                   "OUTPUT/results.jsonl (a rerun resumes). Under `accelerate launch` the processes "
-                                   "share each cell's batches. Schema: docs/harness.md.")
+                                   "OUTPUT/results.jsonl (a rerun resumes). Sweeps sharing one output folder claim "
+                                   "each cell with a lock, so none runs twice; --shard I/N splits the cells between "
+                                   "N such processes or hosts. Under `accelerate launch` the processes share each "
+                                   "cell's batches. Schema: docs/harness.md.")
     p.add_argument("config", type=Path, help="the sweep YAML")
     p.add_argument("--out", type=Path, default=None, help="output folder (overrides the config's output)")
-    p.add_argument("--check", action="store_true", help="validate the config and list the cells; run nothing")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="run shard I of N (0 <= I < N): every N-th cell from the I-th, plus the unpruned baselines "
+                        "they need (run once, by whichever shard gets there first); N runs on one output folder "
+                        "together make the whole sweep")
+    p.add_argument("--check", action="store_true", help="validate the config and list the cells (of --shard); run "
+                                                        "nothing")
     p.add_argument("--no-leaderboard", action="store_true",
                    help="do not write OUTPUT/leaderboard (leaderboard.md, .csv, plots) at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,7 +148,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     """Run ``vtprune sweep``; exit status 1 when a cell failed (its error is in the results file)."""
-    from .harness.runner import prepare, run_sweep
+    from .harness.runner import prepare, run_sweep, shard_cells
     from .harness.schema import load_config
 
     config = load_config(args.config, output=args.out)
@@ -131,26 +156,44 @@ def _sweep(args: argparse.Namespace) -> int:
         from .harness.cells import expand
         from .harness.parallel import Parallel
 
-        for cell in expand(config, prepare(config, Parallel())):
+        for cell in shard_cells(expand(config, prepare(config, Parallel())), args.shard):
             print(f"{cell.hash}  {cell.label}")
         return 0
-    run = run_sweep(config, progress=not args.no_progress)
+    board = config.output_dir / "leaderboard"
+    if not args.no_leaderboard:
+        _folder(board, "leaderboard folder")
+    run = run_sweep(config, progress=not args.no_progress, shard=args.shard)
     if run.par.is_main:
-        print(f"[vtprune sweep] {run.counts['ok']} cell(s) ok, {run.counts['error']} failed -> "
+        others = f", {run.elsewhere} run by other processes" if run.elsewhere else ""
+        print(f"[vtprune sweep] {run.counts['ok']} cell(s) ok, {run.counts['error']} failed{others} -> "
               f"{run.store.path}", file=sys.stderr)
-        if not args.no_leaderboard:
-            from .harness.leaderboard import write_leaderboard
-
-            paths = write_leaderboard(run.store.path, config.output_dir / "leaderboard")
-            print(f"[vtprune sweep] leaderboard and plots -> {paths[0].parent}", file=sys.stderr)
+        if not args.no_leaderboard and run.store.records():
+            _sweep_leaderboard(run.store.path, board)
     return 1 if run.counts["error"] else 0
+
+
+def _sweep_leaderboard(results: Path, board: Path) -> None:
+    """Write the sweep's leaderboard from every record in the results file, one process at a time (the last sweep
+    on the folder to finish writes the complete one)."""
+    from .harness.leaderboard import write_leaderboard
+    from .harness.store import Claim
+
+    claim = Claim(results.parent, "leaderboard")
+    claim.acquire(wait=True)
+    try:
+        paths = write_leaderboard(results, board)
+    finally:
+        claim.release()
+    print(f"[vtprune sweep] leaderboard and plots -> {paths[0].parent}", file=sys.stderr)
 
 
 def _add_leaderboard(sub: argparse._SubParsersAction) -> None:
     """Arguments of ``vtprune leaderboard``."""
     p = sub.add_parser("leaderboard", help="leaderboard.md/.csv and plots from a results file",
                        description="Ranks methods by accuracy retention at each keep budget, per model and task, "
-                                   "with FLOPs, measured prefill speedup and overhead; writes PNG plots.")
+                                   "with FLOPs, measured prefill speedup and overhead; writes PNG plots. Damaged "
+                                   "lines of the results file are named (file:line) and skipped; a file without one "
+                                   "valid record is an error (exit status 2).")
     p.add_argument("results", type=Path, help="a results.jsonl, or a sweep output folder holding one")
     p.add_argument("--out", type=Path, required=True, help="folder for leaderboard.md, leaderboard.csv and PNGs")
     p.add_argument("--flops", choices=("fastv", "prefill"), default="fastv",
@@ -165,6 +208,7 @@ def _leaderboard(args: argparse.Namespace) -> int:
     """Run ``vtprune leaderboard``."""
     from .harness.leaderboard import write_leaderboard
 
+    _folder(args.out, "--out")
     for path in write_leaderboard(args.results, args.out, flops=args.flops, aggregate=args.aggregate_seeds):
         print(f"wrote {path}")
     return 0

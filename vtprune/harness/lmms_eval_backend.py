@@ -95,12 +95,16 @@ def _family(pretrained: Path) -> str:
 
 
 def run_lmms(run: SweepRun, pending: list[Cell]) -> None:
-    """Evaluate ``pending`` with lmms-eval, one process per (model, task), and emit a record per cell."""
+    """Evaluate ``pending`` with lmms-eval, one process per (model, task) of the cells this sweep claims (held until
+    their records are written), and emit a record per cell."""
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in pending:
         groups.setdefault((cell.model.name, cell.task.name), []).append(cell)
     for cells in groups.values():
-        _run_group(run, cells)
+        with run.claim_all(cells) as claimed:
+            run.bar.update(sum(len(c.task.items) for c in cells if c not in claimed))
+            if claimed:
+                _run_group(run, claimed)
 
 
 def _run_group(run: SweepRun, cells: list[Cell]) -> None:

@@ -3,6 +3,11 @@
 A failing cell is recorded with its error and the sweep goes on; a killed sweep loses nothing that was appended
 (see :mod:`.store`) and a rerun skips every cell with a successful record. Under ``accelerate launch`` each process
 evaluates its share of every cell's batches and rank 0 gathers, scores and writes.
+
+Several sweeps may share one output folder (a second terminal, the shards of ``--shard I/N``, hosts on a shared
+filesystem): each cell is claimed with a lock before it runs (:class:`.store.Claim`), so no cell runs twice. A cell
+another process runs, or has recorded since this sweep started, is skipped; an unpruned baseline that another
+process runs is waited for, because the cells after it need its record for their ratios.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +35,13 @@ from .metrics import aggregate, score
 from .parallel import Parallel
 from .probe import GenerateMeasurement, summarize
 from .records import environment, error_record, ok_record
-from .schema import SweepConfig
-from .store import ResultsStore, write_predictions
+from .schema import ModelSpec, SweepConfig
+from .store import Claim, ResultsStore, check_output, successes, write_predictions
 from .synthetic import generated_task_dir, testbed_export, write_shapes_task
 from .tasks import Task, load_task
 
-RESULTS_FILE = "results.jsonl"
+#: seconds between two looks at a baseline that another process is running
+POLL_S = 1.0
 
 
 @dataclass
@@ -48,6 +56,12 @@ class SweepRun:
     par: Parallel
     bar: Any = None
     counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
+    #: cells skipped because another process ran them (or runs them) while this sweep ran
+    elsewhere: int = 0
+    #: cells with a record appended since this sweep started, by any process (ok or error: neither runs again)
+    recorded: set[str] = field(default_factory=set)
+    #: records of the store already looked at
+    seen: int = 0
 
     @property
     def out(self) -> Path:
@@ -57,6 +71,56 @@ class SweepRun:
         """(baseline cell hash, its successful record or ``None``)."""
         base = baseline_of(cell, self.cells)
         return base.hash, self.finished.get(base.hash)
+
+    def refresh(self) -> None:
+        """Pick up the records other processes appended since the last look (rank 0)."""
+        records = self.store.records()
+        for record in records[self.seen:]:
+            self.recorded.add(record["cell"])
+            if record["status"] == "ok":
+                self.finished[record["cell"]] = record
+        self.seen = len(records)
+
+    def _try_claim(self, cell: Cell, claim: Claim) -> str:
+        """``run`` (claimed: this process runs it), ``busy`` (another process runs it) or ``done`` (recorded)."""
+        if not claim.acquire():
+            return "busy"
+        self.refresh()
+        if cell.hash in self.finished or cell.hash in self.recorded:
+            claim.release()
+            return "done"
+        return "run"
+
+    @contextmanager
+    def claim(self, cell: Cell) -> Iterator[bool]:
+        """Hold the cell's lock while the body runs it; yields ``False`` (on every rank) when another process runs
+        it or has recorded it. Rank 0 locks and tells the other ranks; a baseline held elsewhere is waited for."""
+        lock = Claim(self.out, cell.hash) if self.par.is_main else None
+        waiting = False
+        while True:
+            state = self.par.broadcast(self._try_claim(cell, lock) if lock else None)
+            if state != "busy" or not cell.setting.is_baseline:
+                break
+            if lock and not waiting:
+                tqdm.write(f"[vtprune sweep] waiting for {cell.label}: its record is needed next, and "
+                           f"{lock.holder()} is running it", file=sys.stderr)
+                waiting = True
+            time.sleep(POLL_S)  # a poll, not a blocking lock: the other ranks wait in a collective meanwhile
+        if state != "run":
+            self.elsewhere += 1
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            if lock:
+                lock.release()
+
+    @contextmanager
+    def claim_all(self, cells: list[Cell]) -> Iterator[list[Cell]]:
+        """Claim each of ``cells`` in order (see :meth:`claim`) and hold the claimed ones while the body runs."""
+        with ExitStack() as stack:
+            yield [c for c in cells if stack.enter_context(self.claim(c))]
 
     def emit(self, record: dict[str, Any]) -> None:
         """Append a record (rank 0 only) and remember successes for later cells' retention."""
@@ -101,26 +165,44 @@ def prepare(config: SweepConfig, par: Parallel) -> list[Task]:
     return tasks
 
 
-def run_sweep(config: SweepConfig, progress: bool = True) -> SweepRun:
-    """Run every unfinished cell of ``config``; returns the run state (``counts`` of ok / error records)."""
+def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """The cells shard ``(I, N)`` runs, in run order: every N-th cell from the I-th, plus the unpruned baselines
+    of their model and task (claimed like any cell, so each runs once, by whichever shard gets there first)."""
+    if shard is None:
+        return cells
+    index, count = shard
+    own = cells[index::count]
+    needed = {c.hash for c in own} | {baseline_of(c, cells).hash for c in own}
+    return [c for c in cells if c.hash in needed]
+
+
+def run_sweep(config: SweepConfig, progress: bool = True, shard: tuple[int, int] | None = None) -> SweepRun:
+    """Run every unfinished cell of ``config`` (of shard ``(I, N)`` only, see :func:`shard_cells`); returns the
+    run state (``counts`` of ok / error records, ``elsewhere``: cells left to other processes)."""
     torch.set_num_threads(config.measure.threads)
     par = Parallel()
     if par.world > 1 and config.backend == "lmms_eval":
         raise VTPruneError("the lmms_eval backend parallelises itself: set lmms_eval.num_processes instead of "
                            "launching the sweep with several processes")
+    store = check_output(config.output_dir)
     tasks = prepare(config, par)
     cells = expand(config, tasks)
-    store = ResultsStore(config.output_dir / RESULTS_FILE)
-    finished = par.broadcast(store.finished() if par.is_main else None)
-    pending = [c for c in cells if c.hash not in finished]
+    mine = shard_cells(cells, shard)
+    records = store.records() if par.is_main else []  # one snapshot: later records are looked at on claiming
+    finished = par.broadcast(successes(records) if par.is_main else None)
+    pending = [c for c in mine if c.hash not in finished]
     config_hash = stable_hash(config.model_dump(exclude={"output"}))
     context = {"sweep": config.name, "config_hash": config_hash, "seed": config.seed, "env": environment(par.world)}
-    run = SweepRun(config, cells, store, dict(finished), context, par)
+    run = SweepRun(config, cells, store, dict(finished), context, par, seen=len(records))
     if par.is_main:
         _write_snapshot(config, config_hash)
-        print(f"[vtprune sweep] {config.name}: {len(cells)} cells ({len(cells) - len(pending)} finished earlier, "
+        if store.damaged:
+            print(f"[vtprune sweep] warning: {store.damage_report()}; their cells run again unless another line "
+                  "records them", file=sys.stderr)
+        part = "" if shard is None else f", shard {shard[0]}/{shard[1]}: {len(mine)} of them"
+        print(f"[vtprune sweep] {config.name}: {len(cells)} cells{part} ({len(mine) - len(pending)} finished earlier, "
               f"{len(pending)} to run) -> {store.path}", file=sys.stderr)
-    questions = sum(sum(map(len, _my_batches(c, par))) for c in pending)
+    questions = sum(_questions(c, par) for c in pending)
     with tqdm(total=questions, desc="sweep", unit="q", disable=not (progress and par.is_main), dynamic_ncols=True,
               file=sys.stderr) as run.bar:
         if config.backend == "local":
@@ -146,28 +228,41 @@ def _my_batches(cell: Cell, par: Parallel) -> list[list[int]]:
     return batches(len(cell.task.items), cell.model.batch_size)[par.rank::par.world]
 
 
-def _run_local(run: SweepRun, pending: list[Cell]) -> None:
-    """Load each model once, then run its pending cells in order."""
+def _questions(cell: Cell, par: Parallel) -> int:
+    """This process's share of the cell's questions (its progress-bar steps)."""
+    return sum(map(len, _my_batches(cell, par)))
+
+
+def _load(run: SweepRun, spec: ModelSpec) -> tuple[LocalEvaluator | None, dict[str, str] | None]:
+    """(the model's evaluator, ``None``) or (``None``, the first load failure of any process)."""
     config, par = run.config, run.par
-    for spec in config.models:
-        mine = [c for c in pending if c.model is spec]
-        if not mine:
-            continue
-        started = time.time()
-        try:
-            model, processor = models.load(spec, run.out, models.device_for(spec, par.local_rank), config.seed)
-            evaluator, problem = LocalEvaluator(model, processor, spec, config.generation), None
-        except Exception as e:  # a model that fails to load fails its cells, not the sweep
-            evaluator, problem = None, failure(e)
-        problems = [p for p in par.gather(problem) if p]
-        if problems:
-            for cell in mine:
-                run.emit(error_record(cell, run.context, started, **problems[0]))
-                run.bar.update(sum(map(len, _my_batches(cell, par))))
-            continue
-        for cell in mine:
-            _run_local_cell(run, evaluator, cell)
-        del evaluator, model
+    try:
+        model, processor = models.load(spec, run.out, models.device_for(spec, par.local_rank), config.seed)
+        evaluator, problem = LocalEvaluator(model, processor, spec, config.generation), None
+    except Exception as e:  # a model that fails to load fails its cells, not the sweep
+        evaluator, problem = None, failure(e)
+    problems = [p for p in par.gather(problem) if p]
+    return (None, problems[0]) if problems else (evaluator, None)
+
+
+def _run_local(run: SweepRun, pending: list[Cell]) -> None:
+    """Run the pending cells model by model, in order, loading a model when this process claims its first cell."""
+    for spec in run.config.models:
+        loaded = None
+        for cell in (c for c in pending if c.model is spec):
+            with run.claim(cell) as claimed:
+                if not claimed:
+                    run.bar.update(_questions(cell, run.par))
+                    continue
+                started = time.time()
+                loaded = loaded or _load(run, spec)
+                evaluator, problem = loaded
+                if evaluator is None:
+                    run.emit(error_record(cell, run.context, started, **problem))
+                    run.bar.update(_questions(cell, run.par))
+                else:
+                    _run_local_cell(run, evaluator, cell)
+        loaded = evaluator = None  # free the model before loading the next
         gc.collect()
 
 
@@ -175,7 +270,7 @@ def _run_local_cell(run: SweepRun, evaluator: LocalEvaluator, cell: Cell) -> Non
     config, par = run.config, run.par
     run.bar.set_postfix_str(cell.label, refresh=False)
     my_batches = _my_batches(cell, par)
-    expected = sum(map(len, my_batches))
+    expected = _questions(cell, par)
     done = [0]
 
     def advance(n: int) -> None:
