@@ -46,11 +46,20 @@ class PruneHandle:
 
     def set_hints(self, hints: Sequence[Any] | None) -> None:
         """Per-sample values (one per batch row, in batch order) for pruners that read them, such as
-        ``informed``; they stay in force until replaced. Other pruners ignore them."""
+        ``informed``; they stay in force until replaced. Other pruners ignore them. New hints invalidate
+        any selection kept for reuse."""
         if hints is not None and (isinstance(hints, (str, bytes)) or not isinstance(hints, (list, tuple))):
             raise VTPruneError(f"set_hints expects one hint per batch row (a list or tuple) or None, got "
                                f"{type(hints).__name__}")
-        self._engine_or_raise().signals.hints = None if hints is None else list(hints)
+        engine = self._engine_or_raise()
+        engine.reset()
+        engine.signals.hints = None if hints is None else list(hints)
+
+    def reset(self) -> None:
+        """Forget what earlier calls left in the hooks (selections kept for reuse inside a ``generate`` call).
+        Each call already selects afresh; the state of a pruned KV cache travels with the cache object, so
+        starting a new conversation only needs a new cache (or none)."""
+        self._engine_or_raise().reset()
 
     def remove(self) -> None:
         """Remove every hook; the model behaves exactly as before :func:`apply`. Idempotent."""
