@@ -155,7 +155,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.check:
         from .harness.cells import expand
         from .harness.parallel import Parallel
+        from .harness.store import check_output
 
+        check_output(config.output_dir)  # --check writes the generated tasks and models there
         for cell in shard_cells(expand(config, prepare(config, Parallel())), args.shard):
             print(f"{cell.hash}  {cell.label}")
         return 0

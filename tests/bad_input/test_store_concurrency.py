@@ -213,13 +213,19 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_running(prepared, out
     target = {"out is a file": out, "results is a folder": out / "results.jsonl", "locks is a file": out / "locks",
               "board is a file": out / "leaderboard"}[case]
     shutil.rmtree(target, ignore_errors=True)
-    target.mkdir() if case == "results is a folder" else target.write_text("x")
+    if case == "results is a folder":
+        target.mkdir()
+    else:
+        target.write_text("x")
     assert main(["sweep", str(prepared[0]), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(target) in err and ("is a file" in err or "is a folder" in err)
     if out.is_dir():
         assert not (out / "predictions").exists()  # refused before any cell ran
-    if case == "board is a file":
+    if case != "board is a file":  # --check writes no leaderboard
+        assert main(["sweep", str(prepared[0]), "--out", str(out), "--check"]) == 2
+        assert str(target) in capsys.readouterr().err
+    else:
         assert main(["leaderboard", str(prepared[1]), "--out", str(target)]) == 2
         assert f"--out {target} is a file" in capsys.readouterr().err
 
