@@ -19,6 +19,7 @@ uncached generation re-runs the growing prompt and reuses the selections made fo
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,21 @@ def _is_packed(given: torch.Tensor | None) -> bool:
     return bool((text[..., 1:] < text[..., :-1]).any())
 
 
+def _decode_eagerly(kwargs: dict[str, Any]) -> None:
+    """Keep ``generate`` from compiling its decode step. torch.compile does not retrace a module when hooks
+    are added or removed after it was compiled (dynamo's ``skip_nnmodule_hook_guards``), so a compiled step
+    could silently run without the pruning fixes; static caches still work, decoded eagerly."""
+    if kwargs.get("disable_compile") is False:
+        raise VTPruneError("generate(disable_compile=False) with vtprune hooks: a compiled decode step may skip "
+                           "the hooks (torch.compile does not retrace modules whose hooks changed), so vtprune "
+                           "decodes eagerly; drop disable_compile=False")
+    static = kwargs.get("cache_implementation") not in (None, "dynamic") or is_static(kwargs.get("past_key_values"))
+    if static and "disable_compile" not in kwargs:
+        warnings.warn("vtprune: static-cache generation decodes eagerly while pruning hooks are installed "
+                      "(torch.compile would not see them)", stacklevel=3)
+    kwargs["disable_compile"] = True
+
+
 class Engine:
     """Applies one pruner to one model through hooks."""
 
@@ -155,6 +171,7 @@ class Engine:
 
         @functools.wraps(original)
         def generate(*args: Any, **kwargs: Any) -> Any:
+            _decode_eagerly(kwargs)
             self._memo, self._in_generate, self._refeed = None, True, None
             cache = kwargs.get("past_key_values")
             ledger = ledger_of(cache)
