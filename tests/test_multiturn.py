@@ -221,3 +221,17 @@ def test_ledger_travels_with_the_cache():
                                  **STEP)
         fresh = tv.model.generate(**whole, max_new_tokens=2, **STEP)
     assert torch.equal(cont.sequences, fresh.sequences)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compact_positions_continue(family):
+    """The compact policy renumbers kept tokens; later turns continue from the compact numbering."""
+    tv = model(family)
+    with vtprune.apply(tv.model, "uniform", keep=0.3, positions="compact"):
+        first, out = _turn_one(tv, SITES[0])
+        whole, _ = _conversation(tv, first, out.sequences, second_image=False)
+        cont = tv.model.generate(**_tokens_only(whole), past_key_values=out.past_key_values, max_new_tokens=3,
+                                 **STEP)
+        fresh = tv.model.generate(**whole, max_new_tokens=3, **STEP)
+    assert torch.equal(cont.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(cont.logits, 1), torch.stack(fresh.logits, 1), atol=1e-5, rtol=1e-5)

@@ -40,7 +40,8 @@ class PruneHandle:
 
     @property
     def stats(self) -> PruneStats:
-        """What the last prefill did (visual tokens per sample, sequence length per decoder layer) and how
+        """What the last prefill (or later-turn call with images) did (visual tokens per sample, sequence length
+        per decoder layer) and how
         many decode steps followed it."""
         return self._engine_or_raise().recorder.finalize()
 

@@ -176,3 +176,27 @@ def test_compiled_decoding_is_refused_or_made_eager():
         with pytest.raises(vtprune.VTPruneError, match="disable_compile"):
             _generate(tv, inputs, cache_implementation="static", disable_compile=False)
     assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("site", SITES, ids=lambda s: s["site"])
+def test_gradient_checkpointing_with_pruning(family, site):
+    """Item 14: training-style forwards with gradient checkpointing (layers re-run in backward, hooks and
+    all) give the loss and gradients of the plain forward."""
+    from vtprune.testing import tiny_vlm
+
+    tv = tiny_vlm(family)  # a private model: checkpointing and train mode must not leak into shared ones
+    inputs = batch_inputs(tv, [0, 1])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    tv.model.train()
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            tv.model.gradient_checkpointing_enable()
+        tv.model.zero_grad(set_to_none=True)
+        with vtprune.apply(tv.model, "random", keep=0.3, **site):
+            loss = tv.model(**inputs, labels=labels, use_cache=False).loss
+            loss.backward()
+        results.append((loss.detach(), tv.model.lm_head.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-6)
