@@ -41,8 +41,7 @@ class PruneHandle:
     @property
     def stats(self) -> PruneStats:
         """What the last prefill (or later-turn call with images) did (visual tokens per sample, sequence length
-        per decoder layer) and how
-        many decode steps followed it."""
+        per decoder layer) and how many decode steps followed it."""
         return self._engine_or_raise().recorder.finalize()
 
     def set_hints(self, hints: Sequence[Any] | None) -> None:
