@@ -14,6 +14,7 @@ from .config import PrunerConfig
 from .engine import Engine
 from .errors import VTPruneError
 from .registry import build_pruner, make_config
+from .sites import site_class
 from .stats import PruneStats
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
@@ -97,9 +98,7 @@ def apply(model: nn.Module, pruner: str | PrunerConfig, **options: Any) -> "Prun
         return timm_patch.apply_timm(model, config)
     adapter = adapter_for(model)
     instance = build_pruner(config)
-    if config.site == "layer" and not 1 <= config.layer < adapter.num_layers:
-        raise VTPruneError(f"layer={config.layer} is out of range: this model has {adapter.num_layers} decoder "
-                           f"layers, so K must be in [1, {adapter.num_layers - 1}]")
+    site_class(config.site).check(config, adapter)
     if model in _ACTIVE:
         raise VTPruneError("this model already has vtprune hooks installed; call handle.remove() first")
     engine = Engine(model, adapter, instance, config)

@@ -1,16 +1,15 @@
-"""The hook engine: installs forward(-pre) hooks on a stock ``transformers`` VLM and applies keep plans.
+"""The hook engine: a small orchestrator that installs forward(-pre) hooks on a stock ``transformers`` VLM and
+hands each call to the pruning site (:mod:`vtprune.sites`).
 
 Hooks (all with kwargs, all removed by :meth:`Engine.remove`):
 
-* top-level pre-hook: when ``labels`` are given, makes them follow the pruned sequence (see ``_labels_pre``);
-* backbone pre-hook (``model.model``): remembers where the images are (it still sees ``input_ids``); on calls
-  that continue a pruned cache, drops tokens the cache already holds and supplies positions in original
-  coordinates when none were given;
-* language-model pre-hook: pre-LLM site — selects visual tokens and gathers embeddings, mask and position
-  ids; every site — turns continuation masks/positions into cache coordinates (:mod:`vtprune.continuation`);
-* decoder-layer pre-hooks on layers K..T-1 (in-LLM site): layer K selects from its input hidden states;
-  every layer >= K gets its rotary cos/sin, position ids and masks gathered to the kept tokens;
-* a light pre-hook on every decoder layer records the sequence length it processed (``handle.stats``).
+* top-level pre-hook: when ``labels`` are given, makes them follow the pruned sequence (``_labels_pre``);
+* backbone pre-hook (``model.model``): finds the images (it still sees ``input_ids``); on calls that continue a
+  pruned cache, drops tokens the cache already holds and supplies positions in original coordinates;
+* language-model pre-hook: describes a call with images (an :class:`~vtprune.sites.ImageCall`) or a
+  continuation of a pruned cache, and lets the site act on it;
+* the site's own hooks (in-LLM: decoder layers K..T-1), and a light pre-hook on every decoder layer that
+  records the sequence length it processed (``handle.stats``).
 
 ``model.generate`` is wrapped on the instance (not the class) so that one generation call is a scope:
 uncached generation re-runs the growing prompt and reuses the selections made for it within that call only.
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,49 +27,19 @@ from transformers.cache_utils import DynamicCache
 
 from .adapters import ImageSpans, ModelAdapter
 from .config import PrunerConfig
-from .continuation import Ledger, attach, cache_mask, drop_leading, is_static, ledger_of, refed_tokens
 from .errors import VTPruneError
 from .plan import KeepPlan
 from .pruners.base import Pruner
 from .signals import Signals
+from .sites import ImageCall, site_class
+from .sites.continuation import drop_leading, is_static, ledger_of, refed_tokens
 from .stats import StatsRecorder
 from .view import Selection, VisualView
-
-
-@dataclass
-class _Pending:
-    """Images of a call that layer K must select from: their real-token mask, where the ledger's plan
-    stands before this call (``None`` for a prefill) with its real slots, and the next position after it."""
-
-    spans: ImageSpans
-    real: torch.Tensor
-    next_pos: torch.Tensor
-    base: KeepPlan | None = None
-    base_real: torch.Tensor | None = None
-
-
-@dataclass
-class _Call:
-    """What the decoder-layer hooks (in-LLM site) need to know about the forward in flight.
-
-    cols: slot -> conversation index of the pruned layers' keys, up to ``cols.full_len``; extra: key columns
-    beyond it in this call's masks; rows: the plan of this call's own tokens once layer K pruned them;
-    pending: (images, real-token mask, ledger base) for layer K to select from; static: fixed-length cache."""
-
-    cols: KeepPlan | None = None
-    extra: int = 0
-    rows: KeepPlan | None = None
-    pending: _Pending | None = None
-    static: bool = False
 
 
 def _past_len(kwargs: dict[str, Any]) -> int:
     past = kwargs.get("past_key_values")
     return 0 if past is None else int(past.get_seq_length())
-
-
-def _hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _real_tokens(mask: Any, b: int, n: int, past: int, device: torch.device) -> torch.Tensor:
@@ -87,15 +55,6 @@ def _real_tokens(mask: Any, b: int, n: int, past: int, device: torch.device) -> 
     rows = torch.arange(n, device=mask.device)
     diag = mask[:, 0, -n:][:, rows, rows + past]
     return diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
-
-
-def _is_packed(given: torch.Tensor | None) -> bool:
-    """Padding-free packed rows: the text position ids transformers reads packing from ([b, L], or row 0 of
-    Qwen's [4, b, L]) restart inside a row."""
-    if given is None or (given.dim() == 3 and given.shape[0] != 4):
-        return False
-    text = given if given.dim() == 2 else given[0]
-    return bool((text[..., 1:] < text[..., :-1]).any())
 
 
 def _decode_eagerly(kwargs: dict[str, Any]) -> None:
@@ -114,17 +73,17 @@ def _decode_eagerly(kwargs: dict[str, Any]) -> None:
 
 
 class Engine:
-    """Applies one pruner to one model through hooks."""
+    """Applies one pruner to one model through hooks, at the site its config names."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, pruner: Pruner, config: PrunerConfig) -> None:
         self.model, self.adapter, self.pruner, self.config = model, adapter, pruner, config
         self.recorder = StatsRecorder(config.site, config.layer)
+        self.signals = Signals(adapter, pruner, config)
+        self.site = site_class(config.site)(self)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._spans: ImageSpans | None = None  # images of the call in flight
-        self._call: _Call | None = None
         self._labels: torch.Tensor | None = None  # the in-flight call's labels, resized in place once pruned
         self._in_prefill = False
-        self.signals = Signals(adapter, pruner, config)
         self._in_generate = False
         # a generate call continuing a pruned pre-LLM cache: how many cached tokens it feeds again (see
         # refed_tokens); it also derives positions from the pruned cache's length, so the ledger's replace them
@@ -139,14 +98,12 @@ class Engine:
         self.signals.check()
         a = self.adapter
         self._handles.append(self.model.register_forward_pre_hook(self._labels_pre, with_kwargs=True))
-        self._hook_pre(a.backbone, self._backbone_pre)
-        self._hook_pre(a.language_model, self._lm_pre)
-        if self.config.site == "layer":
-            for i in range(self.config.layer, a.num_layers):
-                self._hook_pre(a.layers[i], self._make_layer_pre(i))
+        self.hook_pre(a.backbone, self._backbone_pre)
+        self.hook_pre(a.language_model, self._lm_pre)
+        self.site.install()
         for layer in a.layers:
-            self._hook_pre(layer, self._record_layer)
-        self.signals.install(self._hook_pre)
+            self.hook_pre(layer, self._record_layer)
+        self.signals.install(self.hook_pre)
         self._wrap_generate()
 
     def remove(self) -> None:
@@ -159,10 +116,12 @@ class Engine:
 
     def reset(self) -> None:
         """Forget everything earlier calls left behind (selections kept for reuse, in-flight state)."""
-        self._spans = self._call = self._labels = None
+        self._spans = self._labels = None
         self._memo = self._prefix = self._reuse = None
+        self.site.reset()
 
-    def _hook_pre(self, module: nn.Module, fn) -> None:
+    def hook_pre(self, module: nn.Module, fn) -> None:
+        """Register a kwargs forward pre-hook that :meth:`remove` takes out again."""
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
 
     def _wrap_generate(self) -> None:
@@ -175,7 +134,7 @@ class Engine:
             self._memo, self._in_generate, self._refeed = None, True, None
             cache = kwargs.get("past_key_values")
             ledger = ledger_of(cache)
-            if ledger is not None and self.config.site == "pre_llm":
+            if ledger is not None and self.site.shortens_cache:
                 inputs = dict(kwargs, input_ids=args[0]) if args else kwargs
                 self._refeed = refed_tokens(ledger, int(cache.get_seq_length()), inputs)
             try:
@@ -198,7 +157,8 @@ class Engine:
             kwargs["labels"] = self._labels
         return args, kwargs
 
-    def _prune_labels(self, plan: KeepPlan) -> None:
+    def prune_labels(self, plan: KeepPlan) -> None:
+        """Make the in-flight call's labels (if any) follow ``plan``."""
         if self._labels is not None:
             if self._labels.shape[-1] != plan.full_len:
                 raise VTPruneError(f"labels of length {self._labels.shape[-1]} for a sequence of {plan.full_len} "
@@ -226,7 +186,7 @@ class Engine:
                     "get_rope_index on the full conversation, sliced to the new tokens)")
             ref = kwargs.get("input_ids")
             ref = ref if ref is not None else kwargs["inputs_embeds"]
-            t = ledger.appended(past, pruned_length=self.config.site == "pre_llm")
+            t = ledger.appended(past, self.site.shortens_cache)
             pos = ledger.next_pos[:, :, None] + t + torch.arange(ref.shape[1], device=ledger.next_pos.device)
             kwargs["position_ids"] = self.adapter.to_model_positions(pos)
         return args, kwargs
@@ -234,7 +194,7 @@ class Engine:
     # ---- language model -----------------------------------------------------------------------------
     def _lm_pre(self, module, args, kwargs):
         spans, self._spans = self._spans, None
-        self._call = None
+        self.site.reset()
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise VTPruneError("vtprune expects the VLM to call its language model with inputs_embeds")
@@ -245,77 +205,30 @@ class Engine:
             self._continue(kwargs, spans, embeds, past)
         return args, kwargs
 
-    def _positions(self, kwargs: dict[str, Any], b: int, n: int, past: int, device) -> torch.Tensor:
-        pos = kwargs.get("position_ids")
-        return self.adapter.default_positions(b, n, past, device) if pos is None else self.adapter.as_axes(pos)
+    def _image_call(self, kwargs: dict[str, Any], spans: ImageSpans, embeds: torch.Tensor, real: torch.Tensor,
+                    past: int, base: KeepPlan | None = None, base_real: torch.Tensor | None = None) -> ImageCall:
+        """Describe a call with images: positions, layouts and the signals its pruner reads."""
+        b, q = embeds.shape[:2]
+        given = kwargs.get("position_ids")
+        pos = (self.adapter.default_positions(b, q, past, embeds.device) if given is None
+               else self.adapter.as_axes(given))
+        spans.layouts = [self.adapter.layout(embeds[row, p], pos[:, row, p])
+                         for row, p in zip(spans.rows, spans.positions)]
+        spans.extras = self.signals.image_extras(spans, b)
+        next_pos = pos.masked_fill(~real[None], -1).amax(-1) + 1  # [A, b]
+        return ImageCall(spans=spans, embeds=embeds, real=real, pos=pos, next_pos=next_pos,
+                         static=is_static(kwargs.get("past_key_values")), base=base, base_real=base_real)
 
     def _prefill(self, kwargs: dict[str, Any], spans: ImageSpans | None, embeds: torch.Tensor) -> None:
         self._in_prefill = True
         self.signals.begin_prefill()
         b, full_len = embeds.shape[:2]
-        mask = kwargs.get("attention_mask")
-        real = _real_tokens(mask, b, full_len, 0, embeds.device)
+        real = _real_tokens(kwargs.get("attention_mask"), b, full_len, 0, embeds.device)
         self.recorder.begin_prefill(real.sum(1))
         self._prefix = (embeds, real)
         self._reuse = self._reusable_selections(embeds, real)
-        if spans is None:  # no images: nothing to prune, nothing to touch
-            return
-        pos = self._positions(kwargs, b, full_len, 0, embeds.device)
-        next_pos = pos.masked_fill(~real[None], -1).amax(-1) + 1  # [A, b]
-        self._describe(spans, embeds, pos, real, b)
-        static = is_static(kwargs.get("past_key_values"))
-        if self.config.site == "layer":
-            self._call = _Call(pending=_Pending(spans, real, next_pos), static=static)
-            return
-        plan = self._plan(embeds, spans, real)
-        if plan.is_identity:
-            return
-        if mask is None and _is_packed(kwargs.get("position_ids")):
-            raise VTPruneError("padding-free (packed) inputs cannot be pruned: transformers finds the sequence "
-                               "boundaries from consecutive position ids, which pruning breaks; pass a padded "
-                               "batch with an attention mask instead")
-        kept_real = plan.gather(real, 1) & plan.valid
-        self.recorder.real = kept_real.sum(1)
-        kwargs["inputs_embeds"] = plan.apply_states(embeds)
-        kwargs["attention_mask"] = self._gather_mask(mask, plan, plan, static)
-        kept_pos = plan.gather(pos, seq_dim=-1, batch_dim=-2)
-        delta = None
-        if self.config.positions == "compact":
-            compact = (kept_real.long().cumsum(1) - 1).clamp(min=0)
-            delta = next_pos - kept_real.sum(1)[None]
-            kept_pos = compact[None].expand(pos.shape[0], -1, -1)
-        kwargs["position_ids"] = self._model_positions(kept_pos, kwargs.get("position_ids"))
-        self._prune_labels(plan)
-        cache = self._cache(kwargs)
-        if cache is not None:
-            attach(cache, Ledger(plan=plan, next_pos=next_pos, real=kept_real, pos_delta=delta))
-
-    def _describe(self, spans: ImageSpans, embeds: torch.Tensor, pos: torch.Tensor, real, b: int) -> None:
-        """Fill in each image's layout and the signals its pruner reads."""
-        spans.layouts = [self.adapter.layout(embeds[row, p], pos[:, row, p])
-                         for row, p in zip(spans.rows, spans.positions)]
-        spans.extras = self.signals.image_extras(spans, b)
-
-    def _cache(self, kwargs: dict[str, Any]):
-        """The cache this call writes to; created here, as the language model would, when it would create one
-        (so that the ledger can be attached to it)."""
-        cache = kwargs.get("past_key_values")
-        if cache is None and kwargs.get("use_cache") and not torch.jit.is_tracing():
-            cache = kwargs["past_key_values"] = DynamicCache(config=self.adapter.language_model.config)
-        return cache
-
-    def _gather_mask(self, mask: Any, cols: KeepPlan, rows: KeepPlan, static: bool) -> Any:
-        """A pruning call's mask, gathered to its kept tokens (keys by ``cols``, queries by ``rows``)."""
-        if mask is None:
-            return cols.valid.long() if cols.has_padding_slots else None
-        if isinstance(mask, dict):
-            return {k: None if m is None else cols.gather_4d_mask(m, rows, static) for k, m in mask.items()}
-        if mask.dim() == 2:
-            return cols.gather_2d_mask(mask)
-        if mask.dim() == 4:
-            return cols.gather_4d_mask(mask, rows, static)
-        raise VTPruneError(f"unexpected attention mask of shape {tuple(mask.shape)}: expected [batch, seq] or "
-                           "[batch, heads, query, key]")
+        if spans is not None:  # no images: nothing to prune, nothing to touch
+            self.site.images(kwargs, self._image_call(kwargs, spans, embeds, real, 0))
 
     def _continue(self, kwargs: dict[str, Any], spans: ImageSpans | None, embeds: torch.Tensor, past: int) -> None:
         """A call on a non-empty cache: decode steps, a later turn, possibly with new images."""
@@ -323,146 +236,41 @@ class Engine:
         self.signals.end_prefill()
         cache = kwargs["past_key_values"]
         ledger = ledger_of(cache)
-        pre_llm = self.config.site == "pre_llm"
         if ledger is not None:
             self.recorder.decode_step()
         b, q = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
-        static = is_static(cache)
-        if spans is not None:
-            if isinstance(mask, dict) or (torch.is_tensor(mask) and mask.dim() != 2):
-                raise VTPruneError("a new image on a cached conversation needs a 2-D attention mask (or none); "
-                                   "static caches build 4-D masks, so pass images of later turns with a dynamic cache")
-            if self.config.positions == "compact":
-                raise VTPruneError("positions='compact' cannot continue a conversation with a new image: the "
-                                   "compact numbering of the cached tokens is fixed; use positions='original'")
-            real = _real_tokens(mask, b, q, past, embeds.device)
-            if ledger is None:
-                prior = torch.ones(b, past, dtype=torch.bool, device=embeds.device) if mask is None else \
-                    mask[:, :past].bool()
-                base, base_real = KeepPlan.identity(b, past, embeds.device), prior
-            else:
-                t = ledger.appended(past, pre_llm)
-                base = ledger.plan.extend(t)
-                base_real = torch.cat([ledger.real, torch.ones(b, t, dtype=torch.bool, device=embeds.device)], 1)
-            pos = self._positions(kwargs, b, q, base.full_len, embeds.device)
-            next_pos = pos.masked_fill(~real[None], -1).amax(-1) + 1
-            self.recorder.begin_prefill(real.sum(1))
-            self.signals.begin_prefill()
-            self._in_prefill, self._reuse, self._prefix = True, None, None
-            self._describe(spans, embeds, pos, real, b)
-            if not pre_llm:
-                self._call = _Call(cols=None if ledger is None else base, extra=q, static=static,
-                                   pending=_Pending(spans, real, next_pos, base, base_real))
-                return
-            chunk = self._plan(embeds, spans, real)
-            if not chunk.is_identity:
-                cols = base.concat(chunk)
-                kept_real = chunk.gather(real, 1) & chunk.valid
-                kwargs["inputs_embeds"] = chunk.apply_states(embeds)
-                kwargs["attention_mask"] = (cols.gather_2d_mask(mask) if mask is not None
-                                            else torch.cat([base_real, kept_real], 1).long())
-                given = kwargs.get("position_ids")
-                kwargs["position_ids"] = self._model_positions(chunk.gather(pos, seq_dim=-1, batch_dim=-2), given)
-                self._prune_labels(chunk)
-                attach(cache, Ledger(plan=cols, next_pos=next_pos, real=torch.cat([base_real, kept_real], 1)))
-                return
-            if ledger is None:
-                return
+        if spans is None:
+            if ledger is not None:
+                self.site.continuation(kwargs, ledger, past, q, is_static(cache))
+            return
+        if isinstance(mask, dict) or (torch.is_tensor(mask) and mask.dim() != 2):
+            raise VTPruneError("a new image on a cached conversation needs a 2-D attention mask (or none); "
+                               "static caches build 4-D masks, so pass images of later turns with a dynamic cache")
+        if self.config.positions == "compact":
+            raise VTPruneError("positions='compact' cannot continue a conversation with a new image: the "
+                               "compact numbering of the cached tokens is fixed; use positions='original'")
+        real = _real_tokens(mask, b, q, past, embeds.device)
         if ledger is None:
-            return
-        if not pre_llm:  # the LM keeps full-length coordinates; layers >= K fix themselves
-            self._call = _Call(cols=ledger.plan, extra=ledger.appended(past, False) + q, static=static)
-            return
-        kwargs["attention_mask"] = cache_mask(ledger, mask, past, q, static)
-        pos = kwargs.get("position_ids")
-        if ledger.pos_delta is not None and pos is not None:
-            kwargs["position_ids"] = self._compact_decode_positions(pos, ledger.pos_delta)
-
-    def _compact_decode_positions(self, pos: torch.Tensor, pos_delta: torch.Tensor) -> torch.Tensor:
-        axes = self.adapter.as_axes(pos)
-        if axes.shape[0] == 4 and pos_delta.shape[0] == 3:  # text row + M-RoPE rows
-            delta = torch.cat([pos_delta[:1], pos_delta])
-        elif axes.shape[0] == pos_delta.shape[0]:
-            delta = pos_delta
-        elif axes.shape[0] == 3 and pos_delta.shape[0] == 4:
-            delta = pos_delta[1:]
+            base = KeepPlan.identity(b, past, embeds.device)
+            base_real = torch.ones(b, past, dtype=torch.bool, device=embeds.device) if mask is None else \
+                mask[:, :past].bool()
         else:
-            raise VTPruneError(f"cannot map decode position ids of shape {tuple(pos.shape)} to the compact "
-                               "positions of the prefill")
-        return (axes - delta[:, :, None]).reshape(pos.shape)
+            t = ledger.appended(past, self.site.shortens_cache)
+            base = ledger.plan.extend(t)
+            base_real = torch.cat([ledger.real, torch.ones(b, t, dtype=torch.bool, device=embeds.device)], 1)
+        self.recorder.begin_prefill(real.sum(1))
+        self.signals.begin_prefill()
+        self._in_prefill, self._reuse, self._prefix = True, None, None
+        self.site.images(kwargs, self._image_call(kwargs, spans, embeds, real, base.full_len, base, base_real))
 
-    def _model_positions(self, pos: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
-        """[A, b, L] back to the layout the model was given (2D for LLaVA; 3 or 4 rows for Qwen)."""
-        if given is None or given.dim() == 3:
-            return self.adapter.to_model_positions(pos) if given is None else pos
-        return pos[0]
-
-    # ---- decoder layers (in-LLM site) ---------------------------------------------------------------
-    def _make_layer_pre(self, index: int):
-        def hook(module, args, kwargs):
-            call = self._call
-            if call is None:
-                return None
-            if call.pending is not None and index == self.config.layer:
-                args, kwargs = self._select_at_layer(args, kwargs, call)
-            if call.cols is not None:
-                self._gather_layer_kwargs(kwargs, call)
-            return args, kwargs
-        return hook
-
-    def _select_at_layer(self, args: tuple, kwargs: dict[str, Any], call: _Call):
-        """Layer K of a call with images: select, then shorten this call's tokens from here on."""
-        p, call.pending = call.pending, None
-        hidden = _hidden(args, kwargs)
-        self.signals.add_llm_extras(p.spans, p.real)
-        plan = self._plan(hidden, p.spans, p.real)
-        if plan.is_identity:
-            return args, kwargs
-        kept = plan.gather(p.real, 1) & plan.valid
-        self.recorder.real = kept.sum(1)
-        call.rows, call.extra = plan, 0
-        call.cols = plan if p.base is None else p.base.concat(plan)
-        self._prune_labels(plan)
+    def cache(self, kwargs: dict[str, Any]):
+        """The cache this call writes to; created here, as the language model would, when it would create one
+        (so that a ledger can be attached to it)."""
         cache = kwargs.get("past_key_values")
-        if cache is not None:
-            real = kept if p.base_real is None else torch.cat([p.base_real, kept], 1)
-            attach(cache, Ledger(plan=call.cols, next_pos=p.next_pos, real=real))
-        if args:
-            return (plan.apply_states(hidden),) + tuple(args[1:]), kwargs
-        kwargs["hidden_states"] = plan.apply_states(hidden)
-        return args, kwargs
-
-    def _gather_layer_kwargs(self, kwargs: dict[str, Any], call: _Call) -> None:
-        """Rotary cos/sin, text position ids and the attention mask of a layer >= K, to kept tokens."""
-        cols, rows = call.cols, call.rows
-        if rows is not None:
-            pe = kwargs.get("position_embeddings")
-            if pe is not None:
-                kwargs["position_embeddings"] = tuple(rows.gather(t, seq_dim=-2, batch_dim=0) for t in pe)
-            pid = kwargs.get("position_ids")
-            if torch.is_tensor(pid) and pid.shape[-1] == rows.full_len:
-                kwargs["position_ids"] = rows.gather(pid, seq_dim=-1, batch_dim=-2)
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            if cols.has_padding_slots:  # the model assumed no padding; re-padding added some
-                q = rows.length if rows is not None else kwargs["position_embeddings"][0].shape[-2]
-                impl = self.adapter.attn_implementation
-                if impl.startswith("flash"):
-                    ones = torch.ones(cols.valid.shape[0], call.extra, dtype=torch.long, device=cols.valid.device)
-                    kwargs["attention_mask"] = torch.cat([cols.valid.long(), ones], 1)
-                else:
-                    kind = "additive" if impl == "eager" else "bool"
-                    kwargs["attention_mask"] = cols.causal_mask(q, call.extra, kind, self._dtype())
-        elif mask.dim() == 2:
-            kwargs["attention_mask"] = cols.gather_2d_mask(mask)
-        elif mask.dim() == 4:
-            kwargs["attention_mask"] = cols.gather_4d_mask(mask, rows, call.static)
-        else:
-            raise VTPruneError(f"unexpected attention mask of shape {tuple(mask.shape)} in decoder layer")
-
-    def _dtype(self) -> torch.dtype:
-        return next(self.adapter.language_model.parameters()).dtype
+        if cache is None and kwargs.get("use_cache") and not torch.jit.is_tracing():
+            cache = kwargs["past_key_values"] = DynamicCache(config=self.adapter.language_model.config)
+        return cache
 
     # ---- selection ----------------------------------------------------------------------------------
     def _reusable_selections(self, embeds: torch.Tensor, real: torch.Tensor) -> list[Selection] | None:
@@ -479,8 +287,9 @@ class Engine:
             return None
         return selections
 
-    def _plan(self, states: torch.Tensor, spans: ImageSpans, real: torch.Tensor) -> KeepPlan:
-        """Ask the pruner about every image and turn the answers into a keep plan."""
+    def select(self, states: torch.Tensor, spans: ImageSpans, real: torch.Tensor) -> KeepPlan:
+        """Ask the pruner about every image of a call (its tokens' ``states``) and turn the answers into a keep
+        plan over the call's tokens."""
         keep = torch.ones_like(real)
         replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         image_rows = spans.image_mask(real.shape)
@@ -516,5 +325,5 @@ class Engine:
     # ---- stats --------------------------------------------------------------------------------------
     def _record_layer(self, module, args, kwargs):
         if self._in_prefill:
-            self.recorder.layer(_hidden(args, kwargs).shape[1])
+            self.recorder.layer((args[0] if args else kwargs["hidden_states"]).shape[1])
         return None

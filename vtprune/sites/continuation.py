@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .errors import VTPruneError
-from .plan import KeepPlan
+from ..errors import VTPruneError
+from ..plan import KeepPlan
 
 _ATTR = "_vtprune_ledger"
 

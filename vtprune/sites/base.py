@@ -1,0 +1,76 @@
+"""What every pruning site implements, and the description of a call with images that sites act on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..plan import KeepPlan
+from .continuation import Ledger
+
+if TYPE_CHECKING:
+    from ..config import PrunerConfig
+    from ..engine import Engine
+    from ..models import ImageSpans, ModelAdapter
+
+
+@dataclass
+class ImageCall:
+    """A language-model call that brings images: a prefill, or a later turn on a cached conversation.
+
+    embeds/real/pos: the call's input states [b, q, D], real tokens [b, q] and positions [A, b, q] (original
+    coordinates); next_pos: [A, b] position after its last real token; base/base_real: the cache's slots
+    before this call (``None`` for a prefill) and which of them are real; static: fixed-length cache."""
+
+    spans: ImageSpans
+    embeds: torch.Tensor
+    real: torch.Tensor
+    pos: torch.Tensor
+    next_pos: torch.Tensor
+    static: bool
+    base: KeepPlan | None = None
+    base_real: torch.Tensor | None = None
+
+    def cols(self, plan: KeepPlan) -> KeepPlan:
+        """Cache slot -> conversation index once this call's tokens are pruned by ``plan``."""
+        return plan if self.base is None else self.base.concat(plan)
+
+    def cache_real(self, kept_real: torch.Tensor) -> torch.Tensor:
+        """Real slots of the cache after this call, given its own kept real slots."""
+        return kept_real if self.base_real is None else torch.cat([self.base_real, kept_real], 1)
+
+    def ledger(self, plan: KeepPlan, pos_delta: torch.Tensor | None = None) -> Ledger:
+        """The ledger of a cache that this call (pruned by ``plan``) has just written."""
+        kept_real = plan.gather(self.real, 1) & plan.valid
+        return Ledger(plan=self.cols(plan), next_pos=self.next_pos, real=self.cache_real(kept_real),
+                      pos_delta=pos_delta)
+
+
+class Site:
+    """A place in the forward where visual tokens are dropped. Subclasses set :attr:`name` and
+    :attr:`shortens_cache` and implement the three events the engine reports."""
+
+    name: str = ""
+    #: whether the cache length transformers reports is the pruned one (pre-LLM) or the full one (in-LLM,
+    #: where layer 0 keeps every token)
+    shortens_cache: bool = True
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def check(cls, config: PrunerConfig, adapter: ModelAdapter) -> None:
+        """Refuse a configuration this site cannot run on this model (at ``apply`` time)."""
+
+    def install(self) -> None:
+        """Register any hooks of the site's own (through ``engine.hook_pre``)."""
+
+    def images(self, kwargs: dict[str, Any], call: ImageCall) -> None:
+        """A language-model call with images: prune them (or arrange for it) and rewrite ``kwargs``."""
+        raise NotImplementedError
+
+    def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
+        """A call of ``q`` tokens without images on a cache that a pruned call wrote."""
+        raise NotImplementedError

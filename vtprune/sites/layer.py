@@ -1,0 +1,129 @@
+"""The in-LLM site (FastV/DART style): layers < K see the whole prompt; layer K selects visual tokens from
+its input hidden states, and every layer >= K runs on the kept tokens (prefill) or attends only to them
+(decode), with rotary cos/sin, position ids and attention masks gathered to match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import VTPruneError
+from ..plan import KeepPlan
+from .base import ImageCall, Site
+from .continuation import Ledger, attach
+
+
+@dataclass
+class _InFlight:
+    """What layers >= K need about the forward in flight. cols: slot -> conversation index of the pruned
+    layers' keys, up to ``cols.full_len``; extra: key columns beyond it in this call's masks; rows: the plan
+    of this call's own tokens once layer K pruned them; pending: the images layer K must select from."""
+
+    static: bool
+    cols: KeepPlan | None = None
+    extra: int = 0
+    rows: KeepPlan | None = None
+    pending: ImageCall | None = None
+
+
+def _hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class LayerSite(Site):
+    """Prunes from decoder layer K on (``config.layer``)."""
+
+    name = "layer"
+    shortens_cache = False  # layer 0 keeps every token: transformers' cache length is the conversation's
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.in_flight: _InFlight | None = None
+
+    @classmethod
+    def check(cls, config, adapter) -> None:
+        if not 1 <= config.layer < adapter.num_layers:
+            raise VTPruneError(f"layer={config.layer} is out of range: this model has {adapter.num_layers} decoder "
+                               f"layers, so K must be in [1, {adapter.num_layers - 1}]")
+
+    def install(self) -> None:
+        adapter = self.engine.adapter
+        for i in range(self.engine.config.layer, adapter.num_layers):
+            self.engine.hook_pre(adapter.layers[i], self._make_layer_pre(i))
+
+    def reset(self) -> None:
+        self.in_flight = None
+
+    def images(self, kwargs: dict[str, Any], call: ImageCall) -> None:
+        base = None if call.base is None or call.base.is_identity else call.base  # unpruned: nothing to gather
+        self.in_flight = _InFlight(static=call.static, cols=base, extra=call.embeds.shape[1], pending=call)
+
+    def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
+        self.in_flight = _InFlight(static=static, cols=ledger.plan, extra=ledger.appended(past, False) + q)
+
+    # ---- decoder-layer hooks ------------------------------------------------------------------------
+    def _make_layer_pre(self, index: int):
+        def hook(module, args, kwargs):
+            state = self.in_flight
+            if state is None:
+                return None
+            if state.pending is not None and index == self.engine.config.layer:
+                args, kwargs = self._select(args, kwargs, state)
+            if state.cols is not None:
+                self._gather_layer_kwargs(kwargs, state)
+            return args, kwargs
+        return hook
+
+    def _select(self, args: tuple, kwargs: dict[str, Any], state: _InFlight):
+        """Layer K of a call with images: select, then shorten this call's tokens from here on."""
+        call, state.pending = state.pending, None
+        engine = self.engine
+        hidden = _hidden(args, kwargs)
+        engine.signals.add_llm_extras(call.spans, call.real)
+        plan = engine.select(hidden, call.spans, call.real)
+        if plan.is_identity:
+            return args, kwargs
+        engine.recorder.real = (plan.gather(call.real, 1) & plan.valid).sum(1)
+        state.rows, state.cols, state.extra = plan, call.cols(plan), 0
+        engine.prune_labels(plan)
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            attach(cache, call.ledger(plan))
+        if args:
+            return (plan.apply_states(hidden),) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = plan.apply_states(hidden)
+        return args, kwargs
+
+    def _gather_layer_kwargs(self, kwargs: dict[str, Any], state: _InFlight) -> None:
+        """Rotary cos/sin, text position ids and the attention mask of a layer >= K, to kept tokens."""
+        cols, rows = state.cols, state.rows
+        if rows is not None:
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                kwargs["position_embeddings"] = tuple(rows.gather(t, seq_dim=-2, batch_dim=0) for t in pe)
+            pid = kwargs.get("position_ids")
+            if torch.is_tensor(pid) and pid.shape[-1] == rows.full_len:
+                kwargs["position_ids"] = rows.gather(pid, seq_dim=-1, batch_dim=-2)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            if cols.has_padding_slots:  # the model assumed no padding; re-padding added some
+                kwargs["attention_mask"] = self._build_mask(kwargs, state)
+        elif mask.dim() == 2:
+            kwargs["attention_mask"] = cols.gather_2d_mask(mask)
+        elif mask.dim() == 4:
+            kwargs["attention_mask"] = cols.gather_4d_mask(mask, rows, state.static)
+        else:
+            raise VTPruneError(f"unexpected attention mask of shape {tuple(mask.shape)} in decoder layer")
+
+    def _build_mask(self, kwargs: dict[str, Any], state: _InFlight) -> torch.Tensor:
+        """A mask from scratch where the model passed none (it assumed no padding; re-padding added some)."""
+        cols = state.cols
+        impl = self.engine.adapter.attn_implementation
+        if impl.startswith("flash"):
+            ones = torch.ones(cols.valid.shape[0], state.extra, dtype=torch.long, device=cols.valid.device)
+            return torch.cat([cols.valid.long(), ones], 1)
+        q = state.rows.length if state.rows is not None else kwargs["position_embeddings"][0].shape[-2]
+        dtype = next(self.engine.adapter.language_model.parameters()).dtype
+        return cols.causal_mask(q, state.extra, "additive" if impl == "eager" else "bool", dtype)
