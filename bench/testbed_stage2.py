@@ -21,11 +21,11 @@ from dataclasses import replace
 
 import torch
 
-from eval.testbed.model import build_model
-from eval.testbed.questions import ANSWERS
 from eval.testbed.train import RECIPES, Stage, frozen_tower, stage2_inputs
 from eval.testbed.training_data import pick_questions, stage2_batch, stage2_item
 from vtprune.measure import median
+from vtprune.testbed.model import build_model
+from vtprune.testbed.questions import ANSWERS
 
 
 def count_answer_shares(stage: Stage, seed: int, images: int) -> dict[str, float]:

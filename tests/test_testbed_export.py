@@ -11,13 +11,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from eval.testbed.dataset import load_set, make_eval_set, target_token_indices
-from eval.testbed.evaluate import HELDOUT_SEED, default_checkpoint
-from eval.testbed.export import HELDOUT_FILE, HELDOUT_N, write_task
-from eval.testbed.model import FAMILIES, IMAGE_SIZE, MERGE, PATCH, num_image_tokens
+from eval.testbed.evaluate import default_checkpoint
 from vtprune.harness.runner import run_sweep
 from vtprune.harness.schema import ConfigError, load_config
 from vtprune.registry import list_pruners
+from vtprune.testbed.dataset import load_set, make_eval_set, target_token_indices
+from vtprune.testbed.export import HELDOUT_FILE, HELDOUT_N, HELDOUT_SEED, write_task
+from vtprune.testbed.model import FAMILIES, IMAGE_SIZE, MERGE, PATCH, num_image_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

@@ -1,4 +1,4 @@
-"""The synthetic VQA generator (eval.testbed): determinism, stored-set integrity, vocabulary, balance, targets
+"""The synthetic VQA generator (vtprune.testbed): determinism, stored-set integrity, vocabulary, balance, targets
 and geometry. No model involved; runs in a few seconds on CPU."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from eval.testbed.dataset import (IntegrityError, load_set, majority_baseline, make_eval_set, make_train_stream,
-                                  pixel_hash, save_set, target_boxes, target_token_indices, train_item)
-from eval.testbed.questions import ANSWERS, CATEGORIES, NUMBERS, VOCAB, YES_NO, questions_for
-from eval.testbed.scenes import REF_SIZE, coverage, render, render_mask
+from vtprune.testbed.dataset import (IntegrityError, load_set, majority_baseline, make_eval_set, make_train_stream,
+                                     pixel_hash, save_set, target_boxes, target_token_indices, train_item)
+from vtprune.testbed.questions import ANSWERS, CATEGORIES, NUMBERS, VOCAB, YES_NO, questions_for
+from vtprune.testbed.scenes import REF_SIZE, coverage, render, render_mask
 
 COVERAGE_BOUND = 0.08  # mean share of pixels covered by objects (measured 0.064 on seed 0)
 TOKEN_COVERAGE_BOUND = 0.20  # mean share of 12x12 tokens touching an object at 168 px (measured 0.16; study 0.32)

@@ -1,6 +1,6 @@
-"""Testbed VLMs (eval.testbed.model / training_data / train / evaluate): tokenizers and processors, training
-labels, a tiny end-to-end training run (losses fall, float16 save and ``from_pretrained`` round trip),
-batched evaluation, determinism, and the shipped checkpoints (skipped until they have been trained)."""
+"""Testbed VLMs (vtprune.testbed.model; eval.testbed training_data / train / evaluate): tokenizers and
+processors, training labels, a tiny end-to-end training run (losses fall, float16 save and ``from_pretrained``
+round trip), batched evaluation, determinism, and the shipped checkpoints (skipped until they have been trained)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ import transformers as tf
 from PIL import Image
 from safetensors import safe_open
 
-from eval.testbed.dataset import make_eval_set, train_item
-from eval.testbed.evaluate import HELDOUT_SEED, TEST_SUBSET, default_checkpoint, evaluate
-from eval.testbed.model import (ANSWER_WORDS, EXTRA_WORDS, FAMILIES, IMAGE_SIZE, PATCH, build_model,
-                                build_processor, load_checkpoint, num_image_tokens, prompt)
-from eval.testbed.questions import CATEGORIES, PLURALS, VOCAB, all_questions, looks_up_by_shape
-from eval.testbed.scenes import COLOUR_NAMES, render
+from eval.testbed.evaluate import TEST_SUBSET, default_checkpoint, evaluate
 from eval.testbed.train import RECIPES, Stage, VisionHeads, run_stage1, stage2_inputs, train
 from eval.testbed.training_data import (HIGH_COUNTS, QA_PER_IMAGE, conversation, patch_order, pick_questions,
                                         stage1_batch, stage2_batch, stage2_item, turn_ids)
+from vtprune.testbed.dataset import make_eval_set, train_item
+from vtprune.testbed.export import HELDOUT_SEED
+from vtprune.testbed.model import (ANSWER_WORDS, EXTRA_WORDS, FAMILIES, IMAGE_SIZE, PATCH, build_model,
+                                   build_processor, load_checkpoint, num_image_tokens, prompt)
+from vtprune.testbed.questions import CATEGORIES, PLURALS, VOCAB, all_questions, looks_up_by_shape
+from vtprune.testbed.scenes import COLOUR_NAMES, render
 
 MAX_BYTES = 20 * 2**20  # issue: safetensors at most 20 MB
 MIN_ACCURACY = 0.93  # issue: held-out unpruned accuracy

@@ -1,1 +1,3 @@
-"""Synthetic VQA testbed: seeded scenes, questions and evaluation sets for visual-token pruning."""
+"""Training and scoring of the testbed checkpoints (``python -m eval.testbed.train``, ``python -m
+eval.testbed.evaluate``); the generator, the testbed VLM definition and the held-out export they build on are in
+:mod:`vtprune.testbed`."""

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .dataset import Item, make_eval_set
-from .model import ANSWER_WORDS, FAMILIES, IMAGE_SIZE, answer_token_ids, load_checkpoint, prompt
-from .questions import CATEGORIES
-from .scenes import render
+from vtprune.testbed.dataset import Item, make_eval_set
+from vtprune.testbed.export import HELDOUT_SEED
+from vtprune.testbed.model import ANSWER_WORDS, FAMILIES, IMAGE_SIZE, answer_token_ids, load_checkpoint, prompt
+from vtprune.testbed.questions import CATEGORIES
+from vtprune.testbed.scenes import render
 
-HELDOUT_SEED = 777  # the held-out set that checkpoints are scored on (training never draws from this stream)
 VALIDATION_SEED = 778  # the set that training checks progress on
 TEST_SUBSET = 200  # the first items of the held-out set, re-scored by the tests
 

@@ -64,13 +64,13 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from .dataset import make_eval_set
-from .evaluate import (HELDOUT_SEED, TEST_SUBSET, VALIDATION_SEED, EvalResult, default_checkpoint, evaluate,
-                       format_table)
-from .export import HELDOUT_N
-from .model import FAMILIES, IMAGE_SIZE, PATCH, build_model, load_checkpoint
-from .questions import CATEGORIES
-from .scenes import COLOUR_NAMES, SHAPES
+from vtprune.testbed.dataset import make_eval_set
+from vtprune.testbed.export import HELDOUT_N, HELDOUT_SEED
+from vtprune.testbed.model import FAMILIES, IMAGE_SIZE, PATCH, build_model, load_checkpoint
+from vtprune.testbed.questions import CATEGORIES
+from vtprune.testbed.scenes import COLOUR_NAMES, SHAPES
+
+from .evaluate import TEST_SUBSET, VALIDATION_SEED, EvalResult, default_checkpoint, evaluate, format_table
 from .training_data import (CLS_TARGETS, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
                             stage1_batch, stage2_batch)
 

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .dataset import Item, train_item
-from .model import CAPTION_PROMPT, EOS, IMAGE_SIZE, MERGE, PATCH, prompt
-from .questions import ANSWERS, CATEGORIES, PLURALS, Question, all_questions, looks_up_by_shape, sample_question
-from .scenes import COLOUR_NAMES, QUADRANTS, SHAPES, Obj, Scene, pick, render, render_mask
+from vtprune.testbed.dataset import Item, train_item
+from vtprune.testbed.model import CAPTION_PROMPT, EOS, IMAGE_SIZE, MERGE, PATCH, prompt
+from vtprune.testbed.questions import (ANSWERS, CATEGORIES, PLURALS, Question, all_questions, looks_up_by_shape,
+                                       sample_question)
+from vtprune.testbed.scenes import COLOUR_NAMES, QUADRANTS, SHAPES, Obj, Scene, pick, render, render_mask
 
 STAGE1_OFFSET = 10**9  # stage-1 scenes are train items [1e9, ...), stage 2 uses [0, ...)
 QA_STREAM = 3  # seed stream for choosing the extra questions of a stage-2 image

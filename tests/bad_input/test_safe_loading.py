@@ -113,7 +113,7 @@ def test_neither_tensors_nor_torchscript_is_a_named_error(tmp_path):
 def test_testbed_checkpoints_load_local_files_only(monkeypatch):
     import transformers as tf
 
-    from eval.testbed import model as testbed
+    from vtprune.testbed import model as testbed
 
     calls = []
 

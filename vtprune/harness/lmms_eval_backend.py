@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
@@ -28,10 +28,8 @@ from .models import device_for, saved_dir
 from .records import error_record, ok_record
 from .schema import LmmsEvalSpec
 from .store import write_predictions
+from .sweep_run import SweepRun
 from .tasks import Task
-
-if TYPE_CHECKING:
-    from .runner import SweepRun
 
 MODEL_IDS = {"llava": "vtprune_llava_hf", "llava_next": "vtprune_llava_hf", "qwen2_vl": "vtprune_qwen2_vl",
              "qwen2_5_vl": "vtprune_qwen2_5_vl"}

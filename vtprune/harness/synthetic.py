@@ -1,5 +1,5 @@
-"""Generated local tasks: ``synthetic: shapes`` (coloured shapes on a noisy background, four question categories)
-and the door to the repository testbed's exported held-out set (``testbed: llava | qwen2_vl``).
+"""Generated local tasks: ``synthetic: shapes`` (coloured shapes on a noisy background, four question categories);
+the testbed's held-out set (``testbed: llava | qwen2_vl``) is exported by :mod:`vtprune.testbed.export`.
 
 It exists so that a sweep runs anywhere without data: the folder it writes is an ordinary task folder
 (:mod:`.tasks`). Item ``i`` depends only on ``(seed, i)``. Each question carries its ``targets`` (object indices) and
@@ -8,16 +8,12 @@ the tag ``small_target`` when every target is small, like the testbed's exported
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import VTPruneError
 from .metrics import NUMBER_WORDS
 from .schema import TaskSpec
 from .tasks import write_task_folder
@@ -115,13 +111,3 @@ def _row(i: int, seed: int) -> tuple[dict, Callable[[Path], None]]:
              "category": category, "tags": ["small_target"] if small else [], "targets": targets}
     return entry, image.save
 
-
-def testbed_export() -> ModuleType:
-    """``eval.testbed.export`` of the vtprune checkout: the testbed (generator, checkpoints, held-out set) ships with
-    the repository, not with the installed package, so its root goes on ``sys.path`` when it is not there yet."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "eval" / "testbed" / "export.py").is_file():
-        raise VTPruneError(f"testbed tasks need the vtprune repository checkout (no eval/testbed under {root})")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module("eval.testbed.export")
