@@ -21,6 +21,8 @@ from typing import Any
 
 from ..benchmark import si_flops
 from .cells import BASELINE
+from .plots import write_plots
+from .records import group_columns, group_value
 from .store import read_records
 
 #: CSV column -> how to read it from a record
@@ -159,23 +161,6 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                               "retention": _std([m["retention"]["score"] for m in members])}}})
         out.append(row)
     return labelled(out)
-
-
-def group_columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Every (group kind, name) with a score in some record: ``("category", "colour")``, ``("tag", "small")``."""
-    seen: dict[tuple[str, str], None] = {}
-    for r in records:
-        for kind in ("category", "tag"):
-            for name in r["metrics"][f"per_{kind}"]:
-                seen[(kind, name)] = None
-    return sorted(seen)
-
-
-def group_value(record: dict[str, Any], kind: str, name: str, what: str) -> float | None:
-    """Score (``what="score"``) or retention of one category/tag of a record (``None`` if absent)."""
-    if what == "score":
-        return record["metrics"][f"per_{kind}"].get(name, {}).get("score")
-    return record["retention"][f"per_{kind}"].get(name)
 
 
 def csv_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -377,8 +362,6 @@ def write_leaderboard(results: str | Path, out: str | Path, flops: str = "fastv"
     """Write ``leaderboard.md``, ``leaderboard.csv`` and the PNG plots into ``out``; returns the paths. Each row
     (:func:`entry_key`) shows its last successful record, or with ``aggregate`` the mean ± std of its seeds
     (:func:`aggregate_seeds`); failures without a success are listed."""
-    from .plots import write_plots
-
     source = Path(results)
     records = read_records(source)
     ok = latest_ok(records)

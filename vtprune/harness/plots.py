@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter, PercentFormatter, ScalarFormatter  # noqa: E402
 
 from .cells import BASELINE  # noqa: E402
-from .leaderboard import group_columns, group_value  # noqa: E402
+from .records import group_columns, group_value  # noqa: E402
 
 MARKERS = "osD^vP*Xhp<>"
 LEGEND_CHAR_INCHES = 0.085  # width of one legend label character at the default 10 pt font, with margin

@@ -1,4 +1,5 @@
-"""What a results record holds, built the same way by both backends (field reference: ``docs/harness.md``)."""
+"""What a results record holds, built the same way by both backends, and its per-category / per-tag numbers as the
+leaderboard and the plots read them (field reference: ``docs/harness.md``)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,20 @@ def error_record(cell: Cell, context: dict[str, Any], started: float, error: str
                  ) -> dict[str, Any]:
     """A failed cell: the error and the tail of its traceback; a rerun tries the cell again."""
     return {**_head(cell, context, "error", started), "error": error, "traceback": traceback}
+
+
+def group_columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every (group kind, name) with a score in some record: ``("category", "colour")``, ``("tag", "small")``."""
+    seen: dict[tuple[str, str], None] = {}
+    for r in records:
+        for kind in ("category", "tag"):
+            for name in r["metrics"][f"per_{kind}"]:
+                seen[(kind, name)] = None
+    return sorted(seen)
+
+
+def group_value(record: dict[str, Any], kind: str, name: str, what: str) -> float | None:
+    """Score (``what="score"``) or retention of one category/tag of a record (``None`` if absent)."""
+    if what == "score":
+        return record["metrics"][f"per_{kind}"].get(name, {}).get("score")
+    return record["retention"][f"per_{kind}"].get(name)
