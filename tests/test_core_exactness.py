@@ -22,15 +22,26 @@ def _generate(tv, inputs, **kw):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+def _spy(fn, calls: list):
+    """Wrap a bound method so that each call is recorded."""
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 @pytest.mark.parametrize("family,attn,site", CASES, ids=IDS)
 def test_identity_keep_all(family, attn, site):
     tv = model(family, attn)
     inputs = batch_inputs(tv, [0, 1])
     ref_logits = tv.model(**inputs).logits
     ref_seq, ref_step = _generate(tv, inputs)
-    for keep in (1.0, 10_000):  # float "all" and an int budget capped by what each image has
+    for keep in (1.0, 10_000):  # float "all" (no pruner runs) and an int budget capped at V (select runs)
         with vtprune.apply(tv.model, "random", keep=keep, **site) as handle:
+            calls = []
+            handle.pruner.select = _spy(handle.pruner.select, calls)
             assert torch.equal(tv.model(**inputs).logits, ref_logits)
+            assert len(calls) == (0 if isinstance(keep, float) else 2)  # one per image of the batch
             seq, step = _generate(tv, inputs)
             assert torch.equal(seq, ref_seq)
             assert torch.equal(step, ref_step)

@@ -26,11 +26,11 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from .adapters import ImageSpans, ModelAdapter
+from .capture import Signals
 from .config import PrunerConfig
 from .errors import VTPruneError
+from .methods.base import Pruner
 from .plan import KeepPlan
-from .pruners.base import Pruner
-from .signals import Signals
 from .sites import ImageCall, site_class
 from .sites.continuation import drop_leading, is_static, ledger_of, refed_tokens
 from .stats import StatsRecorder
@@ -300,7 +300,7 @@ class Engine:
             k = min(self.pruner.count(layout), n)
             keep[row, pos] = False
             pruned_any |= k < n
-            if k >= n:
+            if k >= n and isinstance(self.config.keep, float):  # keep=1.0: nothing to choose, no pruner runs
                 sel = Selection(indices=torch.arange(n, device=pos.device))
             elif self._reuse is not None and i < len(self._reuse):
                 sel = self._reuse[i]

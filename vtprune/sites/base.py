@@ -67,6 +67,9 @@ class Site:
     def install(self) -> None:
         """Register any hooks of the site's own (through ``engine.hook_pre``)."""
 
+    def reset(self) -> None:
+        """Forget the state of the call in flight (a new language-model call begins, or the handle resets)."""
+
     def images(self, kwargs: dict[str, Any], call: ImageCall) -> None:
         """A language-model call with images: prune them (or arrange for it) and rewrite ``kwargs``."""
         raise NotImplementedError
