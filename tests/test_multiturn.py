@@ -14,7 +14,7 @@ import torch
 
 import vtprune
 from conftest import ATTN, SITES, model
-from vtprune.continuation import ledger_of
+from vtprune.sites.continuation import ledger_of
 from vtprune.testing import FAMILIES, random_image
 
 CASES = [(f, a, s) for f in FAMILIES for a in ATTN for s in SITES]
