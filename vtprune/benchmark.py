@@ -44,7 +44,7 @@ MODEL_CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TEXT_BEFORE_IMAGE = 35  # the LLaVA-1.5 vicuna_v1 template puts 35 tokens before the image (algorithms.md §0.2)
+TEXT_BEFORE_IMAGE = 35  # the LLaVA-1.5 vicuna_v1 template puts 35 tokens before the image
 
 
 # ---- models -------------------------------------------------------------------------------------------

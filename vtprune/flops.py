@@ -1,9 +1,9 @@
 """FLOPs accounting for (pruned) VLM runs, in two conventions.
 
-**FastV convention** (``FlopsReport.fastv``; spec ``algorithms.md`` §6.1): LLM prefill only, per decoder layer with
-``n`` tokens ``4nd² + 2n²d + 2ndm``, summed over layers and samples. Comparable with the tables of FastV, DivPrune,
-VisionZip, ZOO-Prune and DART. Its terms are multiply-accumulates and it assumes a two-matrix FFN; papers call the
-result "FLOPs", and so does this module, but it is *not* comparable with the exact count below.
+**FastV convention** (``FlopsReport.fastv``; docs/algorithms.md, "Costs and FLOPs"): LLM prefill only, per decoder
+layer with ``n`` tokens ``4nd² + 2n²d + 2ndm``, summed over layers and samples. Comparable with the tables of
+FastV, DivPrune, VisionZip, ZOO-Prune and DART. Its terms are multiply-accumulates and it assumes a two-matrix
+FFN; papers call the result "FLOPs", and so does this module, but it is *not* comparable with the exact count below.
 
 **Architecture-exact count** (``FlopsReport.prefill`` / ``decode``): one multiply-add = 2 FLOPs, counted exactly
 where :class:`torch.utils.flop_counter.FlopCounterMode` counts — matrix products, convolutions and attention
