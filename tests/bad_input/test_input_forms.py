@@ -192,7 +192,7 @@ def test_gradient_checkpointing_with_pruning(family, site):
     results = []
     for checkpointing in (False, True):
         if checkpointing:
-            tv.model.gradient_checkpointing_enable()
+            tv.model.activation_checkpointing_enable()
         tv.model.zero_grad(set_to_none=True)
         with vtprune.apply(tv.model, "random", keep=0.3, **site):
             loss = tv.model(**inputs, labels=labels, use_cache=False).loss
