@@ -19,7 +19,7 @@ import torch
 from vtprune.benchmark import load_config, resolve_model
 from vtprune.capture import MLPProjector, ProjectorInput
 from vtprune.measure import median
-from vtprune.pruners.zoo import ZooConfig, ZooPruner
+from vtprune.methods.zoo import ZooConfig, ZooPruner
 from vtprune.view import ImageLayout, VisualView, budget
 
 SEQ, VISUAL = 641, 576

@@ -9,7 +9,7 @@ import torch
 import vtprune
 from conftest import batch_inputs, model
 from vtprune.registry import _REGISTRY
-from vtprune.selectors import lattice
+from vtprune.ops import lattice
 from vtprune.testing import FAMILIES
 
 K = 2

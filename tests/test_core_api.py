@@ -8,8 +8,8 @@ import torch
 import vtprune
 from conftest import GEN, batch_inputs, model
 from vtprune import VTPruneError
+from vtprune.ops import pooled_grid, split_budget
 from vtprune.registry import _REGISTRY
-from vtprune.selectors import pooled_grid, split_budget
 from vtprune.testing import FAMILIES
 from vtprune.view import budget
 
@@ -168,7 +168,7 @@ class _Recorder(vtprune.Pruner):
 
     def select(self, view, k):
         _Recorder.views.append(view)
-        from vtprune.selectors import lattice
+        from vtprune.ops import lattice
         return lattice(view.num_tokens, k)
 
 
@@ -224,7 +224,7 @@ def test_readme_custom_pruner_example_runs():
 
     readme = Path(__file__).resolve().parents[1] / "README.md"
     block = next(b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), re.S) if "register_pruner" in b)
-    exec(block, {"vtprune": vtprune})
+    exec(block, {"vtprune": vtprune, "torch": torch})
     try:
         tv = model("llava")
         with vtprune.apply(tv.model, "norm", keep=0.5) as h:

@@ -11,7 +11,7 @@ import torch
 
 import vtprune
 from conftest import ATTN, batch_inputs, model
-from vtprune.selectors import lattice
+from vtprune.ops import lattice
 from vtprune.testing import FAMILIES
 
 

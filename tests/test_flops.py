@@ -146,13 +146,17 @@ def test_qwen25_windows_match_transformers():
     assert got["projector"] == 2 * (n // 4) * ((4 * e) ** 2 + 4 * e * 3584)
 
 
-def test_overhead_registry(monkeypatch):
+def test_overhead_from_the_pruner_class(monkeypatch):
     stats_images = [(576, 64), (576, 576)]  # the second image kept everything: never reached the pruner
     assert F.pruner_overhead_flops("pool", stats_images, 4096) == 576 * 4096
     assert F.pruner_overhead_flops("random", stats_images, 4096) == 0
+    assert F.pruner_overhead_flops("divprune", stats_images, 8) == 2 * 576 * 576 * 8
+    assert F.pruner_overhead_flops("kcenter", stats_images, 8) == 2 * 576 * 8 * 64
+    assert F.pruner_overhead_flops("pagerank", stats_images, 8) is None  # alias; encoder work has no formula
     assert F.pruner_overhead_flops("no-such-pruner", stats_images, 4096) is None
-    monkeypatch.setitem(F._OVERHEAD, "cosine-test", lambda v, k, d: v * v * d)
-    assert F.pruner_overhead_flops("cosine-test", stats_images, 8) == 576 * 576 * 8
+    formula = classmethod(lambda cls, v, k, d: v * d)
+    monkeypatch.setattr(vtprune.methods.uniform.UniformPruner, "overhead_flops", formula)
+    assert F.pruner_overhead_flops("uniform", stats_images, 8) == 576 * 8
     tv = model("llava")
     inputs = batch_inputs(tv, [0])
     with vtprune.apply(tv.model, "pool", keep=0.5) as handle:

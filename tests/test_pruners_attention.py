@@ -12,21 +12,21 @@ from torch import nn
 
 import vtprune
 from vtprune import VTPruneError
-from vtprune.attention import (
+from vtprune.capture import LLMQK
+from vtprune.methods.dart import DARTConfig, DARTPruner
+from vtprune.methods.fastv import FastVPruner, fastv_scores
+from vtprune.methods.visionzip import VisionZipPruner
+from vtprune.methods.zero_tprune import PagerankConfig
+from vtprune.ops import (
     AttentionGraph,
     attention_transpose_apply,
     cls_attention_scores,
     default_vision_layers,
     received_attention,
+    top_k,
     weighted_pagerank,
 )
-from vtprune.capture import LLMQK
-from vtprune.pruners.dart import DARTConfig, DARTPruner
-from vtprune.pruners.fastv import FastVPruner
-from vtprune.pruners.pagerank import PagerankConfig
-from vtprune.pruners.visionzip import VisionZipPruner
 from vtprune.registry import _REGISTRY
-from vtprune.selectors import top_k
 from vtprune.testing import FAMILIES
 from vtprune.view import ImageLayout, VisualView, budget
 
@@ -112,7 +112,7 @@ def test_fastv_scores_equal_eager_last_row(family, probe):
     for view, k, sel in cls.seen:
         real = inputs["attention_mask"][view.sample].bool()
         expected = attn[view.sample, :, -1][:, real].mean(0)[view.extras["llm_qk"].image]
-        got = vtprune.pruners.fastv.fastv_scores(view)
+        got = fastv_scores(view)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
         assert torch.equal(sel.indices, top_k(expected, k).indices)
 
@@ -127,7 +127,7 @@ def test_cls_attention_scores(family, probe):
     with vtprune.apply(tv.model, name, keep=0.5):
         tv.model.generate(**inputs, max_new_tokens=1, do_sample=False)
     for view, _, _ in cls.seen:
-        scores = cls_attention_scores(view, None)
+        scores = cls_attention_scores(view)
         if family == "llava":
             tower = model(family, "eager").model.model.vision_tower
             attn = tower(inputs["pixel_values"], output_attentions=True).attentions[-2]

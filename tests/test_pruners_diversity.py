@@ -4,6 +4,7 @@ budgets and generation on every family, cached == uncached."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -13,10 +14,12 @@ from conftest import GEN, batch_inputs, model
 from torch import nn
 
 import vtprune
-from vtprune import diversity, sensitivity
+from vtprune import ops
 from vtprune.capture import ProjectorInput
 from vtprune.errors import VTPruneError
-from vtprune.pruners.zoo import anyres_views
+from vtprune.methods import zoo
+from vtprune.methods.zero_tprune import pagerank_scores
+from vtprune.methods.zoo import anyres_views
 from vtprune.registry import _REGISTRY, build_pruner, make_config
 from vtprune.testing import FAMILIES
 from vtprune.view import ImageLayout, VisualView, budget
@@ -35,7 +38,7 @@ def _select(name: str, view: VisualView, k: int, **options) -> list[int]:
 
 
 def _cos(x: torch.Tensor) -> torch.Tensor:
-    u = diversity.unit_rows(x)
+    u = ops.unit_rows(x)
     return u @ u.T
 
 
@@ -62,7 +65,7 @@ def test_mmr_lambda_extremes(seed):
     view, norm = _view(x), x.norm(dim=-1)
     top = sorted(torch.topk(norm, 7).indices.tolist())
     assert _select("mmr", view, 7, lam=1.0) == top
-    pure = diversity.max_min(diversity.on_demand(diversity.unit_rows(x)), 40, 7, norm.argmax(), "cpu")
+    pure = ops.max_min(ops.on_demand(ops.unit_rows(x)), 40, 7, norm.argmax(), "cpu")
     assert _select("mmr", view, 7, lam=0.0) == sorted(pure.tolist())
     assert _select("mmr", view, 7, lam=0.0) == _naive_greedy(1 - _cos(x), 7, int(norm.argmax()))
 
@@ -99,7 +102,7 @@ def test_kcenter_is_farthest_point_traversal(seed):
 def test_sads_rule(seed):
     g = torch.Generator().manual_seed(seed)
     x, s = torch.randn(30, 6, generator=g), torch.rand(30, generator=g) * 5
-    picks = diversity.sads(diversity.on_demand(diversity.unit_rows(x)), s, 8)
+    picks = ops.sads(ops.on_demand(ops.unit_rows(x)), s, 8)
     norm = (s - s.min()) / (s.max() - s.min() + 1e-8)
     assert sorted(picks.tolist()) == _naive_greedy(1 - _cos(x), 8, int(s.argmax()), weight=norm)
     assert int(picks[0]) == int(s.argmax())
@@ -119,29 +122,29 @@ def _linear_projector(w: torch.Tensor, n: int = 5, g: int = 1) -> ProjectorInput
 
 
 def _directions(m: int, dim: int, seed: int = 0) -> torch.Tensor:
-    return sensitivity.unit_directions(m, dim, torch.Generator().manual_seed(seed))
+    return zoo.unit_directions(m, dim, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("g", [1, 4])  # g = 4: a Qwen-style 2x2 group flattened by the projector
 def test_zo_sensitivity_of_a_linear_projector(g):
     w = torch.randn(12, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 16)
     u = _directions(20_000, 16)
-    s = sensitivity.projector_sensitivity(_linear_projector(w, g=g), u, step=0.01)
+    s = zoo.projector_sensitivity(_linear_projector(w, g=g), u, step=0.01)
     monte_carlo = (_directions(200_000, 16, seed=1) @ w.T).norm(dim=-1).mean()
     torch.testing.assert_close(s, monte_carlo.expand(5), rtol=0.01, atol=0)
-    s2 = sensitivity.projector_sensitivity(_linear_projector(3 * w, g=g), u, step=0.01)
+    s2 = zoo.projector_sensitivity(_linear_projector(3 * w, g=g), u, step=0.01)
     torch.testing.assert_close(s2, 3 * s, rtol=1e-4, atol=0)
 
 
 def test_zo_sensitivity_matches_per_token_central_differences(monkeypatch):
-    monkeypatch.setattr(sensitivity, "CHUNK_ROWS", 10)  # several chunks
+    monkeypatch.setattr(zoo, "CHUNK_ROWS", 10)  # several chunks
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 5))
     x = torch.randn(7, 1, 6)
     proj = ProjectorInput(inputs=x, valid=torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.bool),
                           project=lambda t: mlp(t[:, 0]))
     u, h = _directions(4, 6), 0.01
-    s = sensitivity.projector_sensitivity(proj, u, h)
+    s = zoo.projector_sensitivity(proj, u, h)
     with torch.no_grad():
         expect = torch.stack([torch.stack([(mlp(xi[0] + h * uj) - mlp(xi[0] - h * uj)).norm() / (2 * h)
                                            for uj in u]).mean() for xi in x])
@@ -156,11 +159,11 @@ def test_low_rank_projector():
     x = torch.randn(9, 8)
     with torch.no_grad():
         ref = mlp(x)
-        with sensitivity.LowRankLinears(10):  # no layer has a higher rank: unchanged
+        with zoo.LowRankLinears(10):  # no layer has a higher rank: unchanged
             torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-5)
         w1, w2 = (_truncated(layer.weight, 3) for layer in (mlp[0], mlp[2]))
         expect = nn.functional.gelu(x @ w1.T + mlp[0].bias) @ w2.T + mlp[2].bias
-        with sensitivity.LowRankLinears(3):
+        with zoo.LowRankLinears(3):
             torch.testing.assert_close(mlp(x), expect, rtol=1e-5, atol=1e-5)
 
 
@@ -275,8 +278,8 @@ def test_zoo_directions_come_from_the_seeded_generator(recorded):
     a, b, c = (build_pruner(make_config("zoo", keep=0.5, seed=seed)) for seed in (0, 0, 1))
     s = [p.scorer(view.extras, p.generator(view)) for p in (a, b, c)]
     assert torch.equal(s[0], s[1]) and not torch.equal(s[0], s[2])
-    u = sensitivity.unit_directions(64, proj.inputs.shape[1] * proj.inputs.shape[2], a.generator(view))
-    torch.testing.assert_close(s[0], sensitivity.projector_sensitivity(proj, u, 0.01))
+    u = zoo.unit_directions(64, proj.inputs.shape[1] * proj.inputs.shape[2], a.generator(view))
+    torch.testing.assert_close(s[0], zoo.projector_sensitivity(proj, u, 0.01))
     c.scorer.directions = u  # an injected bank replaces the draw
     torch.testing.assert_close(c.scorer(view.extras, c.generator(view)), s[0])
 
@@ -286,7 +289,7 @@ def test_mmr_text_importance():
     x = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
     assert _select("mmr", _view(x, x[[3]] * 2), 1, importance="text", lam=1.0) == [3]
     text = torch.randn(4, 8)
-    relevance = (diversity.unit_rows(x) @ diversity.unit_rows(text).T).mean(1)
+    relevance = (ops.unit_rows(x) @ ops.unit_rows(text).T).mean(1)
     top = sorted(torch.topk(relevance, 5).indices.tolist())
     assert _select("mmr", _view(x, text), 5, importance="text", lam=1.0) == top
 
@@ -294,20 +297,19 @@ def test_mmr_text_importance():
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])  # with and without a [CLS] token
 @pytest.mark.parametrize("importance", ["cls", "pagerank"])
 def test_mmr_attention_importance(importance, family):
-    try:
-        from vtprune.attention import cls_attention_scores, pagerank_scores
-    except ImportError:
-        pytest.skip("vtprune.attention (cls/pagerank scores, written by another engineer) is not available yet")
     tv = model(family)
     inputs = batch_inputs(tv, [0, 1])
     with vtprune.apply(tv.model, "mmr", keep=0.3, importance=importance, lam=1.0) as handle:
-        scorer = cls_attention_scores if importance == "cls" else pagerank_scores
+        if importance == "cls":
+            scorer = ops.cls_attention_scores
+        else:
+            scorer = functools.partial(pagerank_scores, config=handle.config)
         views, select = [], handle.pruner.select
         handle.pruner.select = lambda view, k: views.append((view, k)) or select(view, k)
         tv.model.generate(**inputs, **GEN)
         stats = handle.stats
         for view, k in views:  # λ = 1: the top-k of the attention scores
-            top = torch.sort(torch.topk(scorer(view, handle.pruner).float(), k).indices).values
+            top = torch.sort(torch.topk(scorer(view).float(), k).indices).values
             torch.testing.assert_close(select(view, k).indices, top)
     assert stats.visual_after == [budget(0.3, n) for n in stats.visual_before]
 
@@ -330,7 +332,12 @@ def test_zoo_acts_before_the_llm_only():
 def test_structured_mlp_sensitivity_equals_black_box_central_differences():
     """The shared-first-layer / SVD-last-layer estimator computes the same central differences."""
     from vtprune.capture import MLPProjector
-    from vtprune.sensitivity import central_difference_sensitivity, mlp_sensitivity, output_factor, unit_directions
+    from vtprune.methods.zoo import (
+        central_difference_sensitivity,
+        mlp_sensitivity,
+        output_factor,
+        unit_directions,
+    )
 
     proj = model("llava").model.model.multi_modal_projector
     g = torch.Generator().manual_seed(0)

@@ -96,3 +96,24 @@ class PrunerConfig:
     def field_names(cls) -> list[str]:
         """Names of the options this config accepts."""
         return [f.name for f in dataclasses.fields(cls)]
+
+
+#: the ``mode`` option of methods with a reference mode
+MODES = ("clean", "reference")
+
+
+@dataclass
+class ModeOption:
+    """Config mixin. mode: ``"clean"`` (exact budget, documented choices) or ``"reference"`` (the reference
+    code's rules)."""
+
+    mode: str = "clean"
+
+    def validate_mode(self) -> None:
+        """Raise :class:`VTPruneError` naming the field."""
+        if self.mode not in MODES:
+            raise VTPruneError(f"mode={self.mode!r}: expected one of {MODES}")
+
+    @property
+    def reference(self) -> bool:
+        return self.mode == "reference"

@@ -24,12 +24,13 @@ kernels — so that the two agree on a real forward (``tests/test_flops.py`` che
 Not counted (in neither convention, as in ``FlopCounterMode``): norms, activations, softmax, rotary embeddings,
 residual adds, biases, embeddings lookups, scatter/gather of the pruning hooks. These are O(n·d) each.
 
-**Pruner overhead** (``FlopsReport.overhead``) is reported separately: pruners register a formula with
-:func:`register_overhead_flops`; ``None`` means the pruner registered none (unknown, not zero).
+**Pruner overhead** (``FlopsReport.overhead``) is reported separately: each method's class gives a formula in
+its ``overhead_flops`` classmethod; ``None`` means it has none (unknown, not zero).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import VTPruneError
+from .registry import pruner_class
 from .stats import PruneStats
 
 #: exact-count components, in report order
@@ -200,30 +202,31 @@ def vision_flops(model_or_config: Any, work: VisionWork) -> dict[str, int]:
 
 # ---- pruner overhead ----------------------------------------------------------------------------------
 #: per-image overhead formula: (visual tokens before, tokens kept, feature dim) -> FLOPs
-OverheadFormula = Callable[[int, int, int], int]
-_OVERHEAD: dict[str, OverheadFormula] = {}
+OverheadFormula = Callable[[int, int, int], "int | None"]
 
 
 def register_overhead_flops(name: str) -> Callable[[OverheadFormula], OverheadFormula]:
-    """Decorator: register the per-image selection cost of pruner ``name`` (e.g. ``V²·D`` for a cosine matrix)."""
+    """Deprecated decorator: make ``fn`` the ``overhead_flops`` of the registered pruner ``name`` (define an
+    ``overhead_flops`` classmethod on the pruner class instead)."""
+    warnings.warn("register_overhead_flops is deprecated; define Pruner.overhead_flops on the pruner class",
+                  DeprecationWarning, stacklevel=2)
+
     def deco(fn: OverheadFormula) -> OverheadFormula:
-        _OVERHEAD[name] = fn
+        pruner_class(name).overhead_flops = classmethod(lambda cls, before, kept, dim: fn(before, kept, dim))
         return fn
     return deco
 
 
-register_overhead_flops("random")(lambda before, kept, dim: 0)  # random scores + sort: no FLOPs
-register_overhead_flops("uniform")(lambda before, kept, dim: 0)  # index arithmetic only
-register_overhead_flops("pool")(lambda before, kept, dim: before * dim)  # ~one add per pooled feature element
-
-
 def pruner_overhead_flops(name: str, images: Sequence[tuple[int, int]], dim: int) -> int | None:
-    """Selection FLOPs of pruner ``name`` over ``images`` [(before, kept)]; ``None`` if it registered no formula.
-    Images that kept every token were not given to the pruner and cost nothing."""
-    fn = _OVERHEAD.get(name)
-    if fn is None:
+    """Selection FLOPs of pruner ``name`` over ``images`` [(before, kept)] by its class's ``overhead_flops``;
+    ``None`` if the name is not registered or the class gives no formula. Images that kept every token were
+    not given to the pruner and cost nothing."""
+    try:
+        cls = pruner_class(name)
+    except VTPruneError:
         return None
-    return sum(fn(before, kept, dim) for before, kept in images if kept < before)
+    costs = [cls.overhead_flops(before, kept, dim) for before, kept in images if kept < before]
+    return None if None in costs else sum(costs)
 
 
 # ---- the report ---------------------------------------------------------------------------------------

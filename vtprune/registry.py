@@ -1,4 +1,6 @@
-"""Name -> pruner registry (timm style): ``@register_pruner`` on a Pruner class with its config class."""
+"""Name -> pruner registry (timm style): ``@register_pruner`` on a Pruner class with its config class. A class
+may also answer to the older names in its ``aliases`` (e.g. ``"pagerank"`` for ``"zero_tprune"``): they work
+wherever a name is taken (``apply``, YAML, lmms-eval), while :func:`list_pruners` lists each method once."""
 
 from __future__ import annotations
 
@@ -10,31 +12,45 @@ from .config import SITE_NAMES, PrunerConfig
 from .errors import VTPruneError
 
 if TYPE_CHECKING:
-    from .pruners.base import Pruner
+    from .methods.base import Pruner
 
 _REGISTRY: dict[str, type["Pruner"]] = {}
+#: alias -> the registered name it stands for
+_ALIASES: dict[str, str] = {}
 
 
 def register_pruner(cls: type["Pruner"]) -> type["Pruner"]:
-    """Class decorator: register ``cls`` under ``cls.config_class.name``."""
+    """Class decorator: register ``cls`` under ``cls.config_class.name`` and the ``aliases`` it sets itself
+    (a subclass registered under a new name does not inherit its parent's aliases)."""
     name = cls.config_class.name
     if not name:
         raise TypeError(f"{cls.__name__}.config_class must set a class-level `name`")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise TypeError(f"pruner name {name!r} is already registered by {_REGISTRY[name].__name__}")
+    aliases = cls.__dict__.get("aliases", ())
+    for taken in (name, *aliases):
+        owner = _REGISTRY.get(_ALIASES.get(taken, taken))
+        if owner is not None and owner is not cls:
+            raise TypeError(f"pruner name {taken!r} is already registered by {owner.__name__}")
     _REGISTRY[name] = cls
+    _ALIASES.update(dict.fromkeys(aliases, name))
     return cls
 
 
 def list_pruners() -> list[str]:
-    """Names of all registered pruners, sorted."""
+    """Names of all registered pruners, sorted; aliases are not listed (see :func:`pruner_aliases`)."""
     return sorted(_REGISTRY)
 
 
+def pruner_aliases() -> dict[str, str]:
+    """Alias -> registered name, for the pruners that still answer to an older name."""
+    return {alias: name for alias, name in sorted(_ALIASES.items()) if name in _REGISTRY}
+
+
 def pruner_class(name: str) -> type["Pruner"]:
-    """The pruner class registered as ``name``; a clear error (with suggestions) otherwise."""
+    """The pruner class registered as ``name`` (or an alias of it); a clear error (with suggestions) otherwise."""
+    if isinstance(name, str) and _ALIASES.get(name) in _REGISTRY:
+        name = _ALIASES[name]
     if not isinstance(name, str) or name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        close = difflib.get_close_matches(str(name), [*_REGISTRY, *_ALIASES], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise VTPruneError(f"unknown pruner {name!r}; registered pruners: {', '.join(list_pruners())}.{hint}")
     return _REGISTRY[name]

@@ -1,7 +1,7 @@
 """Zero-TPrune on a timm Vision Transformer, as in the paper: tokens are pruned between blocks.
 
 After each pruning block, that block's attention graph (recomputed from its captured attention input, so
-the fused kernel keeps running) ranks the patch tokens by I' -> S -> I (see :mod:`vtprune.pruners.pagerank`);
+the fused kernel keeps running) ranks the patch tokens by I' -> S -> I (see :mod:`vtprune.methods.zero_tprune`);
 the block's output keeps the prefix tokens ([CLS], registers) and the surviving patches in original order,
 and every later block runs on the shorter sequence.
 """
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import AttentionGraph, WPROptions, wpr_iterations
 from .config import PrunerConfig
 from .errors import VTPruneError
-from .pruners.pagerank import PagerankConfig, zero_tprune
+from .methods.zero_tprune import WPROptions, ZeroTPruneConfig, wpr_iterations, zero_tprune
+from .ops import AttentionGraph
 from .view import budget
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, TimmPruneHandle]" = weakref.WeakKeyDictionary()
@@ -48,7 +48,7 @@ class TimmPruneHandle:
     """Pruning hooks on one timm ViT; a context manager. ``seq_lens``: tokens each block processed in the
     last forward (batch-wide, prefix tokens included)."""
 
-    def __init__(self, model: nn.Module, config: PagerankConfig, blocks: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, config: ZeroTPruneConfig, blocks: tuple[int, ...]) -> None:
         self.model, self.config, self.blocks = model, config, blocks
         self.seq_lens: list[int] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -136,13 +136,14 @@ def _check_attention(model: nn.Module, blocks: tuple[int, ...]) -> None:
 
 
 def apply_timm(model: nn.Module, config: PrunerConfig) -> TimmPruneHandle:
-    """Install Zero-TPrune (``"pagerank"``) on a timm ``VisionTransformer``: ``keep`` is the fraction / count
-    of patch tokens left after the last pruning block (``config.vit_blocks``), removed in equal shares per
-    block; prefix tokens are always kept."""
+    """Install Zero-TPrune (``"zero_tprune"``, alias ``"pagerank"``) on a timm ``VisionTransformer``: ``keep``
+    is the fraction / count of patch tokens left after the last pruning block (``config.vit_blocks``), removed
+    in equal shares per block; prefix tokens are always kept."""
     if not is_timm_vit(model):
         raise VTPruneError(f"{type(model).__name__} is not a timm VisionTransformer")
-    if not isinstance(config, PagerankConfig):
-        raise VTPruneError(f"pruner {config.name!r} does not support timm ViTs; use 'pagerank'")
+    if not isinstance(config, ZeroTPruneConfig):
+        raise VTPruneError(f"pruner {config.name!r} does not support timm ViTs; "
+                           "use 'zero_tprune' (alias 'pagerank')")
     depth = len(model.blocks)
     blocks = config.vit_blocks or default_blocks(depth)
     if blocks[-1] >= depth:

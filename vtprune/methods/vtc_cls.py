@@ -6,22 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import selectors
-from ..attention import (
-    captured_layers,
-    cls_attention,
-    graph_of,
-    has_cls,
-    layer_roles,
-    pooled,
-    received_attention,
-)
 from ..capture import VISION_QK
 from ..config import PrunerConfig
 from ..errors import VTPruneError
+from ..ops import captured_layers, cls_attention, graph_of, has_cls, layer_roles, pooled, received_attention
 from ..registry import register_pruner
-from ..view import Selection, VisualView
-from .base import Pruner
+from ..view import VisualView
+from .base import ScorerPruner
 
 
 @dataclass
@@ -50,7 +41,7 @@ def summed_cls_attention(view: VisualView) -> torch.Tensor:
 
 
 @register_pruner
-class VTCCLSPruner(Pruner):
+class VTCCLSPruner(ScorerPruner):
     """VTC-CLS: keep the top-k tokens by [CLS] attention summed over encoder layers ``start_layer .. L-2``
     (head mean per layer), in original order. Only the [CLS] row of each layer is recomputed from captured
     q/k (the reference turns on ``output_attentions`` for the whole tower). Clean budget; pre-LLM.
@@ -58,7 +49,8 @@ class VTCCLSPruner(Pruner):
     Choices: LLaVA-NeXT views (base + crops) are ranked together, each view's [CLS] attention being over its
     own patches; row-newline tokens rank last. Encoders without [CLS] (Qwen) use attention received in the
     last full-attention block, pooled over each 2x2 merge group; they capture the layer range too, because
-    the capture layers are fixed before the encoder's kind is known (an unused q/k projection per layer)."""
+    the capture layers are fixed before the encoder's kind is known (an unused q/k projection per layer).
+    See docs/algorithms.md, section ``vtc_cls``."""
 
     config_class = VTCCLSConfig
     sites = ("pre_llm",)
@@ -72,5 +64,11 @@ class VTCCLSPruner(Pruner):
                                f"{num_layers} layers and the last one is excluded")
         return sorted(set(range(start, num_layers - 1)) | {full_attention_layers[-1]})
 
-    def select(self, view: VisualView, k: int) -> Selection:
-        return selectors.top_k(summed_cls_attention(view), k)
+    def score(self, view: VisualView) -> torch.Tensor:
+        return summed_cls_attention(view)
+
+    @classmethod
+    def overhead_flops(cls, before: int, kept: int, dim: int) -> None:
+        """``None``: the cost is the [CLS] rows of the vision-encoder layers (``2·P·d_v`` per layer and view),
+        in encoder dims the formula does not see; the top-k itself is a sort."""
+        return None

@@ -1,4 +1,4 @@
-"""IDPruner-style Maximal Marginal Relevance (arXiv 2602.13315, spec ``algorithms.md`` §2) with a choice of
+"""IDPruner-style Maximal Marginal Relevance (arXiv 2602.13315; docs/algorithms.md, ``mmr``) with a choice of
 training-free importance signals, or a learned scorer loaded from a local file.
 
 IDPruner's own importance is a *trained* scorer (VisionSelector); without one, the method here is
@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import attention, diversity
+from .. import ops
 from ..capture import PROJECTOR, VISION_QK
-from ..config import PrunerConfig, is_number
+from ..config import ModeOption, PrunerConfig, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
-from ..sensitivity import ZOOptions, ZOScorer
 from ..view import Selection, VisualView
 from .base import Pruner
-from .divprune import ModeOption, RoundedReferenceCount
+from .divprune import RoundedReferenceCount
+from .zero_tprune import pagerank_scores
+from .zoo import ZOOptions, ZOScorer
 
 IMPORTANCES = ("norm", "text", "zoo", "cls", "pagerank", "learned")
 #: signals each importance needs captured
@@ -46,7 +47,8 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
       * ``"text"``: mean cosine of each token to the sample's non-visual token states (``VisualView.text``:
         the prompt, question included). Query-aware, O((V+T)·D).
       * ``"zoo"``: ZO projector sensitivity (options ``directions``, ``step``, ``rank`` as for ``zoo``).
-      * ``"cls"`` / ``"pagerank"``: vision-encoder attention scores from :mod:`vtprune.attention`.
+      * ``"cls"`` / ``"pagerank"``: vision-encoder [CLS] attention (:func:`vtprune.ops.cls_attention_scores`) /
+        Zero-TPrune's weighted PageRank (:func:`vtprune.methods.zero_tprune.pagerank_scores`).
       * ``"learned"``: a scorer loaded from ``scorer_path``.
     lam:         λ, importance vs. diversity trade-off in [0, 1] (0.5, the paper's best).
     scorer_path: a scorer mapping features [V, D] -> raw scores [V] (logits, as the reference code uses them),
@@ -186,12 +188,13 @@ def text_relevance(view: VisualView) -> torch.Tensor:
     """[V] mean cosine of each token to the non-visual tokens (zeros if there are none)."""
     if view.text.shape[0] == 0:
         return torch.zeros(view.num_tokens, device=view.features.device)
-    return diversity.unit_rows(view.features) @ diversity.unit_rows(view.text).mean(0)
+    return ops.unit_rows(view.features) @ ops.unit_rows(view.text).mean(0)
 
 
 @register_pruner
 class MMRPruner(RoundedReferenceCount, Pruner):
-    """Importance (per ``importance``) + MMR selection (:func:`vtprune.diversity.mmr`)."""
+    """Importance (per ``importance``) + MMR selection (:func:`vtprune.ops.mmr`).
+    See docs/algorithms.md, section ``mmr``."""
 
     config_class = MMRConfig
 
@@ -212,17 +215,25 @@ class MMRPruner(RoundedReferenceCount, Pruner):
         if config.importance == "learned":
             module = load_scorer(config.scorer_path, config.trust_scorer_code).eval()
             return lambda view: learned_scores(module, view.features)
-        fn = attention.cls_attention_scores if config.importance == "cls" else attention.pagerank_scores
-        return lambda view: fn(view, self)
+        if config.importance == "cls":
+            return ops.cls_attention_scores
+        return lambda view: pagerank_scores(view, config)
 
     def vision_layers(self, full_attention_layers: list[int], num_layers: int) -> list[int]:
         if VISION_QK not in self.needs:
             return []
-        return attention.default_vision_layers(full_attention_layers, num_layers)
+        return ops.default_vision_layers(full_attention_layers, num_layers)
 
     @torch.no_grad()
     def select(self, view: VisualView, k: int) -> Selection:
-        imp = diversity.min_max(self._importance(view).float(), eps=1e-6)
-        unit = diversity.unit_rows(view.features)
-        picks = diversity.mmr(diversity.on_demand(unit), imp, k, float(self.config.lam))
+        imp = ops.min_max(self._importance(view).float(), eps=1e-6)
+        unit = ops.unit_rows(view.features)
+        picks = ops.mmr(ops.on_demand(unit), imp, k, float(self.config.lam))
         return Selection(indices=torch.sort(picks).values)
+
+    @classmethod
+    def overhead_flops(cls, before: int, kept: int, dim: int) -> int:
+        """``V·D + 2·V·D·k`` with the default ``"norm"`` importance: the feature norms and one similarity column
+        per pick. Other importances add their signal's cost (text: ``2·(V+T)·D``; zoo/cls/pagerank: projector or
+        encoder work, not counted)."""
+        return before * dim + 2 * before * dim * kept

@@ -1,5 +1,5 @@
-"""DivPrune (CVPR 2025, spec ``algorithms.md`` §5.2): greedy max-min diversity on the visual features with
-distance ``1 - cos``. Also holds the ``mode`` option and the reference count rule shared with mmr / zoo."""
+"""DivPrune (CVPR 2025; docs/algorithms.md, ``divprune``): greedy max-min diversity on the visual features with
+distance ``1 - cos``. Also holds the ``round(ρ·V)`` reference count rule, which IDPruner (mmr) shares."""
 
 from __future__ import annotations
 
@@ -7,31 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import diversity
-from ..config import PrunerConfig
-from ..errors import VTPruneError
-from ..flops import register_overhead_flops
+from .. import ops
+from ..config import ModeOption, PrunerConfig
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView
 from .base import Pruner
-
-MODES = ("clean", "reference")
-
-
-@dataclass
-class ModeOption:
-    """mode: ``"clean"`` (exact budget, documented choices) or ``"reference"`` (the reference code's rules)."""
-
-    mode: str = "clean"
-
-    def validate_mode(self) -> None:
-        """Raise :class:`VTPruneError` naming the field."""
-        if self.mode not in MODES:
-            raise VTPruneError(f"mode={self.mode!r}: expected one of {MODES}")
-
-    @property
-    def reference(self) -> bool:
-        return self.mode == "reference"
 
 
 def rounded_count(keep: float | int, num_tokens: int) -> int:
@@ -66,21 +46,37 @@ class DivPruneConfig(PrunerConfig, ModeOption):
         self.validate_mode()
 
 
+def nearest_neighbour_seed(sim: torch.Tensor, second_smallest: bool = False) -> torch.Tensor:
+    """DivPrune's first pick: the token whose nearest other token is farthest (distance ``1 - cos``).
+    ``second_smallest`` follows the reference literally (2nd smallest distance of each column, the smallest
+    being the self-distance) instead of excluding the diagonal."""
+    dist = 1 - sim
+    if second_smallest:
+        nearest = dist.kthvalue(2, dim=0).values
+    else:
+        nearest = dist.masked_fill(torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device),
+                                   float("inf")).amin(0)
+    return nearest.argmax()
+
+
 @register_pruner
 class DivPrunePruner(RoundedReferenceCount, Pruner):
     """First pick: the token whose nearest neighbour is farthest; then farthest-first from the picked set.
-    Uses the full V×V cosine matrix (the first pick needs it); each greedy step then costs O(V)."""
+    Uses the full V×V cosine matrix (the first pick needs it); each greedy step then costs O(V).
+    See docs/algorithms.md, section ``divprune``."""
 
     config_class = DivPruneConfig
 
     @torch.no_grad()
     def select(self, view: VisualView, k: int) -> Selection:
         dtype = view.features.dtype if self.config.reference else torch.float32
-        unit = diversity.unit_rows(view.features, dtype)
+        unit = ops.unit_rows(view.features, dtype)
         sim = unit @ unit.T
-        first = diversity.nearest_neighbour_seed(sim, second_smallest=self.config.reference)
-        picks = diversity.max_min(diversity.from_matrix(sim), view.num_tokens, k, first, unit.device)
+        first = nearest_neighbour_seed(sim, second_smallest=self.config.reference)
+        picks = ops.max_min(ops.from_matrix(sim), view.num_tokens, k, first, unit.device)
         return Selection(indices=torch.sort(picks).values)
 
-
-register_overhead_flops("divprune")(lambda before, kept, dim: 2 * before * before * dim)  # the cosine matrix
+    @classmethod
+    def overhead_flops(cls, before: int, kept: int, dim: int) -> int:
+        """``2·V²·D``: the V×V cosine matrix (the greedy steps then read its columns)."""
+        return 2 * before * before * dim

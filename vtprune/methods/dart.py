@@ -8,19 +8,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import key_l1_norms
 from ..capture import FINAL_NORM, LLM_QK, LLMQK
-from ..config import PrunerConfig
+from ..config import ModeOption, PrunerConfig
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView, budget
 from .base import Pruner
 
-MODES = ("clean", "reference")
-
 
 @dataclass
-class DARTConfig(PrunerConfig):
+class DARTConfig(PrunerConfig, ModeOption):
     """DART at decoder layer K (default 2). image_pivots / text_pivots: pivots taken among the image tokens
     and among the tokens after the image, by L1 key norm at layer K-1. mode: ``"clean"`` (exact budget) or
     ``"reference"`` (the reference's count rule and pivot order), see :class:`DARTPruner`."""
@@ -30,7 +27,6 @@ class DARTConfig(PrunerConfig):
     layer: int | None = None  # site="layer" fills in K = 2
     image_pivots: int = 4
     text_pivots: int = 4
-    mode: str = "clean"
 
     def validate(self) -> None:
         super().validate()
@@ -40,8 +36,13 @@ class DARTConfig(PrunerConfig):
                 raise VTPruneError(f"{field}={value!r}: expected an int >= 0")
         if self.image_pivots + self.text_pivots == 0:
             raise VTPruneError("image_pivots and text_pivots are both 0: DART needs at least one pivot")
-        if self.mode not in MODES:
-            raise VTPruneError(f"mode={self.mode!r}: expected one of {MODES}")
+        self.validate_mode()
+
+
+def key_l1_norms(key: torch.Tensor) -> torch.Tensor:
+    """L1 norm of each token's key with heads concatenated, [H_kv, n, d] -> [n] (GQA repetition would
+    only rescale it)."""
+    return key.float().abs().sum((0, 2))
 
 
 def top_indices(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -95,14 +96,15 @@ class DARTPruner(Pruner):
     ``mode="reference"``: the reference's counts ``P_img + P·⌊min(M, V - P_img) / P⌋`` (P = all pivots; M =
     an int ``keep`` as ``max_num_trunction`` / LLaVA-NeXT's retain count, or ``keep·V`` for a float, as the
     Qwen code's ``V·(1-r)``), pivots visited in CPython ``set`` order of their sequence indices, cosines in
-    the model's dtype. Text pivots come from the text tokens after the image (other images excluded)."""
+    the model's dtype. Text pivots come from the text tokens after the image (other images excluded).
+    See docs/algorithms.md, section ``dart``."""
 
     config_class = DARTConfig
     sites = ("layer",)
     needs = frozenset({LLM_QK, FINAL_NORM})
 
     def count(self, layout: ImageLayout) -> int:
-        if self.config.mode == "clean":
+        if not self.config.reference:
             return super().count(layout)
         v, keep, c = layout.size, self.config.keep, self.config
         if budget(keep, v) >= v:
@@ -120,7 +122,7 @@ class DARTPruner(Pruner):
             return Selection(indices=torch.sort(image_pivots).values)
         after = text_after_image(qk)
         text_rows = after[top_indices(norms[qk.text[after]], self.config.text_pivots)]
-        reference = self.config.mode == "reference"
+        reference = self.config.reference
         dtype = view.features.dtype if reference else torch.float32
         norm = view.extras["final_norm"]
         image_h = F.normalize(norm(view.features).to(dtype), dim=-1)
@@ -136,3 +138,10 @@ class DARTPruner(Pruner):
         takes = quotas(k - image_pivots.numel(), pivots.shape[0])
         gathered = least_duplicated(pivots @ image_h.T, takes, pool)
         return Selection(indices=torch.sort(torch.cat([image_pivots, gathered])).values)
+
+    @classmethod
+    def overhead_flops(cls, before: int, kept: int, dim: int) -> int:
+        """``2·P·V·D`` with the default P = 8 pivots: each pivot's cosine to the V image states (normalising
+        and the final norm are O(V·D) and not counted, nor the recomputed layer-(K-1) keys)."""
+        pivots = DARTConfig.image_pivots + DARTConfig.text_pivots
+        return 2 * pivots * before * dim

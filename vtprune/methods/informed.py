@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import scorers, selectors
 from ..capture import HINTS
 from ..config import PrunerConfig
 from ..errors import VTPruneError
 from ..registry import register_pruner
-from ..view import Selection, VisualView
-from .base import Pruner
+from ..view import VisualView
+from .base import ScorerPruner
+from .random import random_scores
 
 
 @dataclass
@@ -39,13 +39,14 @@ class InformedConfig(PrunerConfig):
 
 
 @register_pruner
-class InformedPruner(Pruner):
-    """Priorities from the hint + a random tie-break in [0, 1) (so priorities must differ by >= 1 to dominate)."""
+class InformedPruner(ScorerPruner):
+    """Priorities from the hint + a random tie-break in [0, 1) (so priorities must differ by >= 1 to dominate).
+    See docs/algorithms.md, section ``informed``."""
 
     config_class = InformedConfig
     needs = frozenset({HINTS})
 
-    def select(self, view: VisualView, k: int) -> Selection:
+    def score(self, view: VisualView) -> torch.Tensor:
         if "hint" not in view.extras:
             raise VTPruneError(f"informed pruner: no hint for batch row {view.sample}; pass one per row with "
                                "handle.set_hints([...]) before the forward")
@@ -60,4 +61,9 @@ class InformedPruner(Pruner):
         if priority.shape != (view.num_tokens,):
             raise VTPruneError(f"informed pruner: hint[{self.config.key!r}] of sample {view.sample} has shape "
                                f"{tuple(priority.shape)}, expected one priority per visual token ({view.num_tokens})")
-        return selectors.top_k(priority + scorers.random_scores(view, self.generator(view)), k)
+        return priority + random_scores(view, self.generator(view))
+
+    @classmethod
+    def overhead_flops(cls, before: int, kept: int, dim: int) -> int:
+        """``V``: one add of the tie-break per token (the priorities come from the caller)."""
+        return before

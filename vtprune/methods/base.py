@@ -1,5 +1,6 @@
-"""The pruner contract: given one image's :class:`~vtprune.view.VisualView` and a budget k, return a
-:class:`~vtprune.view.Selection`. Most pruners are a scorer + a selector (see ``scorers``/``selectors``)."""
+"""The method contract: given one image's :class:`~vtprune.view.VisualView` and a budget k, return a
+:class:`~vtprune.view.Selection`. A score-then-top-k method is a :class:`ScorerPruner` with one ``score()``;
+shared tensor building blocks live in :mod:`vtprune.ops`."""
 
 from __future__ import annotations
 
@@ -7,18 +8,22 @@ from typing import ClassVar
 
 import torch
 
+from .. import ops
 from ..config import PrunerConfig
 from ..view import ImageLayout, Selection, VisualView, budget
 
 
 class Pruner:
-    """Base class. Subclasses set :attr:`config_class` and implement :meth:`select`."""
+    """Base class. Subclasses set :attr:`config_class`, implement :meth:`select` and give their selection
+    cost in :meth:`overhead_flops`."""
 
     config_class: ClassVar[type[PrunerConfig]] = PrunerConfig
     #: sites this pruner can act at
     sites: ClassVar[tuple[str, ...]] = ("pre_llm", "layer")
     #: optional signals to capture for :attr:`VisualView.extras` (see :mod:`vtprune.capture`)
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: other registry names this pruner answers to (e.g. ``"pagerank"`` for ``"zero_tprune"``)
+    aliases: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PrunerConfig) -> None:
         self.config = config
@@ -45,5 +50,23 @@ class Pruner:
         """Choose exactly ``k`` of ``view``'s tokens (k < V: keep-all never reaches a pruner)."""
         raise NotImplementedError
 
+    @classmethod
+    def overhead_flops(cls, before: int, kept: int, dim: int) -> int | None:
+        """FLOPs of selecting ``kept`` of ``before`` visual tokens with ``dim``-wide states (one image, default
+        options); ``None`` = no formula (unknown, not zero). Every built-in method gives its own."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+class ScorerPruner(Pruner):
+    """A method that scores every token and keeps the k highest (ties to the lowest index), in original
+    order: subclasses implement :meth:`score` only."""
+
+    def score(self, view: VisualView) -> torch.Tensor:
+        """[V] one score per visual token, higher = keep first."""
+        raise NotImplementedError
+
+    def select(self, view: VisualView, k: int) -> Selection:
+        return ops.top_k(self.score(view), k)

@@ -6,40 +6,29 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import selectors
-from ..attention import (
-    ReadsEncoderAttention,
-    best_match,
-    cls_attention_scores,
-    reading_graphs,
-    token_keys,
-)
 from ..capture import PROJECTOR, VISION_QK, ProjectorInput
-from ..config import PrunerConfig, is_number
+from ..config import ModeOption, PrunerConfig, is_number
 from ..errors import VTPruneError
+from ..ops import ReadsEncoderAttention, best_match, cls_attention_scores, reading_graphs, token_keys, top_k
 from ..registry import register_pruner
 from ..view import Selection, VisualView
 from .base import Pruner
 
-MODES = ("clean", "reference")
-
 
 @dataclass
-class VisionZipConfig(PrunerConfig):
+class VisionZipConfig(PrunerConfig, ModeOption):
     """contextual: fraction of the kept tokens that are merged contextual tokens (the reference's 10 of
     64, 20 of 128, 30 of 192 = 0.15625; rounded). mode: how a contextual token merges its group, see
     :class:`VisionZipPruner`."""
 
     name = "visionzip"
     contextual: float = 0.15625
-    mode: str = "clean"
 
     def validate(self) -> None:
         super().validate()
         if not is_number(self.contextual) or not 0.0 <= self.contextual < 1.0:
             raise VTPruneError(f"contextual={self.contextual!r}: expected a fraction in [0, 1)")
-        if self.mode not in MODES:
-            raise VTPruneError(f"mode={self.mode!r}: expected one of {MODES}")
+        self.validate_mode()
 
 
 def contextual_targets(rest: torch.Tensor, n_ctx: int) -> torch.Tensor:
@@ -77,7 +66,8 @@ class VisionZipPruner(ReadsEncoderAttention, Pruner):
     ``mode="reference"`` merges as the reference does (target + mean of assignees, which doubles a group's
     scale); ``mode="clean"`` (default) takes the plain mean of the group. LLaVA-NeXT views are compressed
     together with one global ranking (the reference gives every view the same counts); newline tokens are
-    never merged and rank last. With fewer kept tokens than tokens with encoder features, ``n_ctx = 0``."""
+    never merged and rank last. With fewer kept tokens than tokens with encoder features, ``n_ctx = 0``.
+    See docs/algorithms.md, section ``visionzip``."""
 
     config_class = VisionZipConfig
     sites = ("pre_llm",)
@@ -86,8 +76,8 @@ class VisionZipPruner(ReadsEncoderAttention, Pruner):
     def select(self, view: VisualView, k: int) -> Selection:
         proj: ProjectorInput = view.extras["projector"]
         n_ctx = round(self.config.contextual * k) if k <= int(proj.valid.sum()) else 0
-        scores = cls_attention_scores(view, self).masked_fill(~proj.valid, float("-inf"))
-        dominant = selectors.top_k(scores, k - n_ctx).indices
+        scores = cls_attention_scores(view).masked_fill(~proj.valid, float("-inf"))
+        dominant = top_k(scores, k - n_ctx).indices
         if n_ctx == 0:
             return Selection(indices=dominant)
         rest_mask = proj.valid.clone()
@@ -104,3 +94,9 @@ class VisionZipPruner(ReadsEncoderAttention, Pruner):
         states = torch.cat([view.features[dominant], merged.to(view.features.dtype)])
         order = torch.argsort(indices)
         return Selection(indices=indices[order], embeddings=states[order])
+
+    @classmethod
+    def overhead_flops(cls, before: int, kept: int, dim: int) -> None:
+        """``None``: the cost is the encoder's [CLS] rows, key matching and the re-projection of the merged
+        groups, all in encoder / projector dims the formula does not see."""
+        return None

@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import selectors
-from ..attention import last_token_attention
+from .. import ops
 from ..capture import LLM_QK
 from ..config import PrunerConfig
 from ..registry import register_pruner
-from ..view import Selection, VisualView
-from .base import Pruner
+from ..view import VisualView
+from .base import ScorerPruner
 
 
 @dataclass
@@ -24,6 +23,12 @@ class FastVConfig(PrunerConfig):
     layer: int | None = None  # site="layer" fills in K = 2
 
 
+def last_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Head-mean attention of the last query (the last prompt token) over all n keys: [n]. No mask is
+    needed: the last token attends to every earlier one."""
+    return ops.attention_rows(query[:, -1:], key, scaling)[:, 0].mean(0)
+
+
 def fastv_scores(view: VisualView) -> torch.Tensor:
     """[V] head-mean attention of the last prompt token to each image token at layer K-1. The softmax runs
     over all of the sample's real tokens (as in the reference's eager attention map), so the image
@@ -33,15 +38,22 @@ def fastv_scores(view: VisualView) -> torch.Tensor:
 
 
 @register_pruner
-class FastVPruner(Pruner):
+class FastVPruner(ScorerPruner):
     """FastV: top-k image tokens by the last prompt token's attention in layer K-1, recomputed from that
     layer's captured post-RoPE q/k (one query row, O(H·n·d)), so SDPA/FlashAttention keep running; the
     reference reads the eager attention map instead. Counts follow the clean budget (``keep=1-R``, or an
-    int for the reference scripts' ``ATTENTION_RANK``); kept tokens keep their original positions."""
+    int for the reference scripts' ``ATTENTION_RANK``); kept tokens keep their original positions.
+    See docs/algorithms.md, section ``fastv``."""
 
     config_class = FastVConfig
     sites = ("layer",)
     needs = frozenset({LLM_QK})
 
-    def select(self, view: VisualView, k: int) -> Selection:
-        return selectors.top_k(fastv_scores(view), k)
+    def score(self, view: VisualView) -> torch.Tensor:
+        return fastv_scores(view)
+
+    @classmethod
+    def overhead_flops(cls, before: int, kept: int, dim: int) -> int:
+        """``2·V·D``: the last prompt token's query against the V image keys (heads × head dim = D). The
+        text columns of its softmax and the recomputed layer-(K-1) q/k projections are not counted."""
+        return 2 * before * dim

@@ -1,13 +1,18 @@
-"""Attention-derived token scores, recomputed from captured q/k (the model keeps running SDPA/FlashAttention).
+"""Shared tensor building blocks of the pruning methods: pure functions on tensors, no model and no config.
 
-Only the rows a scorer needs are materialised: a single query row (FastV, [CLS] attention) costs
-O(H·n·d); whole-graph quantities (received attention, weighted PageRank) stream query blocks of at most
-:data:`CHUNK_ELEMENTS` probabilities, since they only need ``Aᵀ s`` and never the full ``A``.
-
-Vision-encoder signals come as ``view.extras["vision_qk"] = {layer: [VisionQK per encoder view]}``.
-Each view is an :class:`AttentionGraph` whose nodes are its [CLS] token (CLIP) and patches; node scores
-reach the image's visual tokens through ``token_of_patch`` (summed: Qwen's 2x2 merge groups; -1 = none).
-Tokens fed by no patch (LLaVA-NeXT's row-newline tokens) score 0, below every attention score.
+* selection: :func:`top_k`, :func:`lattice`, :func:`split_budget`, :func:`adaptive_pool`;
+* greedy diversity (max-min / k-center, MMR, SADS): grow a set P one token per step, keeping for every token its
+  largest cosine similarity to P (``maxsim``), updated from the newly picked token's similarity column only:
+  O(V) work per step given the column (O(V·D) when computed on demand), O(k·V) overall, no host
+  synchronisation in the loop. A step picks the argmax of a method-specific score of ``maxsim``; ties go to the
+  lowest index, picked tokens are masked out. Results are in pick order; methods sort them;
+* attention recomputed from captured q/k (the model keeps running SDPA/FlashAttention): only the rows a method
+  needs are materialised; whole-graph quantities (received attention, weighted PageRank) stream query blocks of
+  at most :data:`CHUNK_ELEMENTS` probabilities, since they only need ``Aᵀ s``. Vision-encoder signals come as
+  ``view.extras["vision_qk"] = {layer: [VisionQK per encoder view]}``; each view is an :class:`AttentionGraph`
+  whose nodes are its [CLS] token (CLIP) and patches; node scores reach the image's visual tokens through
+  ``token_of_patch`` (summed: Qwen's 2x2 merge groups; -1 = none). Tokens fed by no patch (LLaVA-NeXT's
+  row-newline tokens) score 0, below every attention score.
 """
 
 from __future__ import annotations
@@ -15,19 +20,157 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .capture import VisionQK
 from .errors import VTPruneError
-from .view import VisualView
+from .view import ImageLayout, Selection, VisualView
 
+#: the similarity of every token to token ``j`` (a 0-d long tensor), shape [V]
+SimColumn = Callable[[torch.Tensor], torch.Tensor]
+#: a step's score of every token, from its running max similarity to the picked set
+StepScore = Callable[[torch.Tensor], torch.Tensor]
 #: the most attention probabilities held at once (64 MiB in float32)
 CHUNK_ELEMENTS = 1 << 24
-#: Zero-TPrune's head filter (VHF): keep heads whose score variance (scores rescaled to mean 1) is in this range
-HEAD_VARIANCE = (0.01, 0.7)
+
+
+# ---- selection --------------------------------------------------------------------------------------------
+def top_k(scores: torch.Tensor, k: int) -> Selection:
+    """The k highest scores (lowest index first on ties), returned in original order."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return Selection(indices=torch.sort(order).values)
+
+
+def lattice(num_tokens: int, k: int, device: torch.device | str = "cpu") -> Selection:
+    """k indices evenly spread over 0..V-1 in raster order: ``round(linspace(0, V-1, k))``."""
+    if k == 1:
+        return Selection(indices=torch.tensor([(num_tokens - 1) // 2], device=device))
+    idx = torch.linspace(0, num_tokens - 1, k, device=device, dtype=torch.float64).round().long()
+    return Selection(indices=idx)
+
+
+def split_budget(k: int, sizes: list[int]) -> list[int]:
+    """Split k over parts proportionally to ``sizes`` (largest remainder), never above a part's size."""
+    total = sum(sizes)
+    raw = [k * s / total for s in sizes]
+    out = [min(math.floor(r), s) for r, s in zip(raw, sizes)]
+    for i in sorted(range(len(sizes)), key=lambda i: raw[i] - out[i], reverse=True):
+        if sum(out) >= k:
+            break
+        if out[i] < sizes[i]:
+            out[i] += 1
+    return out
+
+
+def pooled_grid(rows: int, cols: int, k: int) -> tuple[int, int]:
+    """An output grid (r, c) with r*c >= k, r <= rows, c <= cols, aspect close to the input's."""
+    r = min(rows, max(1, round(math.sqrt(k * rows / cols))))
+    c = min(cols, math.ceil(k / r))
+    r = min(rows, math.ceil(k / c))
+    return r, c
+
+
+def adaptive_pool(features: torch.Tensor, layout: ImageLayout, k: int) -> Selection:
+    """Average-pool each grid segment to a smaller grid (PyTorch adaptive-pooling windows) so that exactly
+    k tokens remain. Each pooled token takes the place (and position id) of its window's top-left token.
+    The budget is split over segments by size; when a pooled grid has more than its share of cells, cells
+    are dropped evenly in raster order. Newline tokens (LLaVA-NeXT) are kept only when k exceeds the grid
+    tokens: then every grid token stays unpooled and the rest of the budget goes to newline tokens spread
+    evenly in raster order (``lattice``), so every k <= V is met and k = V keeps everything unchanged."""
+    grids = layout.grid_tokens()
+    grid = torch.cat([idx.reshape(-1) for _, idx in grids])
+    if k >= grid.numel():
+        newline = torch.ones(layout.size, dtype=torch.bool)
+        newline[grid] = False
+        newline = newline.nonzero().flatten()
+        extra = newline[lattice(newline.numel(), k - grid.numel()).indices] if k > grid.numel() else newline[:0]
+        return Selection(indices=torch.sort(torch.cat([grid, extra])).values.to(features.device))
+    shares = split_budget(k, [idx.numel() for _, idx in grids])
+    kept_idx, kept_emb = [], []
+    for (_, idx), share in zip(grids, shares):
+        if share == 0:
+            continue
+        rows, cols = idx.shape
+        r, c = pooled_grid(rows, cols, share)
+        cells = [(i, j) for i in range(r) for j in range(c)]
+        if len(cells) > share:
+            keep = lattice(len(cells), share).indices.tolist()
+            cells = [cells[t] for t in keep]
+        for i, j in cells:
+            r0, r1 = (i * rows) // r, -((-(i + 1) * rows) // r)
+            c0, c1 = (j * cols) // c, -((-(j + 1) * cols) // c)
+            window = idx[r0:r1, c0:c1].reshape(-1).to(features.device)
+            kept_idx.append(window[0])
+            kept_emb.append(features[window].mean(0))
+    indices = torch.stack(kept_idx)
+    order = torch.argsort(indices)
+    return Selection(indices=indices[order], embeddings=torch.stack(kept_emb)[order])
+
+
+# ---- greedy diversity -------------------------------------------------------------------------------------
+def unit_rows(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero), in ``dtype``: cosine similarity = dot product."""
+    return F.normalize(features.to(dtype), dim=-1)
+
+
+def on_demand(unit: torch.Tensor) -> SimColumn:
+    """Similarity columns computed when needed, O(V·D) each: cheaper than a V×V matrix when k ≪ V."""
+    return lambda j: unit @ unit[j]
+
+
+def from_matrix(sim: torch.Tensor) -> SimColumn:
+    """Columns read off a precomputed [V, V] similarity matrix (row j: token j against all)."""
+    return lambda j: sim[j]
+
+
+def greedy(column: SimColumn, num_tokens: int, k: int, first: torch.Tensor | int, score: StepScore,
+           device: torch.device | str) -> torch.Tensor:
+    """Pick ``first``, then repeatedly the token maximising ``score(maxsim)`` until k are picked."""
+    picks = torch.empty(k, dtype=torch.long, device=device)
+    chosen = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    j = torch.as_tensor(first, dtype=torch.long, device=device)
+    maxsim: torch.Tensor | None = None
+    for t in range(k):
+        picks[t] = j
+        chosen[j] = True
+        if t == k - 1:
+            break
+        col = column(j)
+        maxsim = col if maxsim is None else torch.maximum(maxsim, col)
+        j = score(maxsim).masked_fill(chosen, float("-inf")).argmax()
+    return picks
+
+
+def min_max(x: torch.Tensor, eps: float, constant: float = 0.0) -> torch.Tensor:
+    """``(x - min) / (max - min + eps)``; ``constant`` everywhere when all values are equal."""
+    lo, hi = x.min(), x.max()
+    if bool(hi == lo):
+        return torch.full_like(x, constant)
+    return (x - lo) / (hi - lo + eps)
+
+
+def max_min(column: SimColumn, num_tokens: int, k: int, first: torch.Tensor | int,
+            device: torch.device | str) -> torch.Tensor:
+    """Max-min diversity / farthest-point traversal with distance ``1 - cos``: each step adds the token
+    farthest from its nearest picked token (DivPrune, k-center)."""
+    return greedy(column, num_tokens, k, first, lambda maxsim: 1 - maxsim, device)
+
+
+def mmr(column: SimColumn, importance: torch.Tensor, k: int, lam: float) -> torch.Tensor:
+    """Maximal Marginal Relevance (IDPruner): first the most important token, then
+    ``argmax λ·Imp(i) - (1-λ)·max_{j∈P} cos(i, j)``; ``importance`` is already normalised."""
+    imp = importance.to(torch.float32)
+    return greedy(column, imp.numel(), k, imp.argmax(), lambda maxsim: lam * imp - (1 - lam) * maxsim,
+                  imp.device)
+
+
+def sads(column: SimColumn, sensitivity: torch.Tensor, k: int) -> torch.Tensor:
+    """Sensitivity-Aware Diverse Selection (ZOO-Prune): first the most sensitive token, then
+    ``argmax Ŝ(i)·min_{j∈P}(1 - cos(i, j))`` with Ŝ the min-max normalised sensitivity (≡ 1 if constant)."""
+    s = min_max(sensitivity.to(torch.float32), eps=1e-8, constant=1.0)
+    return greedy(column, s.numel(), k, s.argmax(), lambda maxsim: s * (1 - maxsim), s.device)
 
 
 # ---- attention rows and graphs ---------------------------------------------------------------------------
@@ -79,15 +222,6 @@ def weighted_pagerank(query: torch.Tensor, key: torch.Tensor, scaling: float, in
     """Zero-TPrune's weighted PageRank per head: ``s ← Aᵀ s`` (each token's importance is the attention it
     receives, weighted by the importance of who attends). Row-stochastic A preserves the mass. [H, n]."""
     return power_iteration(lambda s: attention_transpose_apply(query, key, scaling, s, budget), init, iters, tol)
-
-
-def pagerank_init(heads: int, nodes: int, has_cls: bool, device: torch.device) -> torch.Tensor:
-    """Uniform start ("Zero-TPrune-uni"); with a [CLS] node 0 it starts at √N times any other node.
-    Normalised to sum 1 per head."""
-    s = torch.ones(heads, nodes, device=device)
-    if has_cls:
-        s[:, 0] = math.sqrt(nodes)
-    return s / s.sum(-1, keepdim=True)
 
 
 def informative_heads(scores: torch.Tensor, bounds: tuple[float, float] | None) -> torch.Tensor:
@@ -195,40 +329,6 @@ def cls_or_received(g: AttentionGraph) -> torch.Tensor:
     return cls_attention(g) if g.has_cls else received_attention(g)
 
 
-@dataclass(frozen=True)
-class WPROptions:
-    """Weighted-PageRank settings: power iterations, early-stop L1 tolerance, head-variance bounds (None
-    disables the head filter)."""
-
-    iters: int = 1
-    tol: float = 0.0
-    head_variance: tuple[float, float] | None = HEAD_VARIANCE
-
-    @classmethod
-    def of(cls, config: Any, iters: int = 1) -> "WPROptions":
-        """Options from a config's ``wpr_iters``/``wpr_tol``/``head_variance`` fields where it has them
-        (``wpr_iters=None`` -> ``iters``), else the defaults."""
-        given = getattr(config, "wpr_iters", None)
-        return cls(iters=iters if given is None else given, tol=getattr(config, "wpr_tol", 0.0),
-                   head_variance=getattr(config, "head_variance", HEAD_VARIANCE))
-
-
-def wpr_node_scores(g: AttentionGraph, options: WPROptions) -> torch.Tensor:
-    """Zero-TPrune's I-stage scores of every node: weighted PageRank per head, head filter (on the
-    non-[CLS] nodes), root-mean-square over the kept heads. [N]."""
-    init = pagerank_init(g.heads, g.nodes, g.has_cls, g.query.device)
-    scores = weighted_pagerank(g.query, g.key, g.scaling, init, options.iters, options.tol)
-    heads = informative_heads(scores[:, int(g.has_cls):], options.head_variance)
-    return rms_heads(scores, heads)
-
-
-def wpr_iterations(layer: int, depth: int) -> int:
-    """Zero-TPrune's iteration count by depth: 1 in the last three layers, 30 in the first three, 5 between."""
-    if layer >= depth - 3:
-        return 1
-    return 30 if layer < 3 else 5
-
-
 # ---- which captured encoder layer to read ------------------------------------------------------------------
 def default_vision_layers(full_attention_layers: list[int], num_layers: int) -> list[int]:
     """The encoder layers the [CLS]/PageRank scorers read: the penultimate layer (CLIP: the layer whose
@@ -239,7 +339,7 @@ def default_vision_layers(full_attention_layers: list[int], num_layers: int) -> 
 
 
 class ReadsEncoderAttention:
-    """Pruner mixin: capture the layers :func:`cls_attention_scores` and :func:`pagerank_scores` read."""
+    """Pruner mixin: capture the layers :func:`reading_graphs` reads."""
 
     def vision_layers(self, full_attention_layers: list[int], num_layers: int) -> list[int]:
         return default_vision_layers(full_attention_layers, num_layers)
@@ -275,31 +375,8 @@ def reading_graphs(view: VisualView) -> list[AttentionGraph]:
     return [graph_of(vq) for vq in captured[layer]]
 
 
-# ---- the scorer contract shared with other pruners --------------------------------------------------------
-def cls_attention_scores(view: VisualView, pruner: Any) -> torch.Tensor:
+def cls_attention_scores(view: VisualView) -> torch.Tensor:
     """[V] head-mean [CLS] attention of each visual token (CLIP, penultimate layer); for encoders without
     [CLS] (Qwen) the head-mean attention received from all patches in the last full-attention block,
-    summed over each token's 2x2 merge group. ``pruner`` is the caller (no options are read)."""
+    summed over each token's 2x2 merge group."""
     return pooled(reading_graphs(view), view.num_tokens, cls_or_received)
-
-
-def pagerank_scores(view: VisualView, pruner: Any) -> torch.Tensor:
-    """[V] Zero-TPrune weighted-PageRank importance (I-stage on the whole encoder graph of the layer
-    :func:`cls_attention_scores` reads), pooled to visual tokens. Options come from the pruner's config
-    where it has ``wpr_iters``/``wpr_tol``/``head_variance`` (default: 1 iteration, as the paper's rule
-    gives for these deep layers; VHF bounds [0.01, 0.7])."""
-    options = WPROptions.of(pruner.config)
-    return pooled(reading_graphs(view), view.num_tokens, lambda g: wpr_node_scores(g, options))
-
-
-# ---- decoder-layer attention -------------------------------------------------------------------------------
-def last_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Head-mean attention of the last query (the last prompt token) over all n keys: [n]. No mask is
-    needed: the last token attends to every earlier one."""
-    return attention_rows(query[:, -1:], key, scaling)[:, 0].mean(0)
-
-
-def key_l1_norms(key: torch.Tensor) -> torch.Tensor:
-    """L1 norm of each token's key with heads concatenated, [H_kv, n, d] -> [n] (GQA repetition would
-    only rescale it)."""
-    return key.float().abs().sum((0, 2))

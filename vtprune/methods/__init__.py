@@ -1,0 +1,23 @@
+"""The pruning methods, one module each (math, config, count rule, ``overhead_flops``). Importing this package
+registers them all; see docs/algorithms.md for each method and :mod:`vtprune.ops` for the shared building blocks."""
+
+from .base import Pruner, ScorerPruner
+from .dart import DARTConfig
+from .divprune import DivPruneConfig
+from .fastv import FastVConfig
+from .informed import InformedConfig
+from .kcenter import KCenterConfig
+from .mmr import MMRConfig
+from .pool import PoolConfig
+from .random import RandomConfig
+from .uniform import UniformConfig
+from .visionzip import VisionZipConfig
+from .vtc_cls import VTCCLSConfig
+from .zero_tprune import PagerankConfig, ZeroTPruneConfig
+from .zoo import ZooConfig
+
+__all__ = [
+    "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig", "PagerankConfig",
+    "PoolConfig", "Pruner", "RandomConfig", "ScorerPruner", "UniformConfig", "VTCCLSConfig", "VisionZipConfig",
+    "ZeroTPruneConfig", "ZooConfig",
+]
