@@ -2,8 +2,9 @@
 
 Models come from a saved directory (``from_pretrained``, local files only) or, with random weights, from a
 config file (``configs/models/*.json`` or any ``config.json``). Inputs are synthesized from the config: a prompt
-of random text ids with the right number of image placeholder tokens, and random ``pixel_values`` — no processor
-or tokenizer is needed, and timings do not depend on image content.
+of random text ids with the right number of image placeholder tokens, and random ``pixel_values`` (each family's
+``synthetic_image`` in :mod:`vtprune.models`) — no processor or tokenizer is needed, and timings do not depend
+on image content.
 """
 
 from __future__ import annotations
@@ -33,16 +34,11 @@ from .measure import (
     selection_seconds,
     timed_selection,
 )
+from .models import FAMILIES, family_class
 from .registry import make_config, pruner_class
 
 #: where ``--model NAME`` looks for ``NAME.json``
 CONFIG_DIRS = (Path(__file__).resolve().parent.parent / "configs" / "models", Path("configs") / "models")
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT_BEFORE_IMAGE = 35  # the LLaVA-1.5 vicuna_v1 template puts 35 tokens before the image
 
@@ -75,21 +71,19 @@ def load_config(path: Path) -> Any:
     except (OSError, json.JSONDecodeError) as e:
         raise VTPruneError(f"cannot read a model config from {file}: {e}") from e
     kind = data.pop("model_type", None)
-    if kind not in MODEL_CLASSES:
-        raise VTPruneError(f"{file}: model_type={kind!r} is not supported; expected one of {sorted(MODEL_CLASSES)}")
+    if kind not in FAMILIES:
+        raise VTPruneError(f"{file}: model_type={kind!r} is not supported; expected one of {sorted(FAMILIES)}")
     return AutoConfig.for_model(kind, **data)
 
 
 def build_model(spec: str, *, random_weights: bool = False, dtype: str = "float32", device: str = "cpu",
                 attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
     """Load a saved model (local files only) or build a random-weight one of real size from a config."""
-    import transformers
-
     if dtype not in DTYPES:
         raise VTPruneError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     path = resolve_model(spec)
     config = load_config(path)
-    cls = getattr(transformers, MODEL_CLASSES[config.model_type])
+    cls = family_class(config.model_type).model_class()
     if random_weights:
         _check_fits(cls, config, DTYPES[dtype], device)
         torch.manual_seed(seed)
@@ -145,69 +139,16 @@ def synthetic_inputs(config: Any, *, image_size: tuple[int, int] | None = None, 
     if text_tokens < 0:
         raise VTPruneError(f"text_tokens={text_tokens} must be >= 0")
     g = torch.Generator().manual_seed(seed)
-    kind = config.model_type
-    vc = config.vision_config
-    extra: dict[str, torch.Tensor] = {}
-    if kind == "llava":
-        side = vc.image_size
-        n_visual = (side // vc.patch_size) ** 2 + (config.vision_feature_select_strategy != "default")
-        pixels = torch.randn(1, vc.num_channels, side, side, generator=g)
-    elif kind == "llava_next":
-        pixels, n_visual, sizes = _llava_next_image(config, image_size or (2 * vc.image_size,) * 2, g)
-        extra["image_sizes"] = sizes
-    elif kind in ("qwen2_vl", "qwen2_5_vl"):
-        pixels, n_visual, thw = _qwen_image(config, image_size or (672, 672), g)
-        extra["image_grid_thw"] = thw
-    else:
-        raise VTPruneError(f"model_type={kind!r} is not supported; expected one of {sorted(MODEL_CLASSES)}")
+    family = family_class(config.model_type)
+    image = family.synthetic_image(config, image_size, g)
     specials = set(_special_ids(config))
     allowed = torch.tensor([i for i in range(min(config.text_config.vocab_size, 4096)) if i not in specials])
     text = allowed[torch.randint(len(allowed), (text_tokens,), generator=g)]
     before, after = text[:TEXT_BEFORE_IMAGE], text[TEXT_BEFORE_IMAGE:]
-    image = torch.full((n_visual,), config.image_token_id)
-    if kind.startswith("qwen"):
-        image = torch.cat([torch.tensor([config.vision_start_token_id]), image,
-                           torch.tensor([config.vision_end_token_id])])
-    ids = torch.cat([before, image, after])[None]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(dtype), **extra}
-    if kind.startswith("qwen"):
-        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+    ids = torch.cat([before, image.placeholders, after])[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": image.pixel_values.to(dtype),
+              **image.inputs, **family.prompt_inputs(config, ids)}
     return {k: v.to(device) for k, v in inputs.items()}
-
-
-def _llava_next_image(config: Any, size: tuple[int, int], g: torch.Generator
-                      ) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """AnyRes pixel views, visual-token count (base view + unpadded crop grid with row newlines), image_sizes."""
-    from transformers.models.llava_next.modeling_llava_next import (
-        get_anyres_image_grid_shape,
-        image_size_to_num_patches,
-        unpad_image,
-    )
-
-    if config.vision_feature_select_strategy != "default":
-        raise VTPruneError("synthetic LLaVA-NeXT inputs need vision_feature_select_strategy='default'")
-    vc = config.vision_config
-    side, grid = vc.image_size, vc.image_size // vc.patch_size
-    views = image_size_to_num_patches(list(size), config.image_grid_pinpoints, side)
-    if views == 1:
-        n_visual = grid * grid + 1
-    else:
-        nph, npw = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, side)
-        rows, cols = unpad_image(torch.empty(1, nph * grid, npw * grid), torch.tensor(size)).shape[1:]
-        n_visual = grid * grid + rows * (cols + 1)
-    pixels = torch.randn(1, views, vc.num_channels, side, side, generator=g)
-    return pixels, n_visual, torch.tensor([list(size)])
-
-
-def _qwen_image(config: Any, size: tuple[int, int], g: torch.Generator) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Flattened Qwen patches for one image of ``size`` (multiple of patch × merge), visual tokens, grid_thw."""
-    vc = config.vision_config
-    unit = vc.patch_size * vc.spatial_merge_size
-    if size[0] % unit or size[1] % unit:
-        raise VTPruneError(f"image size {size[0]}x{size[1]} must be a multiple of {unit} (patch × merge) for Qwen")
-    h, w = size[0] // vc.patch_size, size[1] // vc.patch_size
-    pixels = torch.randn(h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
-    return pixels, h * w // vc.spatial_merge_size ** 2, torch.tensor([[1, h, w]])
 
 
 # ---- settings and runs --------------------------------------------------------------------------------

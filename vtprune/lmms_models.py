@@ -1,5 +1,5 @@
-"""Pruned variants of lmms-eval 0.7.x's own LLaVA-HF and Qwen2/2.5-VL wrappers (registered by
-:mod:`vtprune.lmms_plugin`).
+"""Pruned variants of lmms-eval 0.7.x's own wrappers — the ones each model family names in its ``lmms``
+(:class:`vtprune.models.LmmsWrapper`), e.g. LLaVA-HF and Qwen2/2.5-VL — registered by :mod:`vtprune.lmms_plugin`.
 
 Each subclass takes vtprune's ``model_args`` — ``pruner`` (a registered name, or ``none`` for the unpruned model)
 plus that pruner's options (``keep``, ``site``, ``layer``, ``positions``, ``seed``, pruner-specific ones) — pops them
@@ -16,19 +16,16 @@ convention and exact prefill), prefill (time to first token) and end-to-end ms p
 
 from __future__ import annotations
 
+import importlib
 import resource
 from typing import Any
 
 import torch
-from lmms_eval.models.chat.llava_hf import LlavaHf as _LlavaHfChat
-from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLChat
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from lmms_eval.models.simple.llava_hf import LlavaHf as _LlavaHfSimple
-from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLSimple
-from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as _Qwen2VLSimple
 
 from . import api
 from .harness.probe import PruneProbe
+from .models import lmms_wrappers
 from .registry import make_config, pruner_class
 
 NO_PRUNER = ("none", "unpruned", "")
@@ -81,31 +78,15 @@ class PruningMixin:
         self.vtprune_probe.measurements.clear()
 
 
-class PrunedLlavaHf(PruningMixin, _LlavaHfChat):
-    """lmms-eval's chat ``llava_hf`` (LLaVA, LLaVA-NeXT) with vtprune pruning."""
-
-    is_simple = False
-
-
-class PrunedLlavaHfSimple(PruningMixin, _LlavaHfSimple):
-    """lmms-eval's simple ``llava_hf`` with vtprune pruning (``--force_simple``)."""
-
-    is_simple = True
+def _pruned(base_path: str, name: str, is_simple: bool) -> type:
+    """``name``: :class:`PruningMixin` over the lmms-eval class at ``base_path`` (``module.Class``)."""
+    module, cls = base_path.rsplit(".", 1)
+    base = getattr(importlib.import_module(module), cls)
+    doc = f"lmms-eval's {'simple' if is_simple else 'chat'} ``{module}.{cls}`` with vtprune pruning."
+    return type(name, (PruningMixin, base), {"is_simple": is_simple, "__module__": __name__, "__doc__": doc})
 
 
-class PrunedQwen2VL(PruningMixin, _Qwen2VLSimple):
-    """lmms-eval's ``qwen2_vl`` (simple only) with vtprune pruning."""
-
-    is_simple = True
-
-
-class PrunedQwen25VL(PruningMixin, _Qwen25VLChat):
-    """lmms-eval's chat ``qwen2_5_vl`` with vtprune pruning."""
-
-    is_simple = False
-
-
-class PrunedQwen25VLSimple(PruningMixin, _Qwen25VLSimple):
-    """lmms-eval's simple ``qwen2_5_vl`` with vtprune pruning (``--force_simple``)."""
-
-    is_simple = True
+for _wrapper in lmms_wrappers():
+    for _simple, _path in _wrapper.bases():
+        _name = _wrapper.pruned_class_name(_simple)
+        globals()[_name] = _pruned(_path, _name, _simple)

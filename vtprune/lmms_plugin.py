@@ -1,7 +1,8 @@
-"""lmms-eval entry point (group ``lmms_eval.models``): the pruned variants of lmms-eval's own wrappers.
+"""lmms-eval entry point (group ``lmms_eval.models``): the pruned variants of lmms-eval's own wrappers, one model id
+per wrapper that a registered family names (:class:`vtprune.models.LmmsWrapper`).
 
-Kept free of torch and model imports: lmms-eval imports every entry point whenever ``lmms_eval.models`` is
-imported, and resolves the class paths only when a model is used.
+Never imports :mod:`vtprune.lmms_models` nor lmms-eval's wrappers: lmms-eval imports every entry point whenever
+``lmms_eval.models`` is imported, and resolves the class paths only when a model is used.
 
     lmms-eval --model vtprune_llava_hf --model_args pretrained=PATH,pruner=uniform,keep=64 --tasks T
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .models import lmms_wrappers
+
 #: model id -> (simple class path, chat class path); ``None`` where lmms-eval has no such wrapper
-MODELS: dict[str, tuple[str | None, str | None]] = {
-    "vtprune_llava_hf": ("vtprune.lmms_models.PrunedLlavaHfSimple", "vtprune.lmms_models.PrunedLlavaHf"),
-    "vtprune_qwen2_vl": ("vtprune.lmms_models.PrunedQwen2VL", None),
-    "vtprune_qwen2_5_vl": ("vtprune.lmms_models.PrunedQwen25VLSimple", "vtprune.lmms_models.PrunedQwen25VL"),
-}
+MODELS: dict[str, tuple[str | None, str | None]] = {}
+for _wrapper in lmms_wrappers():
+    _paths = {simple: f"vtprune.lmms_models.{_wrapper.pruned_class_name(simple)}" for simple, _ in _wrapper.bases()}
+    MODELS[_wrapper.model_id] = (_paths.get(True), _paths.get(False))
 
 
 def manifests() -> list[Any]:

@@ -1,11 +1,14 @@
-"""Model-family adapters: everything vtprune knows about a VLM class lives here.
+"""The model-family base: a :class:`ModelAdapter` subclass is everything vtprune knows about one VLM family.
 
-An adapter names the modules to hook (backbone, language model, decoder layers), finds the image
-placeholder tokens, describes each image's token layout, and says how position ids look.
+On an instance (a loaded model): the modules to hook (backbone, language model, decoder layers), the image
+placeholder tokens, each image's token layout, position ids, and where signals are captured. On the class
+(a config is enough): the FLOPs shapes of the vision side, the tiny random-weight builder, synthetic
+benchmark images, the shipped bench configs and the lmms-eval wrapper the family is evaluated with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +18,78 @@ from torch import nn
 from ..capture import InputCapture, ProjectorInput, VisionQK, rotate
 from ..errors import VTPruneError
 from ..view import ImageLayout
+
+#: words of the tiny models' word-level vocabulary (after each family's special tokens)
+TINY_WORDS = (
+    "what is the colour of shape left right top bottom a an in on how many are there red green blue "
+    "yellow circle square triangle small large yes no one two three four five describe image picture "
+    "user assistant system you helpful answer question word with and object near far big tiny"
+).split()
+
+
+@dataclass(frozen=True)
+class VisionWork:
+    """What the vision encoder processes in one forward: LLaVA/LLaVA-NeXT square views, or Qwen ``(t, h, w)``
+    patch grids (images and videos). The family's :meth:`ModelAdapter.vision_work` reads it off the inputs."""
+
+    views: int = 0
+    grids: tuple[tuple[int, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class LmmsWrapper:
+    """The lmms-eval wrapper a family is evaluated with: vtprune's model id, the dotted paths of lmms-eval's own
+    simple and chat classes that :mod:`vtprune.lmms_models` subclasses (``None`` where lmms-eval has none), and
+    which of ``dtype`` / ``attn_implementation`` the wrapper accepts as model args."""
+
+    model_id: str
+    simple: str | None
+    chat: str | None
+    takes: tuple[str, ...] = ()
+
+    def bases(self) -> tuple[tuple[bool, str], ...]:
+        """(is simple, lmms-eval class path) of each lmms-eval class the family's wrapper has."""
+        return tuple((simple, path) for simple, path in ((True, self.simple), (False, self.chat)) if path is not None)
+
+    def pruned_class_name(self, simple: bool) -> str:
+        """Name of the pruned subclass in :mod:`vtprune.lmms_models`, e.g. ``PrunedLlavaHfSimple``."""
+        stem = "".join(p.capitalize() for p in self.model_id.removeprefix("vtprune_").split("_"))
+        return f"Pruned{stem}{'Simple' if simple else ''}"
+
+
+@dataclass(frozen=True)
+class SyntheticImage:
+    """One random benchmark image: its ``pixel_values``, the placeholder ids of its span in the prompt, and the
+    other model inputs it comes with (``image_sizes``, ``image_grid_thw``)."""
+
+    pixel_values: torch.Tensor
+    placeholders: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+
+
+def tiny_tokenizer(specials: list[str], chat_template: str) -> Any:
+    """A left-padding word-level fast tokenizer over ``specials`` + :data:`TINY_WORDS` (offline, no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(specials + ["USER:", "ASSISTANT:", "USER", "ASSISTANT"] + TINY_WORDS)}
+    vocab["[UNK]"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(specials)  # matched anywhere, e.g. in "<image><image>..."
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token=specials[0])
+    tok.chat_template = chat_template
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_text_config(vocab: int, **extra: Any) -> dict[str, Any]:
+    """The tiny models' 64-wide decoder (4 heads, 2 KV heads), as config keyword arguments."""
+    cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    cfg.update(extra)
+    return cfg
 
 
 @dataclass
@@ -41,12 +116,21 @@ class ImageSpans:
 
 class ModelAdapter:
     """Base adapter. Subclasses set :attr:`family`, :attr:`model_classes` and implement
-    :meth:`image_counts` and :meth:`layout`."""
+    :meth:`image_counts` and :meth:`layout`; the class-level hooks below are optional (a family without
+    them can be pruned but not counted, benchmarked or built tiny)."""
 
+    #: the family's name: the ``model_type`` of its transformers config
     family: str = ""
+    #: transformers class names of the family (the first one is built by :meth:`model_class`)
     model_classes: tuple[str, ...] = ()
     #: 1 for plain [b, L] position ids, 3 for M-RoPE [3, b, L] (plus an optional text row 0: [4, b, L]).
     position_axes: int = 1
+    #: shipped real-size configs of the family (``configs/models/<name>.json``)
+    bench_configs: tuple[str, ...] = ()
+    #: end-of-sequence token the harness gives a saved tiny model's tokenizer
+    tiny_eos: str = ""
+    #: the lmms-eval wrapper of the family
+    lmms: LmmsWrapper | None = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -158,6 +242,41 @@ class ModelAdapter:
                          ) -> list[ProjectorInput]:
         """Per image (batch order): the projector inputs of each visual token and the projector."""
         raise NotImplementedError
+
+    # ---- family-level (a config suffices) --------------------------------------------------------------
+    @classmethod
+    def model_class(cls) -> type[nn.Module]:
+        """The transformers class that :meth:`tiny_parts` configs and bench configs are built with."""
+        import transformers
+
+        return getattr(transformers, cls.model_classes[0])
+
+    @classmethod
+    def vision_work(cls, config: Any, inputs: Mapping[str, Any]) -> VisionWork:
+        """What the vision encoder processes for the model's keyword ``inputs`` (processor outputs)."""
+        raise VTPruneError(f"no vision FLOPs formula for model_type={cls.family!r}")
+
+    @classmethod
+    def vision_flops(cls, config: Any, work: VisionWork) -> dict[str, int]:
+        """Exact FLOPs ``{"vision": ..., "projector": ...}`` of the vision encoder and projector for ``work``."""
+        raise VTPruneError(f"no vision FLOPs formula for model_type={cls.family!r}")
+
+    @classmethod
+    def tiny_parts(cls, num_layers: int) -> tuple[Any, Any]:
+        """(config, processor) of the family's tiny random-weight model (see :func:`vtprune.testing.tiny_vlm`)."""
+        raise VTPruneError(f"family {cls.family!r} has no tiny model")
+
+    @classmethod
+    def synthetic_image(cls, config: Any, size: tuple[int, int] | None, generator: torch.Generator
+                        ) -> SyntheticImage:
+        """One random image for the prefill benchmark; ``size`` (H, W) where the family's token count depends
+        on it (``None``: the family's default)."""
+        raise VTPruneError(f"no synthetic benchmark inputs for model_type={cls.family!r}")
+
+    @classmethod
+    def prompt_inputs(cls, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model inputs derived from a synthetic prompt's ids besides the attention mask (none by default)."""
+        return {}
 
     # ---- positions -----------------------------------------------------------------------------------
     def default_positions(self, batch: int, length: int, past: int, device: torch.device) -> torch.Tensor:

@@ -1,17 +1,31 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT (``LlavaNextForConditionalGeneration``)."""
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): a CLIP tower with [CLS], an MLP projector, one square view."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-
 from torch import nn
 
 from ..capture import InputCapture, MLPProjector, ProjectorInput, VisionQK
 from ..errors import VTPruneError
-from ..view import ImageLayout, Segment
-from .base import ModelAdapter
+from ..view import ImageLayout
+from .base import (
+    LmmsWrapper,
+    ModelAdapter,
+    SyntheticImage,
+    VisionWork,
+    tiny_text_config,
+    tiny_tokenizer,
+)
+
+#: the tiny LLaVA models' chat template (LLaVA-1.5 style ``USER: <image> question ASSISTANT:``)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 class LlavaAdapter(ModelAdapter):
@@ -19,6 +33,10 @@ class LlavaAdapter(ModelAdapter):
 
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    bench_configs = ("llava-1.5-7b", "bench-small")
+    tiny_eos = "</s>"
+    lmms = LmmsWrapper("vtprune_llava_hf", simple="lmms_eval.models.simple.llava_hf.LlavaHf",
+                       chat="lmms_eval.models.chat.llava_hf.LlavaHf", takes=("dtype", "attn_implementation"))
 
     def _patch_grid(self) -> int:
         vc = self.model.config.vision_config
@@ -109,83 +127,55 @@ class LlavaAdapter(ModelAdapter):
             return MLPProjector(first=p.linear_1, act=p.act, last=p.linear_2)
         return None
 
+    # ---- family level: FLOPs, tiny model, benchmark image -----------------------------------------------
+    @classmethod
+    def vision_work(cls, config: Any, inputs: Mapping[str, Any]) -> VisionWork:
+        pixels = inputs.get("pixel_values")
+        return VisionWork() if pixels is None else VisionWork(views=int(pixels.shape[0]))
 
-class LlavaNextAdapter(LlavaAdapter):
-    """LLaVA-NeXT AnyRes: a base-view grid, then the unpadded crop grid with one ``image_newline`` token
-    ending each row. Newline tokens are visual tokens like the others (a pruner may drop them); the
-    layout is read off the features themselves, where the newline embedding marks each row's end."""
+    @classmethod
+    def vision_flops(cls, config: Any, work: VisionWork) -> dict[str, int]:
+        """CLIP tower (every layer) + LLaVA projector for ``work.views`` square views."""
+        vc = config.vision_config
+        patches = (vc.image_size // vc.patch_size) ** 2
+        s, dv = patches + 1, vc.hidden_size  # + CLS
+        conv = 2 * patches * dv * vc.num_channels * vc.patch_size ** 2
+        layer = 2 * s * (4 * dv * dv + 2 * dv * vc.intermediate_size) + 4 * s * s * dv
+        feature_layers = config.vision_feature_layer
+        n_feat = len(feature_layers) if isinstance(feature_layers, (list, tuple)) else 1
+        tokens = patches + (0 if config.vision_feature_select_strategy == "default" else 1)
+        d = config.text_config.hidden_size
+        proj = 2 * tokens * (dv * n_feat * d + d * d)
+        return {"vision": work.views * (conv + vc.num_hidden_layers * layer), "projector": work.views * proj}
 
-    family = "llava_next"
-    model_classes = ("LlavaNextForConditionalGeneration",)
+    @classmethod
+    def _tiny_common(cls, num_layers: int) -> tuple[Any, dict[str, Any]]:
+        """(tokenizer, config keyword arguments) shared by the tiny LLaVA families: a 2-layer 56-px CLIP tower
+        with 14-px patches (a 4x4 grid) and a Llama decoder."""
+        tok = tiny_tokenizer(["<pad>", "<s>", "</s>", "<image>"], CHAT_TEMPLATE)
+        tok.image_token = "<image>"
+        vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, image_size=56, patch_size=14, projection_dim=64)
+        text = dict(model_type="llama", **tiny_text_config(len(tok), num_hidden_layers=num_layers))
+        return tok, dict(text_config=text, vision_config=vision,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=0)
 
-    def image_counts(self, inputs: dict[str, Any]) -> list[int] | None:
-        counts = ModelAdapter.image_counts(self, inputs)
-        sizes = inputs.get("image_sizes")
-        if counts is not None or sizes is None or inputs.get("pixel_values") is None:
-            return counts
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
+    @classmethod
+    def tiny_parts(cls, num_layers: int) -> tuple[Any, Any]:
+        import transformers as tf
 
-        cfg, g = self.model.config, self._patch_grid()
-        out = []
-        for size in torch.as_tensor(sizes).tolist():
-            if image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) == 1:
-                out.append(g * g + 1)
-                continue
-            nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-            rows, cols = unpad_image(torch.empty(1, nph * g, npw * g), torch.tensor(size)).shape[1:]
-            out.append(g * g + int(rows) * (int(cols) + 1))
-        return out
+        tok, common = cls._tiny_common(num_layers)
+        improc = tf.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        proc = tf.LlavaProcessor(improc, tok, patch_size=14, vision_feature_select_strategy="default",
+                                 num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+        return tf.LlavaConfig(**common, image_seq_length=16), proc
 
-    def _crop_grid(self, rows: int, cols: int) -> tuple[int, int]:
-        """The AnyRes crop grid (views down, views across) an unpadded rows x cols grid came from: the
-        smallest configured grid that holds it with one side exactly filled (unpadding trims one side)."""
-        cfg, g = self.model.config, self._patch_grid()
-        size = cfg.vision_config.image_size
-        grids = sorted({(h // size, w // size) for h, w in cfg.image_grid_pinpoints}, key=lambda s: (s[0] * s[1], s))
-        for nph, npw in grids:
-            if (cols == npw * g and rows <= nph * g) or (rows == nph * g and cols <= npw * g):
-                return nph, npw
-        raise VTPruneError(f"no AnyRes grid in image_grid_pinpoints explains a {rows}x{cols} crop grid")
-
-    def _token_maps(self, n_views: int, layouts: list[ImageLayout], device: torch.device
-                    ) -> list[list[tuple[int, torch.Tensor]]]:
-        """Per image: the base view, then the AnyRes crops in raster order, each with the token index of
-        its patches in the packed image (-1 where unpadding drops a patch)."""
-        g = self._patch_grid()
-        r, c = torch.arange(g, device=device)[:, None], torch.arange(g, device=device)[None, :]
-        out, view = [], 0
-        for layout in layouts:
-            base, crops = layout.segments[0], layout.segments[1]
-            maps = [(view, (r * g + c).flatten())]
-            view += 1
-            if crops.cols > 0:
-                nph, npw = self._crop_grid(crops.rows, crops.cols)
-                r0, c0 = (nph * g - crops.rows) // 2, (npw * g - crops.cols) // 2
-                for i in range(nph):
-                    for j in range(npw):
-                        rr, cc = i * g + r - r0, j * g + c - c0
-                        inside = (rr >= 0) & (rr < crops.rows) & (cc >= 0) & (cc < crops.cols)
-                        token = base.size + rr * (crops.cols + 1) + cc
-                        maps.append((view, token.where(inside, -1).flatten()))
-                        view += 1
-            out.append(maps)
-        if view != n_views:
-            raise VTPruneError(f"the vision tower encoded {n_views} views but the images' layouts account for {view}")
-        return out
-
-    def layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
-        g = self._patch_grid()
-        newline = self.backbone.image_newline.to(features.dtype)
-        is_nl = (features[g * g:] == newline).all(-1).nonzero().flatten()
-        rest = features.shape[0] - g * g
-        if rest <= 0 or is_nl.numel() == 0:
-            return ImageLayout.flat(features.shape[0])
-        cols = int(is_nl[0])
-        rows = rest // (cols + 1)
-        if rows * (cols + 1) != rest or not torch.equal(is_nl, torch.arange(cols, rest, cols + 1, device=is_nl.device)):
-            return ImageLayout.flat(features.shape[0])
-        return ImageLayout((Segment(g, g), Segment(rows, cols, newline=True)))
+    @classmethod
+    def synthetic_image(cls, config: Any, size: tuple[int, int] | None, generator: torch.Generator
+                        ) -> SyntheticImage:
+        """One ``image_size²`` view whatever ``size`` says (LLaVA-1.5 resizes every image to it)."""
+        vc = config.vision_config
+        side = vc.image_size
+        n_visual = (side // vc.patch_size) ** 2 + (config.vision_feature_select_strategy != "default")
+        pixels = torch.randn(1, vc.num_channels, side, side, generator=generator)
+        return SyntheticImage(pixels, torch.full((n_visual,), config.image_token_id), {})

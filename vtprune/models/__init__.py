@@ -1,0 +1,72 @@
+"""The family registry: the one place that lists the model families vtprune supports.
+
+A family is a :class:`ModelAdapter` subclass (one file per family in this package) registered with
+:func:`register_family`. Everything else that needs the families — adapter lookup, FLOPs, the benchmark,
+``vtprune.testing``, the sweep schema, the lmms-eval plugin — iterates this registry.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import VTPruneError
+from .base import ImageSpans, LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork
+from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
+
+
+def register_family(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Register ``adapter`` under its ``family`` name (usable as a class decorator); a later registration of
+    the same name replaces the earlier one."""
+    if not adapter.family or not adapter.model_classes:
+        raise VTPruneError(f"{adapter.__name__} needs a family name and at least one model class to be registered")
+    _REGISTRY[adapter.family] = adapter
+    return adapter
+
+
+def family_class(family: str) -> type[ModelAdapter]:
+    """The adapter class of ``family`` (a registered name, which is also the config's ``model_type``)."""
+    try:
+        return _REGISTRY[family]
+    except KeyError:
+        raise VTPruneError(f"unknown model family {family!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def supported_models() -> list[str]:
+    """Class names vtprune can prune."""
+    return [name for a in _REGISTRY.values() for name in a.model_classes]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s class (exact class name or a subclass of a supported one; the most derived
+    class that some family names wins)."""
+    for cls in type(model).__mro__:
+        for adapter in _REGISTRY.values():
+            if cls.__name__ in adapter.model_classes:
+                return adapter(model)
+    raise VTPruneError(f"unsupported model {type(model).__name__} "
+                       f"(config.model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}); "
+                       f"vtprune supports: {', '.join(supported_models())}. Pass the *ForConditionalGeneration "
+                       "model, not its vision tower or language model.")
+
+
+def lmms_wrappers() -> list[LmmsWrapper]:
+    """The lmms-eval wrappers of the registered families, one per model id (families may share one)."""
+    return list({a.lmms.model_id: a.lmms for a in _REGISTRY.values() if a.lmms is not None}.values())
+
+
+for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter):
+    register_family(_adapter)
+
+#: the built-in families, in registry order
+FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
+
+__all__ = [
+    "FAMILIES", "ImageSpans", "LlavaAdapter", "LlavaNextAdapter", "LmmsWrapper", "ModelAdapter", "Qwen2VLAdapter",
+    "Qwen2_5_VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class", "lmms_wrappers",
+    "register_family", "supported_models",
+]
