@@ -12,7 +12,6 @@ from .continuation import Ledger
 
 if TYPE_CHECKING:
     from ..config import PrunerConfig
-    from ..engine import Engine
     from ..models import ImageSpans, ModelAdapter
 
 
@@ -57,8 +56,8 @@ class Site:
     #: where layer 0 keeps every token)
     shortens_cache: bool = True
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine  # the vtprune.engine.Engine that calls this site (untyped: the engine imports sites)
 
     @classmethod
     def check(cls, config: PrunerConfig, adapter: ModelAdapter) -> None:
