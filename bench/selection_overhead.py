@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 import vtprune
-from vtprune.adapters import adapter_for
-from vtprune.benchmark import MODEL_CLASSES, resolve_model, synthetic_inputs
+from vtprune.benchmark import resolve_model, synthetic_inputs
 from vtprune.errors import VTPruneError
 from vtprune.measure import environment, median
+from vtprune.models import adapter_for, family_class
 from vtprune.registry import make_config
 from vtprune.view import VisualView, budget
 
@@ -54,7 +54,7 @@ def build(kind: str, spec: str, seed: int = 0) -> nn.Module:
     vision["num_hidden_layers"] = max(vision["num_hidden_layers"], 2)  # VTC-CLS sums layers before the last
     config = transformers.AutoConfig.for_model(kind, **data)
     torch.manual_seed(seed)
-    cls = getattr(transformers, MODEL_CLASSES[kind])
+    cls = family_class(kind).model_class()
     return cls._from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 

@@ -6,7 +6,7 @@
 """
 
 from . import methods as _methods  # noqa: F401  (registers the built-in pruners)
-from .adapters import supported_models
+from .models import supported_models
 from .api import PruneHandle, apply
 from .config import PrunerConfig
 from .errors import VTPruneError

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from . import timm_patch
-from .adapters import adapter_for
+from .models import adapter_for
 from .config import PrunerConfig
 from .engine import Engine
 from .errors import VTPruneError

@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from .errors import VTPruneError
+from .models import FAMILIES, VisionWork, family_class
 from .registry import pruner_class
 from .stats import PruneStats
 
 #: exact-count components, in report order
 PREFILL_PARTS = ("vision", "projector", "llm_linear", "llm_attention", "lm_head")
 DECODE_PARTS = ("llm_linear", "llm_attention", "lm_head")
-VLM_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 
 # ---- model dimensions ---------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class LLMDims:
         missing = [n for n in names if getattr(text, n, None) is None]
         if missing:
             raise VTPruneError(f"{type(text).__name__} lacks {missing}: pass a decoder (text) config or the config "
-                               f"of one of {VLM_TYPES}")
+                               f"of one of {FAMILIES}")
         heads = text.num_attention_heads
         kv = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -110,94 +110,26 @@ def fastv_flops(model_or_config: Any, layer_seq_lens: Sequence[int]) -> int:
     return sum(fastv_layer_flops(n, dims.hidden, dims.intermediate) for n in layer_seq_lens)
 
 
-# ---- vision side --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VisionWork:
-    """What the vision encoder processes in one forward: LLaVA/LLaVA-NeXT 336-px views, or Qwen ``(t, h, w)``
-    patch grids (images and videos)."""
-
-    views: int = 0
-    grids: tuple[tuple[int, int, int], ...] = ()
-
-    @classmethod
-    def from_inputs(cls, model_or_config: Any, inputs: Mapping[str, Any]) -> VisionWork:
-        """Derive the work from the keyword arguments a model is called with (processor outputs)."""
-        cfg = _config_of(model_or_config)
-        kind = getattr(cfg, "model_type", None)
-        if kind in ("qwen2_vl", "qwen2_5_vl"):
-            grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
-                     for g in torch.as_tensor(inputs[key]).tolist()]
-            return cls(grids=tuple(tuple(int(x) for x in g) for g in grids))
-        pixels = inputs.get("pixel_values")
-        if pixels is None:
-            return cls()
-        if kind == "llava":
-            return cls(views=int(pixels.shape[0]))
-        if kind == "llava_next":
-            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-            sizes = torch.as_tensor(inputs["image_sizes"]).tolist()
-            return cls(views=sum(image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                                 for s in sizes))
-        raise VTPruneError(f"no vision FLOPs formula for model_type={kind!r}; supported: {VLM_TYPES}")
+# ---- vision side (each family's formula: vtprune.models) ----------------------------------------------
+def _family_of(cfg: Any) -> type:
+    """The registered family of a VLM config, by its ``model_type``."""
+    kind = getattr(cfg, "model_type", None)
+    try:
+        return family_class(kind)
+    except VTPruneError:
+        raise VTPruneError(f"no vision FLOPs formula for model_type={kind!r}; supported: {FAMILIES}") from None
 
 
-def _clip_flops(cfg: Any, views: int) -> dict[str, int]:
-    """CLIP tower (every layer) + LLaVA projector for ``views`` square views."""
-    vc = cfg.vision_config
-    patches = (vc.image_size // vc.patch_size) ** 2
-    s, dv = patches + 1, vc.hidden_size  # + CLS
-    conv = 2 * patches * dv * vc.num_channels * vc.patch_size ** 2
-    layer = 2 * s * (4 * dv * dv + 2 * dv * vc.intermediate_size) + 4 * s * s * dv
-    feature_layers = cfg.vision_feature_layer
-    n_feat = len(feature_layers) if isinstance(feature_layers, (list, tuple)) else 1
-    tokens = patches + (0 if cfg.vision_feature_select_strategy == "default" else 1)
-    d = cfg.text_config.hidden_size
-    proj = 2 * tokens * (dv * n_feat * d + d * d)
-    return {"vision": views * (conv + vc.num_hidden_layers * layer), "projector": views * proj}
-
-
-def _window_sides(n: int, size: int) -> list[int]:
-    """Side lengths of the windows tiling ``n`` cells with windows of ``size`` (the last one may be partial)."""
-    return [min(size, n - i) for i in range(0, n, size)]
-
-
-def _qwen_flops(cfg: Any, grids: Sequence[tuple[int, int, int]]) -> dict[str, int]:
-    """Qwen2-VL / Qwen2.5-VL ViT + PatchMerger for the given ``(t, h, w)`` patch grids."""
-    vc = cfg.vision_config
-    qwen25 = cfg.model_type == "qwen2_5_vl"
-    e = vc.hidden_size if qwen25 else vc.embed_dim
-    out_dim = vc.out_hidden_size if qwen25 else vc.hidden_size
-    mlp = 3 * e * vc.intermediate_size if qwen25 else 2 * e * int(e * vc.mlp_ratio)
-    m = vc.spatial_merge_size
-    full_blocks = set(vc.fullatt_block_indexes) if qwen25 else set(range(vc.depth))
-    patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-    vision = projector = 0
-    for t, h, w in grids:
-        n = t * h * w
-        frame_sq = t * (h * w) ** 2  # full attention runs per frame
-        vision += 2 * n * e * patch_in + vc.depth * 2 * n * (4 * e * e + mlp)
-        vision += 4 * e * frame_sq * len(full_blocks)
-        if qwen25 and len(full_blocks) < vc.depth:
-            win = vc.window_size // m // vc.patch_size  # window side in merged cells
-            rows = sum(r * r for r in _window_sides(h // m, win))
-            cols = sum(c * c for c in _window_sides(w // m, win))
-            window_sq = t * rows * cols * m ** 4  # Σ over windows of (tokens in window)²
-            vision += 4 * e * window_sq * (vc.depth - len(full_blocks))
-        ctx = e * m * m
-        projector += 2 * (n // (m * m)) * (ctx * ctx + ctx * out_dim)
-    return {"vision": vision, "projector": projector}
+def vision_work(model_or_config: Any, inputs: Mapping[str, Any]) -> VisionWork:
+    """What the vision encoder processes for the keyword arguments a model is called with (processor outputs)."""
+    cfg = _config_of(model_or_config)
+    return _family_of(cfg).vision_work(cfg, inputs)
 
 
 def vision_flops(model_or_config: Any, work: VisionWork) -> dict[str, int]:
     """Exact FLOPs of the vision encoder and the projector/merger for ``work``."""
     cfg = _config_of(model_or_config)
-    kind = getattr(cfg, "model_type", None)
-    if kind in ("llava", "llava_next"):
-        return _clip_flops(cfg, work.views)
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
-        return _qwen_flops(cfg, work.grids)
-    raise VTPruneError(f"no vision FLOPs formula for model_type={kind!r}; supported: {VLM_TYPES}")
+    return _family_of(cfg).vision_flops(cfg, work)
 
 
 # ---- pruner overhead ----------------------------------------------------------------------------------
@@ -338,7 +270,7 @@ def flops_from_stats(model_or_config: Any, stats: PruneStats, *, inputs: Mapping
         images = [im for s in stats.samples for im in s.images]
         overhead = pruner_overhead_flops(pruner, images, LLMDims.from_config(model_or_config).hidden)
     return count_flops(model_or_config, lens, fastv_lens=real,
-                       vision=None if inputs is None else VisionWork.from_inputs(model_or_config, inputs),
+                       vision=None if inputs is None else vision_work(model_or_config, inputs),
                        logits_to_keep=logits_to_keep,
                        decode_steps=stats.decode_steps if decode_steps is None else decode_steps,
                        overhead=overhead, causal=causal)
@@ -355,7 +287,7 @@ def flops_unpruned(model_or_config: Any, inputs: Mapping[str, Any], *, decode_st
     layers = LLMDims.from_config(model_or_config).layers
     lens = [[ids.shape[1]] * layers] * ids.shape[0] if padded else [[n] * layers for n in real]
     return count_flops(model_or_config, lens, fastv_lens=[[n] * layers for n in real],
-                       vision=VisionWork.from_inputs(model_or_config, inputs), logits_to_keep=logits_to_keep,
+                       vision=vision_work(model_or_config, inputs), logits_to_keep=logits_to_keep,
                        decode_steps=decode_steps, causal=causal)
 
 
@@ -383,5 +315,5 @@ def measured_flops(fn: Callable[[], Any]) -> int:
 __all__ = [
     "DECODE_PARTS", "PREFILL_PARTS", "FlopsReport", "LLMDims", "VisionWork", "count_flops", "fastv_flops",
     "fastv_layer_flops", "flop_counter", "flops_from_stats", "flops_unpruned", "measured_flops",
-    "pruner_overhead_flops", "register_overhead_flops", "vision_flops",
+    "pruner_overhead_flops", "register_overhead_flops", "vision_flops", "vision_work",
 ]

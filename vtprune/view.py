@@ -55,6 +55,27 @@ class ImageLayout:
         return out
 
 
+def anyres_view_labels(layout: ImageLayout) -> torch.Tensor | None:
+    """For an AnyRes layout (LLaVA-NeXT: a square base grid, then a newline-terminated crop grid): the encoder
+    view of every token — base 0, crops 1.. in raster order, newline tokens -1 — so that a pruner can work per
+    view without knowing the model; ``None`` for other layouts. Crops are those of the smallest grid holding the
+    unpadded crop grid (unpadding trims symmetric margins of less than one crop)."""
+    segs = layout.segments
+    if len(segs) != 2 or segs[0].newline or segs[0].rows != segs[0].cols or not segs[1].newline:
+        return None
+    g, rows, cols = segs[0].rows, segs[1].rows, segs[1].cols
+    labels = torch.full((layout.size,), -1, dtype=torch.long)
+    labels[:g * g] = 0
+    if cols > 0:
+        nph, npw = math.ceil(rows / g), math.ceil(cols / g)
+        r = (torch.arange(rows)[:, None] + (nph * g - rows) // 2) // g
+        c = (torch.arange(cols)[None, :] + (npw * g - cols) // 2) // g
+        grid = torch.full((rows, cols + 1), -1, dtype=torch.long)
+        grid[:, :cols] = 1 + r * npw + c
+        labels[g * g:] = grid.flatten()
+    return labels
+
+
 @dataclass
 class VisualView:
     """One image's visual tokens at the pruning site.

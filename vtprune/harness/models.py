@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ..benchmark import build_model
+from ..models import family_class
 from .schema import ModelSpec
-
-TINY_EOS = {"llava": "</s>", "llava_next": "</s>", "qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>"}
 
 
 def device_for(spec: ModelSpec, local_rank: int = 0) -> str:
@@ -48,7 +47,7 @@ def materialize_tiny(spec: ModelSpec, output_dir: Path, seed: int) -> Path:
     tv = tiny_vlm(spec.tiny, attn_implementation=spec.attn, seed=seed)
     # like a released checkpoint, give the tokenizer an end-of-sequence token (lmms-eval's Qwen2-VL wrapper decodes
     # it); the model never emits it, as generation suppresses every special token of the tiny vocabulary
-    tv.processor.tokenizer.eos_token = TINY_EOS[spec.tiny]
+    tv.processor.tokenizer.eos_token = family_class(spec.tiny).tiny_eos
     tv.model.save_pretrained(tmp)
     tv.processor.save_pretrained(tmp)
     try:

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from ..errors import VTPruneError
+from ..models import FAMILIES
 from ..registry import make_config, pruner_class
 
 METRICS = ("exact_match", "vqa", "multiple_choice")
@@ -72,7 +73,7 @@ class ModelSpec(_Strict):
     config: str | None = None
     random_weights: bool = False
     processor: str | None = None
-    tiny: Literal["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"] | None = None
+    tiny: Literal[FAMILIES] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn: str = "sdpa"
     batch_size: int = Field(1, ge=1)
