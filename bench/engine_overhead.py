@@ -1,0 +1,377 @@
+"""Engine overhead: the pruned prefill against the unhooked model on the hand-shortened input (issue 16).
+
+For every family × site × keep, the ``uniform`` pruner (a lattice: no scoring cost) is applied and compared with
+its *oracle*: the same model, unhooked, fed by hand the input that pruning should produce.
+
+* pre-LLM oracle: the stock forward up to the language model (embedding, vision tower, projector, scatter,
+  positions on the full sequence; stopped by an exception from a pre-hook once the LM's inputs are known), then
+  the stock language model on the kept rows at their original positions, the LM head on the last position.
+* in-LLM oracle (layer K): the same front half, then the stock decoder layers run by hand: layers < K on the
+  full sequence, the hidden states gathered to the kept rows, layers >= K on them (rotary embedding of their
+  original positions, causal SDPA), the final norm and the LM head.
+
+Both sides are timed whole (vision + LLM): the vision work is identical and small (a 1–2 layer tower of width
+256), so what differs — the engine's hooks, selection, gathers and position/mask rebuilding — is what the ratio
+shows. Before timing, the pruned logits (all positions) must equal the oracle's (``assert_close`` 1e-5).
+Timed call = ``use_cache=True``, logits of the last position only; warm-up, then repeats with the two sides
+interleaved (order alternated: AB, BA, ...), medians. ratio = oracle time ÷ pruned time (≥ 0.97: the engine adds
+≤ 3 %). Random-weight float32 SDPA models: ``bench-small``'s LLM (LLaMA/Qwen2 1024 × 8 layers, FFN 2816, vocab
+32064) behind each family's vision path, ~576–602 visual tokens.
+
+    python bench/engine_overhead.py --threads 1 --repeats 9 --out results/engine_overhead.json --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import vtprune
+from vtprune.benchmark import synthetic_inputs
+from vtprune.measure import environment, median
+from vtprune.testing import FAMILIES, tiny_vlm
+
+KEEPS = (0.5, 0.25, 0.11)
+SITES = ("pre_llm", "layer")
+PRUNER = "uniform"
+#: bench-small's LLM (configs/models/bench-small.json), for every family
+TEXT = {"vocab_size": 32064, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 64}
+#: per family: (config overrides on top of its tiny test config, image size (H, W) of the synthetic input)
+MID_SIZE: dict[str, tuple[dict[str, Any], tuple[int, int] | None]] = {
+    "llava": ({"vision_feature_layer": -1, "vision_config": {
+        "image_size": 336, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 1,
+        "num_attention_heads": 4}},
+        None),  # 24 × 24 = 576 visual tokens
+    "llava_next": ({"vision_feature_layer": -1, "image_grid_pinpoints": [[196, 392], [392, 196], [392, 392]],
+                    "vision_config": {"image_size": 196, "hidden_size": 256, "intermediate_size": 1024,
+                                      "num_hidden_layers": 1, "num_attention_heads": 4}},
+                   (196, 392)),  # base 14 × 14 + crops 14 rows × (28 + newline) = 602 visual tokens
+    "qwen2_vl": ({"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [8, 12, 12]}},
+                  "vision_config": {"depth": 1, "embed_dim": 256, "hidden_size": 1024, "num_heads": 4,
+                                    "mlp_ratio": 4}},
+                 (672, 672)),  # 48 × 48 patches merged 2 × 2 = 576 visual tokens
+    "qwen2_5_vl": ({"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [8, 12, 12]}},
+                    "vision_config": {"depth": 2, "hidden_size": 256, "out_hidden_size": 1024,
+                                      "intermediate_size": 1024, "num_heads": 4, "window_size": 112,
+                                      "fullatt_block_indexes": [1]}},
+                   (672, 672)),
+}
+TINY_IMAGE = (112, 56)
+ATOL = RTOL = 1e-5
+
+
+class OracleMismatch(AssertionError):
+    """The pruned logits differ from the hand-shortened oracle's: the timing would compare different work."""
+
+
+class BenchSetupError(ValueError):
+    """A bad option or a family this bench has no model size for."""
+
+
+# ---- models and inputs ---------------------------------------------------------------------------------
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, recursively for nested dicts (sub-configs)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build(family: str, tiny: bool, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A random-weight float32 SDPA model of ``family`` and one synthetic prompt: the tiny test model, or the
+    mid-size one (its tiny config with bench-small's LLM and :data:`MID_SIZE`'s vision settings)."""
+    model = tiny_vlm(family, attn_implementation="sdpa", seed=seed).model
+    image = TINY_IMAGE
+    if not tiny:
+        if family not in MID_SIZE:
+            raise BenchSetupError(f"no mid-size config for family {family!r}: add it to MID_SIZE")
+        over, image = MID_SIZE[family]
+        data = _merge(model.config.to_dict(), _merge({"text_config": TEXT}, over))
+        data["text_config"].pop("layer_types", None)  # derived from the layer count: let the config rebuild it
+        config = type(model.config)(**{k: v for k, v in data.items() if k != "model_type"})
+        torch.manual_seed(seed)
+        model = type(model)._from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return model, synthetic_inputs(model.config, image_size=image, text_tokens=20 if tiny else 65, seed=seed)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The stock decoder stack of a ``*ForConditionalGeneration`` VLM."""
+    return model.model.language_model
+
+
+# ---- the oracle ----------------------------------------------------------------------------------------
+class _Stop(Exception):
+    """Ends the stock forward once the language model's inputs are known."""
+
+
+def lm_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword inputs the unhooked model gives its language model (image features scattered into the
+    embeddings, positions of the full sequence): the stock forward, stopped at the language model."""
+    seen: dict[str, Any] = {}
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.update(kwargs)
+        raise _Stop
+
+    hook = language_model(model).register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=True)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    return seen
+
+
+def full_positions(lm_kwargs: dict[str, Any], length: int) -> torch.Tensor:
+    """[A, 1, L] positions of the full sequence (A = 1, or 3/4 rows of multimodal RoPE)."""
+    pos = lm_kwargs.get("position_ids")
+    if pos is None:
+        return torch.arange(length).view(1, 1, -1)
+    return pos[None] if pos.dim() == 2 else pos
+
+
+def _rotary(lm: nn.Module, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM's rotary (cos, sin) for [A, 1, L] positions."""
+    return lm.rotary_emb(hidden, pos[0] if pos.shape[0] == 1 else pos[-3:])
+
+
+def _layers(layers: Sequence[nn.Module], hidden: torch.Tensor, pe: tuple, cache: Any) -> torch.Tensor:
+    """Stock decoder layers in turn, causal SDPA (no mask: one unpadded row), writing the KV cache."""
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=None, position_ids=None, past_key_values=cache, use_cache=True,
+                       position_embeddings=pe)
+    return hidden
+
+
+def oracle(model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, site: str, layer: int,
+           last_only: bool) -> torch.Tensor:
+    """Logits of the unhooked model on the hand-shortened input: the kept rows ``keep`` at their original
+    positions, from the LM input on (pre-LLM) or from decoder layer ``layer`` on (in-LLM)."""
+    from transformers import DynamicCache
+
+    kw = lm_inputs(model, inputs)
+    embeds = kw["inputs_embeds"]
+    pos = full_positions(kw, embeds.shape[1])
+    lm = language_model(model)
+    if site == "pre_llm":
+        short = pos[..., keep]
+        hidden = lm(inputs_embeds=embeds[:, keep], position_ids=short[0] if short.shape[0] == 1 else short,
+                    attention_mask=torch.ones(1, keep.numel(), dtype=torch.long), use_cache=True).last_hidden_state
+    else:
+        cache = DynamicCache(config=lm.config)
+        hidden = _layers(lm.layers[:layer], embeds, _rotary(lm, embeds, pos), cache)[:, keep]
+        hidden = lm.norm(_layers(lm.layers[layer:], hidden, _rotary(lm, hidden, pos[..., keep]), cache))
+    return model.lm_head(hidden[:, -1:] if last_only else hidden)
+
+
+# ---- the pruned side -----------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One family × site × keep: the equivalence check's outcome and the timings."""
+
+    family: str
+    site: str
+    keep: float
+    layer: int
+    tokens: int = 0  # full prompt length
+    kept: int = 0  # rows the LLM (from layer K on) processes
+    visual: tuple[int, int] = (0, 0)
+    max_abs_diff: float = 0.0
+    keep_index: torch.Tensor | None = None
+    pruned_s: list[float] = field(default_factory=list)
+    oracle_s: list[float] = field(default_factory=list)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The ``vtprune.apply`` options of this cell."""
+        return {"keep": self.keep, "site": self.site} | ({"layer": self.layer} if self.site == "layer" else {})
+
+    @property
+    def label(self) -> str:
+        return "pre_llm" if self.site == "pre_llm" else f"K={self.layer}"
+
+    @property
+    def ratio(self) -> float:
+        """Median oracle time ÷ median pruned time."""
+        return median(self.oracle_s) / median(self.pruned_s)
+
+    @property
+    def paired_ratio(self) -> float:
+        """Median of the per-repeat ratios (each pair ran back to back, so slow drift cancels)."""
+        return median([o / p for o, p in zip(self.oracle_s, self.pruned_s)])
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly record."""
+        return {"family": self.family, "site": self.site, "layer": self.layer if self.site == "layer" else None,
+                "keep": self.keep, "tokens": self.tokens, "kept": self.kept, "visual_before": self.visual[0],
+                "visual_after": self.visual[1], "max_abs_diff": self.max_abs_diff,
+                "pruned_ms": 1e3 * median(self.pruned_s), "oracle_ms": 1e3 * median(self.oracle_s),
+                "ratio": self.ratio, "paired_ratio": self.paired_ratio,
+                "pruned_ms_all": [1e3 * s for s in self.pruned_s], "oracle_ms_all": [1e3 * s for s in self.oracle_s]}
+
+
+def pruned_logits(model: nn.Module, inputs: dict[str, torch.Tensor], last_only: bool) -> torch.Tensor:
+    """The (hooked) model's prefill logits, as timed: with a KV cache."""
+    return model(**inputs, use_cache=True, logits_to_keep=1 if last_only else 0).logits
+
+
+@torch.inference_mode()
+def check(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> None:
+    """Run the pruned prefill once, recording each image's selection; build the kept sequence rows from it; the
+    pruned logits must equal the oracle's on those rows (else :class:`OracleMismatch`)."""
+    chosen: list[tuple[int, torch.Tensor]] = []
+    with vtprune.apply(model, PRUNER, **cell.options) as handle:
+        select = handle.pruner.select
+
+        def spy(view: Any, k: int) -> Any:
+            out = select(view, k)
+            chosen.append((view.num_tokens, out.indices))
+            return out
+
+        handle.pruner.select = spy
+        logits = pruned_logits(model, inputs, last_only=False)
+    ids = inputs["input_ids"][0]
+    image = (ids == model.config.image_token_id).nonzero().flatten()
+    kept = ids != model.config.image_token_id
+    start = 0
+    for n, idx in chosen:
+        kept[image[start:start + n][idx]] = True
+        start += n
+    cell.keep_index = kept.nonzero().flatten()
+    cell.tokens, cell.kept = ids.numel(), cell.keep_index.numel()
+    cell.visual = (image.numel(), sum(idx.numel() for _, idx in chosen))
+    expected = oracle(model, inputs, cell.keep_index, cell.site, cell.layer, last_only=False)
+    try:
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
+    except AssertionError as e:
+        raise OracleMismatch(f"{cell.family} {cell.label} keep={cell.keep}: pruned logits != oracle: {e}") from e
+    cell.max_abs_diff = float((logits - expected).abs().max())
+
+
+def _seconds(fn: Callable[..., Any], *args: Any) -> float:
+    """Wall time of one call (CPU kernels are synchronous)."""
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def time_cells(model: nn.Module, inputs: dict[str, torch.Tensor], cells: list[Cell], repeats: int,
+               warmup: int) -> None:
+    """``warmup + repeats`` passes over all cells; in each, the pruned and oracle prefills back to back, the
+    order alternating between passes. Hooks are installed and removed outside the timed calls."""
+    for i in range(warmup + repeats):
+        for cell in cells:
+            sides = ("pruned", "oracle") if i % 2 == 0 else ("oracle", "pruned")
+            for side in sides:
+                if side == "pruned":
+                    with vtprune.apply(model, PRUNER, **cell.options):
+                        t = _seconds(pruned_logits, model, inputs, True)
+                else:
+                    t = _seconds(oracle, model, inputs, cell.keep_index, cell.site, cell.layer, True)
+                if i >= warmup:
+                    (cell.pruned_s if side == "pruned" else cell.oracle_s).append(t)
+
+
+def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], layer: int, repeats: int,
+        warmup: int, tiny: bool, progress: bool = False) -> tuple[list[Cell], dict[str, Any]]:
+    """Check and time every family × site × keep; returns the cells and the environment."""
+    cells: list[Cell] = []
+    env: dict[str, Any] = {}
+    with torch.inference_mode():
+        for family in families:
+            model, inputs = build(family, tiny)
+            env = env or environment(model)
+            mine = [Cell(family, site, keep, layer) for site in sites for keep in keeps]
+            for cell in mine:
+                check(model, inputs, cell)
+            time_cells(model, inputs, mine, repeats, warmup)
+            if progress:
+                for cell in mine:
+                    print(f"  {family:10s} {cell.label:7s} keep={cell.keep:<4} ratio {cell.ratio:.3f} "
+                          f"(paired {cell.paired_ratio:.3f})", flush=True)
+            cells += mine
+            del model
+    return cells, env
+
+
+def markdown(cells: Sequence[Cell]) -> str:
+    """One row per family × site × keep."""
+    lines = [("| family | site | keep | tokens (kept / full) | pruned ms | oracle ms | ratio | paired ratio "
+              "| max abs Δ logits |"), "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} / {c.tokens} | {1e3 * median(c.pruned_s):.1f} "
+                     f"| {1e3 * median(c.oracle_s):.1f} | **{c.ratio:.3f}** | {c.paired_ratio:.3f} "
+                     f"| {c.max_abs_diff:.1e} |")
+    return "\n".join(lines)
+
+
+def _provenance() -> dict[str, Any]:
+    """Which vtprune ran (path, commit of its checkout) and the load average: the machine may be shared."""
+    where = Path(vtprune.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"vtprune": str(where), "commit": commit, "loadavg": os.getloadavg()}
+
+
+def _csv(text: str, kind: type, allowed: Sequence[Any] | None = None) -> list[Any]:
+    """A comma-separated option as a list, each item converted and (optionally) checked."""
+    items = [kind(x) for x in text.split(",") if x]
+    bad = [x for x in items if allowed is not None and x not in allowed]
+    if bad or not items:
+        raise BenchSetupError(f"{text!r}: expected a comma-separated subset of {list(allowed or [])}")
+    return items
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse options, check and time every cell, print the table, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--sites", default=",".join(SITES))
+    parser.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    parser.add_argument("--layer", type=int, default=2, help="K of the in-LLM site")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tiny", action="store_true", help="tiny test models: checks the plumbing in seconds")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        raise BenchSetupError(f"need repeats >= 1 and warmup >= 0 (got {args.repeats}, {args.warmup})")
+    families = _csv(args.families, str, FAMILIES)
+    sites, keeps = _csv(args.sites, str, SITES), _csv(args.keeps, float)
+    torch.set_num_threads(args.threads)
+    before = _provenance()
+    cells, env = run(families, sites, keeps, args.layer, args.repeats, args.warmup, args.tiny, progress=True)
+    print(f"{env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} thread(s), torch {env['torch']}, "
+          f"transformers {env['transformers']}; vtprune from {before['vtprune']} at {before['commit']}; "
+          f"load average {before['loadavg'][0]:.2f} before, {os.getloadavg()[0]:.2f} after; median of "
+          f"{args.repeats} after {args.warmup} warm-up, interleaved")
+    if args.markdown:
+        print(markdown(cells))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"env": env, "provenance": before | {"loadavg_after": os.getloadavg()},
+                  "args": vars(args) | {"out": str(args.out)}, "results": [c.as_dict() for c in cells]}
+        args.out.write_text(json.dumps(record, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

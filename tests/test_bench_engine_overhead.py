@@ -1,0 +1,68 @@
+"""bench/engine_overhead.py on tiny models: the oracle check runs, can fail, and the report has a row for every
+family × site × keep. Only the plumbing: timings are never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from vtprune.testing import FAMILIES
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "engine_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    """The bench script, imported from its file (``bench/`` is not a package); registered while the tests run,
+    as its dataclasses need their module in ``sys.modules``."""
+    spec = importlib.util.spec_from_file_location("engine_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_tiny_run_checks_and_reports_every_cell(bench, tmp_path, capsys):
+    out = tmp_path / "engine_overhead.json"
+    bench.main(["--tiny", "--repeats", "2", "--warmup", "0", "--out", str(out), "--markdown"])
+    rows = json.loads(out.read_text())["results"]
+    cells = [(f, s, k) for f in FAMILIES for s in bench.SITES for k in bench.KEEPS]
+    assert [(r["family"], r["site"], r["keep"]) for r in rows] == cells
+    for r in rows:
+        assert r["max_abs_diff"] <= bench.ATOL  # the pruned logits matched the oracle's before any timing
+        assert 0 < r["visual_after"] < r["visual_before"]
+        assert r["kept"] == r["tokens"] - r["visual_before"] + r["visual_after"]
+        assert len(r["pruned_ms_all"]) == len(r["oracle_ms_all"]) == 2 and r["ratio"] > 0
+        assert r["layer"] == (2 if r["site"] == "layer" else None)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(cells)
+
+
+def test_the_check_tells_a_wrong_oracle_apart(bench, monkeypatch):
+    """Negative control: an oracle that prunes one layer later than the hooks do is refused."""
+    model, inputs = bench.build("llava", tiny=True)
+    cell = bench.Cell("llava", "layer", 0.25, layer=2)
+    right = bench.oracle
+    bench.check(model, inputs, cell)
+
+    def one_layer_late(model, inputs, keep, site, layer, last_only):
+        return right(model, inputs, keep, site, layer + 1, last_only)
+
+    monkeypatch.setattr(bench, "oracle", one_layer_late)
+    with pytest.raises(bench.OracleMismatch, match="llava K=2 keep=0.25"):
+        bench.check(model, inputs, cell)
+
+
+@pytest.mark.parametrize("argv", [["--families", "llava,nope"], ["--sites", "middle"], ["--repeats", "0"]])
+def test_bad_options_are_named_errors(bench, argv):
+    with pytest.raises(bench.BenchSetupError):
+        bench.main(["--tiny", *argv])
