@@ -33,7 +33,7 @@ from ..capture import PROJECTOR, MLPProjector, ProjectorInput
 from ..config import ModeOption, PrunerConfig, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
-from ..view import ImageLayout, Selection, VisualView
+from ..view import ImageLayout, Selection, VisualView, anyres_view_labels
 from .base import Pruner
 
 #: perturbed projector evaluations per chunk, bounding memory to about this many output rows at a time
@@ -259,25 +259,13 @@ def floored_count(keep: float | int, num_tokens: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def anyres_views(layout: ImageLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For a LLaVA-NeXT layout (base g×g grid + newline-terminated crop grid): (view label of every token,
-    base = 0, crops 1.. in raster order, newline tokens -1; the reference's un-offset newline indices).
-    ``None`` for other layouts. Crops are those of the smallest grid holding the unpadded crop grid, as the
-    adapter assumes (unpadding trims symmetric margins of less than one crop)."""
-    segs = layout.segments
-    if len(segs) != 2 or segs[0].newline or segs[0].rows != segs[0].cols or not segs[1].newline:
+    """For an AnyRes (LLaVA-NeXT) layout: (view label of every token, :func:`vtprune.view.anyres_view_labels`;
+    the reference's un-offset newline indices). ``None`` for other layouts."""
+    labels = anyres_view_labels(layout)
+    if labels is None:
         return None
-    g, rows, cols = segs[0].rows, segs[1].rows, segs[1].cols
-    labels = torch.full((layout.size,), -1, dtype=torch.long)
-    labels[:g * g] = 0
-    if cols > 0:
-        nph, npw = math.ceil(rows / g), math.ceil(cols / g)
-        r = (torch.arange(rows)[:, None] + (nph * g - rows) // 2) // g
-        c = (torch.arange(cols)[None, :] + (npw * g - cols) // 2) // g
-        grid = torch.full((rows, cols + 1), -1, dtype=torch.long)
-        grid[:, :cols] = 1 + r * npw + c
-        labels[g * g:] = grid.flatten()
-    quirk = torch.arange(rows) * (cols + 1) + cols
-    return labels, quirk
+    rows, cols = layout.segments[1].rows, layout.segments[1].cols
+    return labels, torch.arange(rows) * (cols + 1) + cols
 
 
 @register_pruner
