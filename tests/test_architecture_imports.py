@@ -57,7 +57,7 @@ def imported(name: str) -> set[str]:
 
 def _resolve(dotted: str) -> str:
     """The nearest module of ``vtprune`` that ``dotted`` names (itself or a parent), or its top-level package."""
-    if not dotted.startswith("vtprune"):
+    if dotted.partition(".")[0] != "vtprune":
         return dotted.partition(".")[0]
     while dotted not in MODULES:
         dotted = dotted.rpartition(".")[0]

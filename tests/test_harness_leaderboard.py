@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 import yaml
-
 from test_leaderboard_testbed import record
+
 from vtprune.cli import main
 from vtprune.harness.cells import BASELINE
 from vtprune.harness.store import ResultsStore
