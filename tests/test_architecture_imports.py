@@ -1,8 +1,9 @@
 """Import rules of the package (issue 16), read from the source with ``ast`` so a broken module cannot hide a rule
 break: nothing outside the tooling (harness, testbed, CLI, lmms-eval plugin) imports the tooling, the checkout's
-``eval/`` or ``bench/``, or lmms-eval; the modules of ``vtprune`` import each other without cycles (every import
-statement counts, also one inside a function or under ``TYPE_CHECKING``: a deferred import is still a dependency);
-and no module edits ``sys.path``."""
+``eval/`` or ``bench/``, or lmms-eval; no module imports a deprecated alias (``vtprune.adapters``, ``.pruners``,
+``.selectors``); the modules of ``vtprune`` import each other without cycles (every import statement counts, also
+one inside a function or under ``TYPE_CHECKING``: a deferred import is still a dependency); and no module edits
+``sys.path``."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ TOOLING = ("vtprune.harness", "vtprune.testbed", "vtprune.cli", "vtprune.lmms_mo
 #: the optional lmms-eval dependency (only the tooling's lmms-eval plugin may)
 OUTSIDE = ("eval", "bench", "lmms_eval")
 #: the core named by the issue; the rules below hold for every non-tooling module, these must exist among them
-CORE = ("vtprune.api", "vtprune.engine", "vtprune.config", "vtprune.registry", "vtprune.plan", "vtprune.view",
-        "vtprune.stats", "vtprune.capture", "vtprune.flops", "vtprune.measure")
+CORE = ("vtprune.api", "vtprune.engine", "vtprune.sites", "vtprune.models", "vtprune.methods", "vtprune.ops",
+        "vtprune.config", "vtprune.registry", "vtprune.plan", "vtprune.view", "vtprune.stats", "vtprune.capture",
+        "vtprune.flops", "vtprune.measure")
 
 
 def module_name(path: Path) -> str:
@@ -76,6 +78,15 @@ def test_the_core_exists_outside_the_tooling():
 def test_the_core_never_imports_the_tooling_or_the_checkout(name):
     bad = sorted(m for m in GRAPH[name] if is_tooling(m) or m in OUTSIDE)
     assert not bad, f"{name} imports {bad}"
+
+
+#: old import paths kept only for users (issue 16); the package itself imports the new homes
+DEPRECATED = ("vtprune.adapters", "vtprune.pruners", "vtprune.selectors")
+
+
+@pytest.mark.parametrize("name", [n for n in MODULES if n not in DEPRECATED])
+def test_no_module_imports_a_deprecated_alias(name):
+    assert not GRAPH[name] & set(DEPRECATED), f"{name} imports {sorted(GRAPH[name] & set(DEPRECATED))}"
 
 
 @pytest.mark.parametrize("name", [n for n in MODULES if is_tooling(n)])

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from .adapters import ImageSpans, ModelAdapter
 from .capture import Signals
 from .config import PrunerConfig
 from .errors import VTPruneError
 from .methods.base import Pruner
+from .models import ImageSpans, ModelAdapter
 from .plan import KeepPlan
 from .sites import ImageCall, site_class
 from .sites.continuation import drop_leading, is_static, ledger_of, refed_tokens
