@@ -15,7 +15,8 @@ Both sides are timed whole (vision + LLM): the vision work is identical and smal
 shows. Before timing, the pruned logits (all positions) must equal the oracle's (``assert_close`` 1e-5).
 Timed call = ``use_cache=True``, logits of the last position only; warm-up, then repeats with the two sides
 interleaved (order alternated: AB, BA, ...), medians. ratio = oracle time ÷ pruned time (≥ 0.97: the engine adds
-≤ 3 %). Random-weight float32 SDPA models: ``bench-small``'s LLM (LLaMA/Qwen2 1024 × 8 layers, FFN 2816, vocab
+≤ 3 %). ``--hooks N`` then runs N more pruned prefills per cell with every hook vtprune installed wrapped in a
+timer and a ``record_function`` range: the time inside the engine's own code, per hook. Random-weight float32 SDPA models: ``bench-small``'s LLM (LLaMA/Qwen2 1024 × 8 layers, FFN 2816, vocab
 32064) behind each family's vision path, ~576–602 visual tokens.
 
     python bench/engine_overhead.py --threads 1 --repeats 9 --out results/engine_overhead.json --markdown
@@ -28,7 +29,8 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,6 +196,7 @@ class Cell:
     keep_index: torch.Tensor | None = None
     pruned_s: list[float] = field(default_factory=list)
     oracle_s: list[float] = field(default_factory=list)
+    hooks_s: dict[str, list[float]] = field(default_factory=dict)  # per hook name, per profiled prefill
 
     @property
     def options(self) -> dict[str, Any]:
@@ -221,7 +224,14 @@ class Cell:
                 "visual_after": self.visual[1], "max_abs_diff": self.max_abs_diff,
                 "pruned_ms": 1e3 * median(self.pruned_s), "oracle_ms": 1e3 * median(self.oracle_s),
                 "ratio": self.ratio, "paired_ratio": self.paired_ratio,
-                "pruned_ms_all": [1e3 * s for s in self.pruned_s], "oracle_ms_all": [1e3 * s for s in self.oracle_s]}
+                "pruned_ms_all": [1e3 * s for s in self.pruned_s], "oracle_ms_all": [1e3 * s for s in self.oracle_s],
+                "hooks_ms": {name: 1e3 * median(s) for name, s in self.hooks_s.items()}}
+
+    @property
+    def hooks_ms(self) -> float | None:
+        """Median time per pruned prefill inside vtprune's hooks (``--hooks``), or None if not profiled."""
+        runs = list(zip(*self.hooks_s.values()))
+        return 1e3 * median([sum(r) for r in runs]) if runs else None
 
 
 def pruned_logits(model: nn.Module, inputs: dict[str, torch.Tensor], last_only: bool) -> torch.Tensor:
@@ -286,9 +296,64 @@ def time_cells(model: nn.Module, inputs: dict[str, torch.Tensor], cells: list[Ce
                     (cell.pruned_s if side == "pruned" else cell.oracle_s).append(t)
 
 
+# ---- where the pruned side's time goes ----------------------------------------------------------------
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def _hook_keys(model: nn.Module) -> set[tuple[int, str, int]]:
+    """(module id, hook dict, hook id) of every forward (pre-)hook on ``model``'s modules."""
+    return {(id(m), kind, h) for m in model.modules() for kind in _HOOK_DICTS for h in getattr(m, kind)}
+
+
+def _timed(fn: Callable[..., Any], name: str, spent: dict[str, float]) -> Callable[..., Any]:
+    """``fn`` adding its wall time to ``spent[name]``, inside a ``record_function`` range of that name."""
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        with torch.profiler.record_function(name):
+            out = fn(*args, **kwargs)
+        spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+        return out
+    return hook
+
+
+@contextmanager
+def timed_hooks(model: nn.Module, known: set[tuple[int, str, int]]) -> Iterator[dict[str, float]]:
+    """Every forward (pre-)hook not in ``known`` wrapped by :func:`_timed` under "Module:qualname" (the hooks
+    of one name on several modules add up); the originals are put back on exit."""
+    spent: dict[str, float] = {}
+    wrapped = []
+    for m in model.modules():
+        for kind in _HOOK_DICTS:
+            hooks = getattr(m, kind)
+            for hid, fn in list(hooks.items()):
+                if (id(m), kind, hid) not in known:
+                    name = f"{type(m).__name__}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+                    hooks[hid] = _timed(fn, name, spent)
+                    wrapped.append((hooks, hid, fn))
+    try:
+        yield spent
+    finally:
+        for hooks, hid, fn in wrapped:
+            if hid in hooks:
+                hooks[hid] = fn
+
+
+def profile_hooks(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell, runs: int) -> None:
+    """``runs`` pruned prefills (untimed as a whole) with the time spent inside each of vtprune's hooks
+    recorded into ``cell.hooks_s``: the engine's own work (selection, gathers, position and mask rebuilding)."""
+    known = _hook_keys(model)
+    with vtprune.apply(model, PRUNER, **cell.options), timed_hooks(model, known) as spent:
+        for _ in range(runs):
+            spent.clear()
+            pruned_logits(model, inputs, True)
+            for name, seconds in spent.items():
+                cell.hooks_s.setdefault(name, []).append(seconds)
+
+
 def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], layer: int, repeats: int,
-        warmup: int, tiny: bool, progress: bool = False) -> tuple[list[Cell], dict[str, Any]]:
-    """Check and time every family × site × keep; returns the cells and the environment."""
+        warmup: int, tiny: bool, hook_runs: int = 0, progress: bool = False) -> tuple[list[Cell], dict[str, Any]]:
+    """Check and time every family × site × keep (then, with ``hook_runs``, time the hooks); returns the cells
+    and the environment."""
     cells: list[Cell] = []
     env: dict[str, Any] = {}
     with torch.inference_mode():
@@ -299,10 +364,13 @@ def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], l
             for cell in mine:
                 check(model, inputs, cell)
             time_cells(model, inputs, mine, repeats, warmup)
+            for cell in mine if hook_runs else ():
+                profile_hooks(model, inputs, cell, hook_runs)
             if progress:
                 for cell in mine:
+                    hooks = "" if cell.hooks_ms is None else f", {cell.hooks_ms:.1f} ms in hooks"
                     print(f"  {family:10s} {cell.label:7s} keep={cell.keep:<4} ratio {cell.ratio:.3f} "
-                          f"(paired {cell.paired_ratio:.3f})", flush=True)
+                          f"(paired {cell.paired_ratio:.3f}){hooks}", flush=True)
             cells += mine
             del model
     return cells, env
@@ -310,12 +378,13 @@ def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], l
 
 def markdown(cells: Sequence[Cell]) -> str:
     """One row per family × site × keep."""
+    hooks = any(c.hooks_s for c in cells)
     lines = [("| family | site | keep | tokens (kept / full) | pruned ms | oracle ms | ratio | paired ratio "
-              "| max abs Δ logits |"), "|---|---|---|---|---|---|---|---|---|"]
+              f"| max abs Δ logits |{' in hooks ms |' if hooks else ''}"), "|" + "---|" * (9 + hooks)]
     for c in cells:
         lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} / {c.tokens} | {1e3 * median(c.pruned_s):.1f} "
                      f"| {1e3 * median(c.oracle_s):.1f} | **{c.ratio:.3f}** | {c.paired_ratio:.3f} "
-                     f"| {c.max_abs_diff:.1e} |")
+                     f"| {c.max_abs_diff:.1e} |" + (f" {c.hooks_ms:.2f} |" if hooks else ""))
     return "\n".join(lines)
 
 
@@ -349,17 +418,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hooks", type=int, default=0, metavar="N",
+                        help="after timing, N pruned prefills per cell with the time inside vtprune's hooks recorded")
     parser.add_argument("--tiny", action="store_true", help="tiny test models: checks the plumbing in seconds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        raise BenchSetupError(f"need repeats >= 1 and warmup >= 0 (got {args.repeats}, {args.warmup})")
+    if args.repeats < 1 or args.warmup < 0 or args.hooks < 0:
+        raise BenchSetupError(f"need repeats >= 1, warmup >= 0, hooks >= 0 (got {args.repeats}, {args.warmup}, "
+                              f"{args.hooks})")
     families = _csv(args.families, str, FAMILIES)
     sites, keeps = _csv(args.sites, str, SITES), _csv(args.keeps, float)
     torch.set_num_threads(args.threads)
     before = _provenance()
-    cells, env = run(families, sites, keeps, args.layer, args.repeats, args.warmup, args.tiny, progress=True)
+    cells, env = run(families, sites, keeps, args.layer, args.repeats, args.warmup, args.tiny, args.hooks,
+                     progress=True)
     print(f"{env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} thread(s), torch {env['torch']}, "
           f"transformers {env['transformers']}; vtprune from {before['vtprune']} at {before['commit']}; "
           f"load average {before['loadavg'][0]:.2f} before, {os.getloadavg()[0]:.2f} after; median of "

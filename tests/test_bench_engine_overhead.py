@@ -33,7 +33,7 @@ def bench() -> Iterator[ModuleType]:
 
 def test_tiny_run_checks_and_reports_every_cell(bench, tmp_path, capsys):
     out = tmp_path / "engine_overhead.json"
-    bench.main(["--tiny", "--repeats", "2", "--warmup", "0", "--out", str(out), "--markdown"])
+    bench.main(["--tiny", "--repeats", "2", "--warmup", "0", "--hooks", "1", "--out", str(out), "--markdown"])
     rows = json.loads(out.read_text())["results"]
     cells = [(f, s, k) for f in FAMILIES for s in bench.SITES for k in bench.KEEPS]
     assert [(r["family"], r["site"], r["keep"]) for r in rows] == cells
@@ -43,6 +43,7 @@ def test_tiny_run_checks_and_reports_every_cell(bench, tmp_path, capsys):
         assert r["kept"] == r["tokens"] - r["visual_before"] + r["visual_after"]
         assert len(r["pruned_ms_all"]) == len(r["oracle_ms_all"]) == 2 and r["ratio"] > 0
         assert r["layer"] == (2 if r["site"] == "layer" else None)
+        assert any(name.endswith("_lm_pre") for name in r["hooks_ms"]), r["hooks_ms"]  # the engine's hooks were timed
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(cells)
 
@@ -62,7 +63,7 @@ def test_the_check_tells_a_wrong_oracle_apart(bench, monkeypatch):
         bench.check(model, inputs, cell)
 
 
-@pytest.mark.parametrize("argv", [["--families", "llava,nope"], ["--sites", "middle"], ["--repeats", "0"]])
+@pytest.mark.parametrize("argv", [["--families", "llava,nope"], ["--sites", "middle"], ["--repeats", "0"], ["--hooks", "-1"]])
 def test_bad_options_are_named_errors(bench, argv):
     with pytest.raises(bench.BenchSetupError):
         bench.main(["--tiny", *argv])
