@@ -13,6 +13,7 @@ from .models import adapter_for
 from .config import PrunerConfig
 from .engine import Engine
 from .errors import VTPruneError
+from .handle import Handle
 from .registry import build_pruner, make_config
 from .sites import site_class
 from .stats import PruneStats
@@ -20,7 +21,7 @@ from .stats import PruneStats
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruneHandle]" = weakref.WeakKeyDictionary()
 
 
-class PruneHandle:
+class PruneHandle(Handle):
     """Pruning hooks installed on one model. Use as a context manager or call :meth:`remove`."""
 
     def __init__(self, model: nn.Module, engine: Engine) -> None:
@@ -74,12 +75,6 @@ class PruneHandle:
         if self._engine is None:
             raise VTPruneError("this handle was removed")
         return self._engine
-
-    def __enter__(self) -> "PruneHandle":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         return f"PruneHandle({self.config if self.active else 'removed'})"

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import PrunerConfig
 from .errors import VTPruneError
+from .handle import Handle
 from .methods.zero_tprune import WPROptions, ZeroTPruneConfig, wpr_iterations, zero_tprune
 from .ops import AttentionGraph
 from .view import budget
@@ -44,7 +45,7 @@ def stage_target(patches: int, keep: int, stage: int, stages: int) -> int:
     return patches - (patches - keep) * (stage + 1) // stages
 
 
-class TimmPruneHandle:
+class TimmPruneHandle(Handle):
     """Pruning hooks on one timm ViT; a context manager. ``seq_lens``: tokens each block processed in the
     last forward (batch-wide, prefix tokens included)."""
 
@@ -117,12 +118,6 @@ class TimmPruneHandle:
         self._attn_inputs.clear()
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
-
-    def __enter__(self) -> "TimmPruneHandle":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         return f"TimmPruneHandle({self.config if self.active else 'removed'}, blocks={self.blocks})"

@@ -11,14 +11,7 @@ from torch import nn
 from ..capture import InputCapture, MLPProjector, ProjectorInput, VisionQK
 from ..errors import VTPruneError
 from ..view import ImageLayout
-from .base import (
-    LmmsWrapper,
-    ModelAdapter,
-    SyntheticImage,
-    VisionWork,
-    tiny_text_config,
-    tiny_tokenizer,
-)
+from .base import LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork, tiny_text_config, tiny_tokenizer
 
 #: the tiny LLaVA models' chat template (LLaVA-1.5 style ``USER: <image> question ASSISTANT:``)
 CHAT_TEMPLATE = (

@@ -12,14 +12,7 @@ from torch import nn
 from ..capture import InputCapture, ProjectorInput, VisionQK, rotate
 from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
-from .base import (
-    LmmsWrapper,
-    ModelAdapter,
-    SyntheticImage,
-    VisionWork,
-    tiny_text_config,
-    tiny_tokenizer,
-)
+from .base import LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork, tiny_text_config, tiny_tokenizer
 
 #: the tiny Qwen models' chat template (``<|im_start|>`` turns, one ``<|image_pad|>`` per image)
 CHAT_TEMPLATE = (
