@@ -9,7 +9,6 @@ and every later block runs on the shorter sequence.
 from __future__ import annotations
 
 import weakref
-from typing import Any
 
 import torch
 from torch import nn
