@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .errors import VTPruneError
+from .sites import SITES as SITE_CLASSES
 
-SITES = ("pre_llm", "layer")
+SITES = tuple(SITE_CLASSES)
 #: how errors name each site
-SITE_NAMES = {"pre_llm": "pre-LLM", "layer": "in-LLM"}
+SITE_NAMES = {name: cls.title for name, cls in SITE_CLASSES.items()}
 POSITION_POLICIES = ("original", "compact")
 #: the seeds torch.Generator.manual_seed accepts (negative seeds wrap modulo 2**64)
 SEED_RANGE = (-2**63, 2**64 - 1)
@@ -62,20 +63,9 @@ class PrunerConfig:
             raise VTPruneError(f"keep={keep!r}: an int keep is a token count and must be >= 1")
         if self.site not in SITES:
             raise VTPruneError(f"site={self.site!r}: expected one of {SITES}")
-        if self.site == "layer":
-            if self.layer is None:
-                self.layer = 2
-            if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-                raise VTPruneError(f"layer={self.layer!r}: in-LLM pruning needs an int layer K >= 1 "
-                                   "(use site='pre_llm' to prune before the first layer)")
-        elif self.layer is not None:
-            raise VTPruneError(f"layer={self.layer!r} is only meaningful with site='layer' (site is {self.site!r})")
         if self.positions not in POSITION_POLICIES:
             raise VTPruneError(f"positions={self.positions!r}: expected one of {POSITION_POLICIES}")
-        if self.positions == "compact" and self.site != "pre_llm":
-            raise VTPruneError("positions='compact' is only supported with site='pre_llm': after an in-LLM prune "
-                               "the layers before K have cached the original positions, so decoding could not "
-                               "continue consistently")
+        SITE_CLASSES[self.site].validate_options(self)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise VTPruneError(f"seed must be an int, got {self.seed!r}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..errors import VTPruneError
 from ..plan import KeepPlan
 from .continuation import Ledger
-
-if TYPE_CHECKING:
-    from ..config import PrunerConfig
-    from ..models import ImageSpans, ModelAdapter
 
 
 @dataclass
@@ -23,7 +20,7 @@ class ImageCall:
     coordinates); next_pos: [A, b] position after its last real token; base/base_real: the cache's slots
     before this call (``None`` for a prefill) and which of them are real; static: fixed-length cache."""
 
-    spans: ImageSpans
+    spans: Any  # vtprune.models.ImageSpans (sites import no family code)
     embeds: torch.Tensor
     real: torch.Tensor
     pos: torch.Tensor
@@ -52,6 +49,8 @@ class Site:
     :attr:`shortens_cache` and implement the three events the engine reports."""
 
     name: str = ""
+    #: how messages name the site
+    title: str = ""
     #: whether the cache length transformers reports is the pruned one (pre-LLM) or the full one (in-LLM,
     #: where layer 0 keeps every token)
     shortens_cache: bool = True
@@ -60,7 +59,14 @@ class Site:
         self.engine = engine  # the vtprune.engine.Engine that calls this site (untyped: the engine imports sites)
 
     @classmethod
-    def check(cls, config: PrunerConfig, adapter: ModelAdapter) -> None:
+    def validate_options(cls, config: Any) -> None:
+        """Check (and complete) the site options of a ``PrunerConfig`` as it is built; raise VTPruneError."""
+        if config.layer is not None:
+            raise VTPruneError(f"layer={config.layer!r} is only meaningful with site='layer' (site is "
+                               f"{config.site!r})")
+
+    @classmethod
+    def check(cls, config: Any, adapter: Any) -> None:
         """Refuse a configuration this site cannot run on this model (at ``apply`` time)."""
 
     def install(self) -> None:

@@ -36,6 +36,7 @@ class LayerSite(Site):
     """Prunes from decoder layer K on (``config.layer``)."""
 
     name = "layer"
+    title = "in-LLM"
     shortens_cache = False  # layer 0 keeps every token: transformers' cache length is the conversation's
 
     def __init__(self, engine) -> None:
@@ -43,7 +44,19 @@ class LayerSite(Site):
         self.in_flight: _InFlight | None = None
 
     @classmethod
-    def check(cls, config, adapter) -> None:
+    def validate_options(cls, config: Any) -> None:
+        if config.layer is None:
+            config.layer = 2
+        if isinstance(config.layer, bool) or not isinstance(config.layer, int) or config.layer < 1:
+            raise VTPruneError(f"layer={config.layer!r}: in-LLM pruning needs an int layer K >= 1 "
+                               "(use site='pre_llm' to prune before the first layer)")
+        if config.positions == "compact":
+            raise VTPruneError("positions='compact' is only supported with site='pre_llm': after an in-LLM prune "
+                               "the layers before K have cached the original positions, so decoding could not "
+                               "continue consistently")
+
+    @classmethod
+    def check(cls, config: Any, adapter: Any) -> None:
         if not 1 <= config.layer < adapter.num_layers:
             raise VTPruneError(f"layer={config.layer} is out of range: this model has {adapter.num_layers} decoder "
                                f"layers, so K must be in [1, {adapter.num_layers - 1}]")

@@ -26,6 +26,7 @@ class PreLLMSite(Site):
     """Prunes the language model's input embeddings (prefill and later turns with images)."""
 
     name = "pre_llm"
+    title = "pre-LLM"
     shortens_cache = True
 
     def images(self, kwargs: dict[str, Any], call: ImageCall) -> None:
