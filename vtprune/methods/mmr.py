@@ -2,7 +2,7 @@
 training-free importance signals, or a learned scorer loaded from a local file.
 
 IDPruner's own importance is a *trained* scorer (VisionSelector); without one, the method here is
-"IDPruner-MMR with <importance> importance" (spec §2.2), not IDPruner itself.
+"IDPruner-MMR with <importance> importance", not IDPruner itself.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
     importance: the raw score ``w`` (min-max normalised to Imp with ε = 1e-6):
       * ``"norm"`` (default): L2 norm of each token's features. Free (no extra capture, O(V·D)), defined on
         every family and at both sites, query-agnostic like IDPruner's scorer input, and on MLP projectors it
-        ranks tokens almost exactly like ZO sensitivity (Spearman ≈ 0.99, spec §1.10) at ~1/(2m) of the cost.
+        ranks tokens almost exactly like ZO sensitivity (Spearman ≈ 0.99 in our feasibility study) at ~1/(2m)
+        of the cost.
       * ``"text"``: mean cosine of each token to the sample's non-visual token states (``VisualView.text``:
         the prompt, question included). Query-aware, O((V+T)·D).
       * ``"zoo"``: ZO projector sensitivity (options ``directions``, ``step``, ``rank`` as for ``zoo``).

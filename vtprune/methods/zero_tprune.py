@@ -166,7 +166,7 @@ def zero_tprune(graphs: list[AttentionGraph], size: int, k: int, options: WPROpt
 
 @register_pruner
 class ZeroTPrunePruner(ReadsEncoderAttention, Pruner):
-    """Zero-TPrune adapted to a VLM (spec §4.6a), pre-LLM, on the vision-encoder graph of the layer whose
+    """Zero-TPrune adapted to a VLM, pre-LLM, on the vision-encoder graph of the layer whose
     output the projector reads (CLIP: penultimate layer; Qwen: last full-attention block). Weighted PageRank
     ``s ← Aᵀ s`` per head, streamed over query blocks from captured q/k (never ``output_attentions``);
     [CLS] starts at √N times the other nodes, encoders without [CLS] start uniform; head filter on scores

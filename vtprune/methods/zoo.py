@@ -7,7 +7,7 @@ It works on a :class:`~vtprune.capture.ProjectorInput`, treating ``project`` as 
 
 * LLaVA / LLaVA-NeXT: ``x_i`` is one CLIP feature (g = 1), ``M`` the 2-layer MLP.
 * Qwen2-VL / Qwen2.5-VL: ``x_i`` is the concatenation of the 4 *pre-norm* patch vectors of a 2×2 group
-  (g = 4; the recommended definition of §1.7) and ``M`` the whole PatchMerger (norm + MLP). The adapter
+  (g = 4; the recommended definition, see docs/algorithms.md) and ``M`` the whole PatchMerger (norm + MLP). The adapter
   already orders groups like the LLM tokens (raster order, Qwen2.5-VL window order undone).
 * Tokens without projector input (LLaVA-NeXT's row-newline tokens) get the smallest sensitivity of the
   image's other tokens: they are never preferred on sensitivity, and stay selectable.
@@ -149,7 +149,7 @@ class LowRankLinears(TorchFunctionMode):
 
     Works on any projector built from linear layers (LLaVA MLP, Qwen PatchMerger MLP) without touching the
     model. Factors are computed from the weights actually in use (so they reflect the loaded checkpoint, the
-    caveat of spec §1.6) and cached per weight tensor (recomputed if it is modified in place)."""
+    caveat in docs/algorithms.md, zoo) and cached per weight tensor (recomputed if it is modified in place)."""
 
     def __init__(self, rank: int) -> None:
         super().__init__()
@@ -187,7 +187,7 @@ class ZOScorer:
     directions are drawn in float32 (the draw does not depend on the model's dtype) and MLP projectors use
     the structured estimator :func:`mlp_sensitivity` (same value at full rank, several times cheaper; with
     ``rank`` only the last layer is truncated). Set :attr:`directions` ([m, g·d_v]) to inject the exact
-    direction bank of a reference run (spec §1.10)."""
+    direction bank of a reference run."""
 
     def __init__(self, options: ZOOptions, reference: bool = False) -> None:
         self.options = options
@@ -237,7 +237,7 @@ class ZooConfig(PrunerConfig, ZOOptions, ModeOption):
     mode="reference": the reference code's rules — directions drawn and cosine computed in the model's dtype;
     count ``⌊ρ·V⌋`` (LLaVA-1.5; also used for Qwen, which has no reference code); on LLaVA-NeXT, per-view
     budgets ``⌊⌊5g²·ρ⌋ / views⌋`` (5g² = the hard-coded 2880 for g = 24), SADS within each view (per-view
-    normalisation), plus the tokens at the *un-offset* newline indices ``r·(cols+1) + cols`` (§1.6 item 6).
+    normalisation), plus the tokens at the *un-offset* newline indices ``r·(cols+1) + cols``.
     The reference's kept count then drops by the overlaps between those tokens and the SADS picks, which
     the engine's exact-count contract cannot express: overlaps are refilled with the most sensitive unkept
     tokens (the one deviation)."""
