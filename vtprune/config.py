@@ -9,9 +9,7 @@ from typing import ClassVar
 from .errors import VTPruneError
 from .sites import SITES as SITE_CLASSES
 
-SITES = tuple(SITE_CLASSES)
-#: how errors name each site
-SITE_NAMES = {name: cls.title for name, cls in SITE_CLASSES.items()}
+SITES = tuple(SITE_CLASSES)  # the built-in sites; registered ones are checked through SITE_CLASSES
 POSITION_POLICIES = ("original", "compact")
 #: the seeds torch.Generator.manual_seed accepts (negative seeds wrap modulo 2**64)
 SEED_RANGE = (-2**63, 2**64 - 1)
@@ -61,8 +59,8 @@ class PrunerConfig:
                 "pass an int for an absolute token count")
         if isinstance(keep, int) and keep < 1:
             raise VTPruneError(f"keep={keep!r}: an int keep is a token count and must be >= 1")
-        if self.site not in SITES:
-            raise VTPruneError(f"site={self.site!r}: expected one of {SITES}")
+        if not isinstance(self.site, str) or self.site not in SITE_CLASSES:
+            raise VTPruneError(f"site={self.site!r}: expected one of {tuple(SITE_CLASSES)}")
         if self.positions not in POSITION_POLICIES:
             raise VTPruneError(f"positions={self.positions!r}: expected one of {POSITION_POLICIES}")
         SITE_CLASSES[self.site].validate_options(self)

@@ -8,7 +8,7 @@ import dataclasses
 import difflib
 from typing import TYPE_CHECKING, Any
 
-from .config import SITE_NAMES, PrunerConfig
+from .config import SITE_CLASSES, PrunerConfig
 from .errors import VTPruneError
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def make_config(name_or_config: str | PrunerConfig, **options: Any) -> PrunerCon
         config = config_cls(**options)
     sites = pruner_class(config.name).sites
     if config.site not in sites:
-        names = " or ".join(f"{SITE_NAMES[s]} site ({s!r})" for s in sites)
+        names = " or ".join(f"{SITE_CLASSES[s].title} site ({s!r})" for s in sites)
         raise VTPruneError(f"pruner {config.name!r} supports only the {names}, not site={config.site!r}")
     return config
 

@@ -12,7 +12,19 @@ from .base import ImageCall, Site
 from .layer import LayerSite
 from .pre_llm import PreLLMSite
 
-SITES: dict[str, type[Site]] = {cls.name: cls for cls in (PreLLMSite, LayerSite)}
+SITES: dict[str, type[Site]] = {}
+
+
+def register_site(cls: type[Site]) -> type[Site]:
+    """Class decorator: make ``cls`` available as ``site=cls.name`` (configs, ``apply``, YAML)."""
+    if not cls.name or cls.name in SITES and SITES[cls.name] is not cls:
+        raise TypeError(f"site name {cls.name!r} is empty or already registered")
+    SITES[cls.name] = cls
+    return cls
+
+
+for _builtin in (PreLLMSite, LayerSite):
+    register_site(_builtin)
 
 
 def site_class(name: str) -> type[Site]:
@@ -22,4 +34,4 @@ def site_class(name: str) -> type[Site]:
     return SITES[name]
 
 
-__all__ = ["ImageCall", "LayerSite", "PreLLMSite", "SITES", "Site", "site_class"]
+__all__ = ["ImageCall", "LayerSite", "PreLLMSite", "SITES", "Site", "register_site", "site_class"]
