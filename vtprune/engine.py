@@ -140,7 +140,8 @@ class Engine:
             try:
                 return original(*args, **kwargs)
             finally:
-                self._memo, self._in_generate, self._refeed = None, False, None
+                self._memo = self._prefix = self._refeed = None
+                self._in_generate = False
 
         generate._vtprune_engine = self  # type: ignore[attr-defined]
         self.model.generate = generate
@@ -172,7 +173,7 @@ class Engine:
             args = ()
         past = _past_len(kwargs)
         ledger = ledger_of(kwargs.get("past_key_values")) if past else None
-        if ledger is not None and self._refeed is not None:
+        if ledger is not None and self._refeed:
             drop_leading(kwargs, self._refeed)
             self._refeed = 0
         self._spans = self.adapter.locate_images(kwargs)
@@ -225,7 +226,7 @@ class Engine:
         b, full_len = embeds.shape[:2]
         real = _real_tokens(kwargs.get("attention_mask"), b, full_len, 0, embeds.device)
         self.recorder.begin_prefill(real.sum(1))
-        self._prefix = (embeds, real)
+        self._prefix = (embeds, real) if self._in_generate else None  # reuse never crosses calls: keep nothing
         self._reuse = self._reusable_selections(embeds, real)
         if spans is not None:  # no images: nothing to prune, nothing to touch
             self.site.images(kwargs, self._image_call(kwargs, spans, embeds, real, 0))
@@ -258,7 +259,7 @@ class Engine:
         else:
             t = ledger.appended(past, self.site.shortens_cache)
             base = ledger.plan.extend(t)
-            base_real = torch.cat([ledger.real, torch.ones(b, t, dtype=torch.bool, device=embeds.device)], 1)
+            base_real = ledger.physical_mask(t).bool()
         self.recorder.begin_prefill(real.sum(1))
         self.signals.begin_prefill()
         self._in_prefill, self._reuse, self._prefix = True, None, None

@@ -36,6 +36,10 @@ class Ledger:
         pruned length at the pre-LLM site, the full length when layer 0 keeps every token)."""
         return past - (self.plan.length if pruned_length else self.plan.full_len)
 
+    def conversation_length(self, past: int, pruned_length: bool) -> int:
+        """Tokens of the conversation the cache stands for (``past`` as in :meth:`appended`)."""
+        return self.plan.full_len + self.appended(past, pruned_length)
+
     def physical_mask(self, appended_and_new: int) -> torch.Tensor:
         """[b, slots + n] long padding mask in cache coordinates, the last n tokens all real."""
         ones = torch.ones(self.real.shape[0], appended_and_new, dtype=torch.long, device=self.real.device)
@@ -64,7 +68,7 @@ def refed_tokens(ledger: Ledger, past: int, inputs: dict[str, Any]) -> int:
     it is given the whole conversation (``inputs_embeds``, or ``input_ids`` as long as the attention mask);
     a pruned cache is shorter than the conversation, so the last ``conversation - past`` cached tokens come
     again. Given only the new tokens (with a mask over the whole conversation), it feeds nothing twice."""
-    logical = ledger.plan.full_len + ledger.appended(past, pruned_length=True)
+    logical = ledger.conversation_length(past, pruned_length=True)
     ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
     whole = inputs.get("inputs_embeds") is not None or (
         torch.is_tensor(ids) and (mask is None or mask.shape[-1] == ids.shape[-1]))
@@ -89,7 +93,7 @@ def cache_mask(ledger: Ledger, mask: Any, past: int, q: int, static: bool) -> An
     and the 4-D / per-layer-type masks ``generate`` builds for static caches (rebuilt from the ledger,
     since they mix cache-coordinate causality with conversation-coordinate padding)."""
     appended = ledger.appended(past, pruned_length=True)
-    logical = ledger.plan.full_len + appended
+    logical = ledger.conversation_length(past, pruned_length=True)
     if mask is None:
         return None if bool(ledger.real.all()) else ledger.physical_mask(appended + q)
     if static and (isinstance(mask, dict) or (torch.is_tensor(mask) and mask.dim() == 4)):
