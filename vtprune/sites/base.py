@@ -37,10 +37,13 @@ class ImageCall:
         """Real slots of the cache after this call, given its own kept real slots."""
         return kept_real if self.base_real is None else torch.cat([self.base_real, kept_real], 1)
 
+    def kept_real(self, plan: KeepPlan) -> torch.Tensor:
+        """[b, plan.length] which of this call's slots hold real tokens once ``plan`` is applied."""
+        return plan.gather(self.real, 1) & plan.valid
+
     def ledger(self, plan: KeepPlan, pos_delta: torch.Tensor | None = None) -> Ledger:
         """The ledger of a cache that this call (pruned by ``plan``) has just written."""
-        kept_real = plan.gather(self.real, 1) & plan.valid
-        return Ledger(plan=self.cols(plan), next_pos=self.next_pos, real=self.cache_real(kept_real),
+        return Ledger(plan=self.cols(plan), next_pos=self.next_pos, real=self.cache_real(self.kept_real(plan)),
                       pos_delta=pos_delta)
 
 

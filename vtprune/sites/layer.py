@@ -98,7 +98,7 @@ class LayerSite(Site):
         plan = engine.select(hidden, call.spans, call.real)
         if plan.is_identity:
             return args, kwargs
-        engine.recorder.real = (plan.gather(call.real, 1) & plan.valid).sum(1)
+        engine.recorder.real = call.kept_real(plan).sum(1)
         state.rows, state.cols, state.extra = plan, call.cols(plan), 0
         engine.prune_labels(plan)
         cache = kwargs.get("past_key_values")

@@ -39,7 +39,7 @@ class PreLLMSite(Site):
             raise VTPruneError("padding-free (packed) inputs cannot be pruned: transformers finds the sequence "
                                "boundaries from consecutive position ids, which pruning breaks; pass a padded "
                                "batch with an attention mask instead")
-        kept_real = plan.gather(call.real, 1) & plan.valid
+        kept_real = call.kept_real(plan)
         engine.recorder.real = kept_real.sum(1)
         kwargs["inputs_embeds"] = plan.apply_states(call.embeds)
         kwargs["attention_mask"] = self._mask(mask, call, plan, kept_real)
