@@ -1,8 +1,10 @@
-"""The ``vtprune`` command line. Subcommands: ``bench``, ``sweep``, ``leaderboard`` (added through :data:`COMMANDS`).
+"""The ``vtprune`` command line. Subcommands: ``bench``, ``sweep``, ``leaderboard``, ``support-matrix`` (added
+through :data:`COMMANDS`).
 
     vtprune bench --model bench-small --random-weights --pruners random,uniform --keep 0.5,0.25,0.11
     vtprune sweep configs/example_sweep.yaml
     vtprune leaderboard runs/example --out runs/example/leaderboard
+    vtprune support-matrix --write README.md
 """
 
 from __future__ import annotations
@@ -217,8 +219,40 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 #: subcommand name -> function adding its parser (it sets ``run``)
+def _run_support_matrix(args: argparse.Namespace) -> int:
+    from .support import replace_block, support_markdown
+
+    block = support_markdown()
+    if args.write is None and args.check is None:
+        print(block)
+        return 0
+    path = Path(args.write or args.check)
+    if not path.is_file():
+        raise VTPruneError(f"{path}: no such file")
+    text = path.read_text()
+    new = replace_block(text, block)
+    if args.check is not None:
+        if new != text:
+            print(f"{path}: the support matrix is out of date; run `vtprune support-matrix --write {path}`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new)
+    return 0
+
+
+def _add_support_matrix(sub: argparse._SubParsersAction) -> None:
+    """Arguments of ``vtprune support-matrix``."""
+    p = sub.add_parser("support-matrix", help="the family x site x attention x fallback matrix, from the registries")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", metavar="FILE", help="replace the generated block in FILE (e.g. README.md)")
+    group.add_argument("--check", metavar="FILE", help="exit 1 if FILE's generated block is out of date")
+    p.set_defaults(run=_run_support_matrix)
+
+
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "bench": _add_bench, "sweep": _add_sweep, "leaderboard": _add_leaderboard}
+    "bench": _add_bench, "sweep": _add_sweep, "leaderboard": _add_leaderboard,
+    "support-matrix": _add_support_matrix}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,9 @@ class Pruner:
     sites: ClassVar[tuple[str, ...]] = ("pre_llm", "layer")
     #: optional signals to capture for :attr:`VisualView.extras` (see :mod:`vtprune.capture`)
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: when the method reads vision-encoder [CLS] attention ("" = never; e.g. "always", "importance='cls'"):
+    #: families without [CLS] then get the received-attention fallback (README support matrix)
+    reads_cls: ClassVar[str] = ""
     #: other registry names this pruner answers to (e.g. ``"pagerank"`` for ``"zero_tprune"``)
     aliases: ClassVar[tuple[str, ...]] = ()
 

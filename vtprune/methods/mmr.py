@@ -197,6 +197,7 @@ class MMRPruner(RoundedReferenceCount, Pruner):
     """Importance (per ``importance``) + MMR selection (:func:`vtprune.ops.mmr`).
     See docs/algorithms.md, section ``mmr``."""
 
+    reads_cls = "importance='cls'"
     config_class = MMRConfig
 
     def __init__(self, config: MMRConfig) -> None:

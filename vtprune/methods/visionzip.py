@@ -69,6 +69,7 @@ class VisionZipPruner(ReadsEncoderAttention, Pruner):
     never merged and rank last. With fewer kept tokens than tokens with encoder features, ``n_ctx = 0``.
     See docs/algorithms.md, section ``visionzip``."""
 
+    reads_cls = "always"
     config_class = VisionZipConfig
     sites = ("pre_llm",)
     needs = frozenset({VISION_QK, PROJECTOR})

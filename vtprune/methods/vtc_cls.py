@@ -52,6 +52,7 @@ class VTCCLSPruner(ScorerPruner):
     the capture layers are fixed before the encoder's kind is known (an unused q/k projection per layer).
     See docs/algorithms.md, section ``vtc_cls``."""
 
+    reads_cls = "always"
     config_class = VTCCLSConfig
     sites = ("pre_llm",)
     needs = frozenset({VISION_QK})

@@ -36,6 +36,11 @@ def family_class(family: str) -> type[ModelAdapter]:
         raise VTPruneError(f"unknown model family {family!r}; registered: {', '.join(_REGISTRY)}") from None
 
 
+def registered_families() -> list[str]:
+    """Names of the registered families, in registration order (built-in ones and any registered later)."""
+    return list(_REGISTRY)
+
+
 def supported_models() -> list[str]:
     """Class names vtprune can prune."""
     return [name for a in _REGISTRY.values() for name in a.model_classes]
@@ -68,5 +73,5 @@ FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 __all__ = [
     "FAMILIES", "ImageSpans", "LlavaAdapter", "LlavaNextAdapter", "LmmsWrapper", "ModelAdapter", "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class", "lmms_wrappers",
-    "register_family", "supported_models",
+    "register_family", "registered_families", "supported_models",
 ]

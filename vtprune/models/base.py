@@ -131,6 +131,13 @@ class ModelAdapter:
     tiny_eos: str = ""
     #: the lmms-eval wrapper of the family
     lmms: LmmsWrapper | None = None
+    #: whether the vision encoder has a [CLS] token (without one, [CLS]-reading methods use the documented
+    #: received-attention fallback)
+    vision_cls: bool = True
+    #: attention implementations the exactness suite runs the family with
+    tested_attention: tuple[str, ...] = ("sdpa", "eager")
+    #: per site name: what the family refuses or restricts there, and why (shown in the README support matrix)
+    site_limits: Mapping[str, str] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

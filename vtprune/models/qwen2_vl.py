@@ -30,6 +30,7 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
     position_axes = 3
+    vision_cls = False
     tiny_eos = "<|im_end|>"
     lmms = LmmsWrapper("vtprune_qwen2_vl", simple="lmms_eval.models.simple.qwen2_vl.Qwen2_VL", chat=None)
 

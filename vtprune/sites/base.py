@@ -54,6 +54,8 @@ class Site:
     name: str = ""
     #: how messages name the site
     title: str = ""
+    #: the ``positions`` policies the site supports (see :class:`vtprune.config.PrunerConfig`)
+    position_policies: tuple[str, ...] = ("original", "compact")
     #: whether the cache length transformers reports is the pruned one (pre-LLM) or the full one (in-LLM,
     #: where layer 0 keeps every token)
     shortens_cache: bool = True

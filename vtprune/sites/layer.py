@@ -38,6 +38,7 @@ class LayerSite(Site):
     name = "layer"
     title = "in-LLM"
     shortens_cache = False  # layer 0 keeps every token: transformers' cache length is the conversation's
+    position_policies = ("original",)
 
     def __init__(self, engine) -> None:
         super().__init__(engine)
@@ -50,7 +51,7 @@ class LayerSite(Site):
         if isinstance(config.layer, bool) or not isinstance(config.layer, int) or config.layer < 1:
             raise VTPruneError(f"layer={config.layer!r}: in-LLM pruning needs an int layer K >= 1 "
                                "(use site='pre_llm' to prune before the first layer)")
-        if config.positions == "compact":
+        if config.positions not in cls.position_policies:
             raise VTPruneError("positions='compact' is only supported with site='pre_llm': after an in-LLM prune "
                                "the layers before K have cached the original positions, so decoding could not "
                                "continue consistently")
