@@ -12,8 +12,9 @@ from .config import PrunerConfig
 from .errors import VTPruneError
 from .flops import FlopsReport, flops_from_stats, register_overhead_flops
 from .methods import (
-    DARTConfig, DivPruneConfig, FastVConfig, InformedConfig, KCenterConfig, MMRConfig, PagerankConfig, PoolConfig,
-    Pruner, RandomConfig, ScorerPruner, UniformConfig, VisionZipConfig, VTCCLSConfig, ZeroTPruneConfig, ZooConfig,
+    CDPrunerConfig, DARTConfig, DivPruneConfig, FastVConfig, InformedConfig, KCenterConfig, MMRConfig, PagerankConfig,
+    PoolConfig, Pruner, RandomConfig, ScorerPruner, UniformConfig, VisionZipConfig, VisPrunerConfig, VTCCLSConfig,
+    ZeroTPruneConfig, ZooConfig,
 )
 from .registry import list_pruners, pruner_aliases, register_pruner
 from .stats import PruneStats, SampleStats
@@ -31,8 +32,9 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig",
-    "PagerankConfig", "ScorerPruner", "VTCCLSConfig", "VisionZipConfig", "ZeroTPruneConfig", "ZooConfig",
+    "CDPrunerConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig",
+    "PagerankConfig", "ScorerPruner", "VTCCLSConfig", "VisPrunerConfig", "VisionZipConfig", "ZeroTPruneConfig",
+    "ZooConfig",
     "FlopsReport", "ImageLayout", "PoolConfig", "PruneHandle", "PruneStats", "Pruner", "PrunerConfig", "RandomConfig",
     "SampleStats", "Segment", "Selection", "UniformConfig", "VTPruneError", "VisualView", "apply",
     "flops_from_stats", "list_pruners", "pruner_aliases", "register_overhead_flops", "register_pruner",

@@ -158,12 +158,38 @@ def max_min(column: SimColumn, num_tokens: int, k: int, first: torch.Tensor | in
     return greedy(column, num_tokens, k, first, lambda maxsim: 1 - maxsim, device)
 
 
-def mmr(column: SimColumn, importance: torch.Tensor, k: int, lam: float) -> torch.Tensor:
+def greedy_blocks(column: SimColumn, first_score: torch.Tensor, k: int, score: StepScore, per_step: int
+                  ) -> torch.Tensor:
+    """:func:`greedy` taking up to ``per_step`` tokens per step: the top ``per_step`` of ``first_score``, then
+    repeatedly the top ``per_step`` unpicked tokens by ``score(maxsim)`` (the last step takes what is left of
+    k), ``maxsim`` being updated from every column of the step's picks. Ties go to the lowest index."""
+    num_tokens = first_score.numel()
+    chosen = torch.zeros(num_tokens, dtype=torch.bool, device=first_score.device)
+    picks: list[torch.Tensor] = []
+    maxsim: torch.Tensor | None = None
+    taken = 0
+    while taken < k:
+        step = first_score if maxsim is None else score(maxsim)
+        block = torch.sort(step.masked_fill(chosen, float("-inf")), descending=True, stable=True
+                           ).indices[:min(per_step, k - taken)]
+        picks.append(block)
+        chosen[block] = True
+        taken += block.numel()
+        if taken < k:
+            cols = torch.stack([column(j) for j in block]).amax(0)
+            maxsim = cols if maxsim is None else torch.maximum(maxsim, cols)
+    return torch.cat(picks)
+
+
+def mmr(column: SimColumn, importance: torch.Tensor, k: int, lam: float, per_step: int = 1) -> torch.Tensor:
     """Maximal Marginal Relevance (IDPruner): first the most important token, then
-    ``argmax λ·Imp(i) - (1-λ)·max_{j∈P} cos(i, j)``; ``importance`` is already normalised."""
+    ``argmax λ·Imp(i) - (1-λ)·max_{j∈P} cos(i, j)``; ``importance`` is already normalised. ``per_step`` > 1 takes
+    that many tokens per step (the reference's ``parallel_k``; the first step: the most important ones)."""
     imp = importance.to(torch.float32)
-    return greedy(column, imp.numel(), k, imp.argmax(), lambda maxsim: lam * imp - (1 - lam) * maxsim,
-                  imp.device)
+    step_score = lambda maxsim: lam * imp - (1 - lam) * maxsim
+    if per_step > 1:
+        return greedy_blocks(column, imp, k, step_score, per_step)
+    return greedy(column, imp.numel(), k, imp.argmax(), step_score, imp.device)
 
 
 def sads(column: SimColumn, sensitivity: torch.Tensor, k: int) -> torch.Tensor:

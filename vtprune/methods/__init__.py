@@ -2,6 +2,7 @@
 registers them all; see docs/algorithms.md for each method and :mod:`vtprune.ops` for the shared building blocks."""
 
 from .base import Pruner, ScorerPruner
+from .cdpruner import CDPrunerConfig
 from .dart import DARTConfig
 from .divprune import DivPruneConfig
 from .fastv import FastVConfig
@@ -12,12 +13,13 @@ from .pool import PoolConfig
 from .random import RandomConfig
 from .uniform import UniformConfig
 from .visionzip import VisionZipConfig
+from .vispruner import VisPrunerConfig
 from .vtc_cls import VTCCLSConfig
 from .zero_tprune import PagerankConfig, ZeroTPruneConfig
 from .zoo import ZooConfig
 
 __all__ = [
-    "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig", "PagerankConfig",
-    "PoolConfig", "Pruner", "RandomConfig", "ScorerPruner", "UniformConfig", "VTCCLSConfig", "VisionZipConfig",
-    "ZeroTPruneConfig", "ZooConfig",
+    "CDPrunerConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig",
+    "PagerankConfig", "PoolConfig", "Pruner", "RandomConfig", "ScorerPruner", "UniformConfig", "VTCCLSConfig",
+    "VisPrunerConfig", "VisionZipConfig", "ZeroTPruneConfig", "ZooConfig",
 ]

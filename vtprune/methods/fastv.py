@@ -8,19 +8,28 @@ import torch
 
 from .. import ops
 from ..capture import LLM_QK
-from ..config import PrunerConfig
+from ..config import ModeOption, PrunerConfig
 from ..registry import register_pruner
 from ..view import VisualView
 from .base import ScorerPruner
+from .divprune import RoundedReferenceCount
 
 
 @dataclass
-class FastVConfig(PrunerConfig):
-    """FastV at decoder layer K (default 2): scores come from layer K-1's attention."""
+class FastVConfig(PrunerConfig, ModeOption):
+    """FastV at decoder layer K (default 2): scores come from layer K-1's attention.
+
+    mode: ``"clean"`` keeps the exact budget (``⌊keep·V + 0.5⌋``); ``"reference"`` the Hugging Face
+    integration's ``round(V·(1-R))`` with Python's half-to-even rounding (``keep = 1-R``; 12.5 -> 12), at
+    least 1. The scores are the same in both modes."""
 
     name = "fastv"
     site: str = "layer"
     layer: int | None = None  # site="layer" fills in K = 2
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_mode()
 
 
 def last_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -38,11 +47,12 @@ def fastv_scores(view: VisualView) -> torch.Tensor:
 
 
 @register_pruner
-class FastVPruner(ScorerPruner):
+class FastVPruner(RoundedReferenceCount, ScorerPruner):
     """FastV: top-k image tokens by the last prompt token's attention in layer K-1, recomputed from that
     layer's captured post-RoPE q/k (one query row, O(H·n·d)), so SDPA/FlashAttention keep running; the
-    reference reads the eager attention map instead. Counts follow the clean budget (``keep=1-R``, or an
-    int for the reference scripts' ``ATTENTION_RANK``); kept tokens keep their original positions.
+    reference reads the eager attention map instead. Counts: ``keep=1-R`` (or an int for the reference
+    scripts' ``ATTENTION_RANK``), the exact budget in clean mode and ``round(V·(1-R))`` (half to even) in
+    reference mode; kept tokens keep their original positions.
     See docs/algorithms.md, section ``fastv``."""
 
     config_class = FastVConfig

@@ -57,8 +57,11 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
                  ``torch.save``d state dict read with ``weights_only=True``): loading never runs code from it.
     trust_scorer_code: also accept a TorchScript scorer (any architecture). Loading one runs the file's code,
                  so it must be asked for; pickled ``nn.Module`` objects are never loaded.
+    parallel_k:  tokens taken per greedy step (the reference's ``parallel_k``, default 1): the first step takes
+                 the ``parallel_k`` most important tokens, every later step the ``parallel_k`` best MMR scores,
+                 and the redundancy term is updated once per step. 1 = one pick per step.
     mode:        ``"reference"`` uses IDPruner's count rule ``k = round(ρ·V)`` (Python rounding, ≥ 1); the
-                 selection itself (fp32 cosine, one pick per step) is the same in both modes.
+                 selection itself (fp32 cosine, ``parallel_k`` picks per step) is the same in both modes.
     """
 
     name = "mmr"
@@ -66,11 +69,14 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
     lam: float = 0.5
     scorer_path: str | None = None
     trust_scorer_code: bool = False
+    parallel_k: int = 1
 
     def validate(self) -> None:
         super().validate()
         self.validate_zo()
         self.validate_mode()
+        if isinstance(self.parallel_k, bool) or not isinstance(self.parallel_k, int) or self.parallel_k < 1:
+            raise VTPruneError(f"parallel_k={self.parallel_k!r}: expected an int >= 1 (tokens per MMR step)")
         if self.importance not in IMPORTANCES:
             raise VTPruneError(f"importance={self.importance!r}: expected one of {IMPORTANCES}")
         if not is_number(self.lam) or not 0 <= self.lam <= 1:
@@ -230,7 +236,7 @@ class MMRPruner(RoundedReferenceCount, Pruner):
     def select(self, view: VisualView, k: int) -> Selection:
         imp = ops.min_max(self._importance(view).float(), eps=1e-6)
         unit = ops.unit_rows(view.features)
-        picks = ops.mmr(ops.on_demand(unit), imp, k, float(self.config.lam))
+        picks = ops.mmr(ops.on_demand(unit), imp, k, float(self.config.lam), self.config.parallel_k)
         return Selection(indices=torch.sort(picks).values)
 
     @classmethod

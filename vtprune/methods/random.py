@@ -6,17 +6,25 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import PrunerConfig
+from ..config import ModeOption, PrunerConfig
 from ..registry import register_pruner
 from ..view import VisualView
 from .base import ScorerPruner
+from .divprune import RoundedReferenceCount
 
 
 @dataclass
-class RandomConfig(PrunerConfig):
-    """Keep a seeded uniform random subset (in original order)."""
+class RandomConfig(PrunerConfig, ModeOption):
+    """Keep a seeded uniform random subset (in original order).
+
+    mode: ``"clean"`` keeps the exact budget; ``"reference"`` AngelSlim's random strategy's count
+    ``round(V·(1-r))`` with Python's half-to-even rounding (``keep = 1-r``), at least 1. The draw is the same."""
 
     name = "random"
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_mode()
 
 
 def random_scores(view: VisualView, generator: torch.Generator) -> torch.Tensor:
@@ -25,7 +33,7 @@ def random_scores(view: VisualView, generator: torch.Generator) -> torch.Tensor:
 
 
 @register_pruner
-class RandomPruner(ScorerPruner):
+class RandomPruner(RoundedReferenceCount, ScorerPruner):
     """Random scores + top-k. One draw per (seed, token count), so batching never changes the choice.
     See docs/algorithms.md, section ``random``."""
 
