@@ -71,6 +71,7 @@ class VisPrunerPruner(ops.ReadsEncoderAttention, Pruner):
     config_class = VisPrunerConfig
     sites = ("pre_llm",)
     needs = frozenset({VISION_QK, PROJECTOR})
+    reads_cls = "always"
 
     @torch.no_grad()
     def select(self, view: VisualView, k: int) -> Selection:
