@@ -124,6 +124,10 @@ class Engine:
         """Register a kwargs forward pre-hook that :meth:`remove` takes out again."""
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
 
+    def track(self, handle: Any) -> None:
+        """Have :meth:`remove` call ``handle.remove()`` too (e.g. an adapter's instance patches)."""
+        self._handles.append(handle)
+
     def _wrap_generate(self) -> None:
         """Make each ``model.generate`` call a scope for selection reuse (an instance attribute; removed)."""
         original = self.model.generate

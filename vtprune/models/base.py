@@ -154,6 +154,19 @@ class ModelAdapter:
     def attn_implementation(self) -> str:
         return self.language_model.config._attn_implementation or "eager"
 
+    def gather_lm_inputs(self, kwargs: dict[str, Any], plan: Any) -> None:
+        """Make the language model's per-token keyword inputs other than embeddings, mask and positions (e.g.
+        Qwen3-VL's DeepStack ``visual_pos_masks``/``deepstack_visual_embeds``) follow ``plan`` (a
+        :class:`vtprune.plan.KeepPlan` over this call's tokens), in place; called by the pre-LLM site after it
+        pruned the embeddings. None by default."""
+
+    def follow_layer_plan(self, layer: int, rows: Any) -> list[Any]:
+        """Install what layers >= K (``layer``) need beyond their hooked kwargs to run on pruned tokens (e.g. a wrapper of
+        a language-model method that adds per-token features between layers); ``rows()`` gives the plan of the
+        call's tokens once layer K pruned them (``None`` before, or when nothing was pruned). Returns handles
+        with ``remove()`` that the engine calls on removal. Nothing by default."""
+        return []
+
     # ---- locating images ---------------------------------------------------------------------------
     def image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """[b, L] bool mask of image placeholder tokens, from ids or (failing those) from embeddings."""

@@ -66,6 +66,9 @@ class LayerSite(Site):
         adapter = self.engine.adapter
         for i in range(self.engine.config.layer, adapter.num_layers):
             self.engine.hook_pre(adapter.layers[i], self._make_layer_pre(i))
+        rows = lambda: None if self.in_flight is None else self.in_flight.rows  # noqa: E731
+        for handle in adapter.follow_layer_plan(self.engine.config.layer, rows):
+            self.engine.track(handle)
 
     def reset(self) -> None:
         self.in_flight = None

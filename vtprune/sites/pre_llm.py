@@ -42,6 +42,7 @@ class PreLLMSite(Site):
         kept_real = call.kept_real(plan)
         engine.recorder.real = kept_real.sum(1)
         kwargs["inputs_embeds"] = plan.apply_states(call.embeds)
+        engine.adapter.gather_lm_inputs(kwargs, plan)
         kwargs["attention_mask"] = self._mask(mask, call, plan, kept_real)
         kept_pos = plan.gather(call.pos, seq_dim=-1, batch_dim=-2)
         delta = None
