@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtprune
-from conftest import GEN, batch_inputs, model
+from conftest import GEN, batch_inputs, image_for, model
 from vtprune import VTPruneError
 from vtprune.ops import pooled_grid, split_budget
 from vtprune.registry import _REGISTRY
@@ -195,6 +195,11 @@ def test_layouts_match_the_processor_grids(family, recorder):
         expected = [((4, 4, False),)] * 2
     elif family == "llava_next":  # base 4x4 view + unpadded crop grid with newline tokens
         expected = [((4, 4, False), (8, 8, True)), ((4, 4, False), (4, 8, True))]
+    elif family == "internvl":  # one 2x2 grid per view: the processor's tiles, then a thumbnail if several
+        improc = tv.processor.image_processor
+        images = [image_for(family, i) for i in (0, 1)]
+        views = [improc.get_number_of_image_patches(im.height, im.width) for im in images]
+        expected = [((2, 2, False),) * v for v in views]
     else:  # image_grid_thw // 2
         thw = inputs["image_grid_thw"].tolist()
         expected = [((h // 2, w // 2, False),) * t for t, h, w in thw]

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import VTPruneError
 from .base import ImageSpans, LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
@@ -64,14 +65,14 @@ def lmms_wrappers() -> list[LmmsWrapper]:
     return list({a.lmms.model_id: a.lmms for a in _REGISTRY.values() if a.lmms is not None}.values())
 
 
-for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter):
+for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, InternVLAdapter):
     register_family(_adapter)
 
 #: the built-in families, in registry order
 FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = [
-    "FAMILIES", "ImageSpans", "LlavaAdapter", "LlavaNextAdapter", "LmmsWrapper", "ModelAdapter", "Qwen2VLAdapter",
-    "Qwen2_5_VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class", "lmms_wrappers",
-    "register_family", "registered_families", "supported_models",
+    "FAMILIES", "ImageSpans", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LmmsWrapper", "ModelAdapter",
+    "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class",
+    "lmms_wrappers", "register_family", "registered_families", "supported_models",
 ]
