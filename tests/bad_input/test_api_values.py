@@ -45,6 +45,9 @@ BAD: dict[str, list[tuple[Any, dict[str, Any]]]] = {
     "vit_blocks": [(v, {}) for v in (5, (), (-1,), (1.5,), "ab", (True,))],
     "contextual": [(v, {}) for v in (1.0, -0.1, NAN, True, "0.1", None)],
     "start_layer": [(v, {}) for v in (1.5, "0", True, None)],
+    "parallel_k": [(v, {}) for v in (0, -1, 1.5, True, "2", None)],
+    "important": [(v, {}) for v in (1.5, -0.1, NAN, True, "0.5", None)],
+    "theta": [(v, {}) for v in (1.0, -0.1, NAN, INF, True, "0.5")],
 }
 CASES = [pytest.param(name, field, value, extra, id=f"{name}-{field}={value!r}")
          for name in PRUNERS for field in pruner_class(name).config_class.field_names()
