@@ -138,11 +138,11 @@ def lm_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, An
     return seen
 
 
-def full_positions(lm_kwargs: dict[str, Any], length: int) -> torch.Tensor:
+def full_positions(lm_kwargs: dict[str, Any], length: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[A, 1, L] positions of the full sequence (A = 1, or 3/4 rows of multimodal RoPE)."""
     pos = lm_kwargs.get("position_ids")
     if pos is None:
-        return torch.arange(length).view(1, 1, -1)
+        return torch.arange(length, device=device).view(1, 1, -1)
     return pos[None] if pos.dim() == 2 else pos
 
 
@@ -152,9 +152,16 @@ def _rotary(lm: nn.Module, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[tor
 
 
 def _layers(layers: Sequence[nn.Module], hidden: torch.Tensor, pe: tuple, cache: Any) -> torch.Tensor:
-    """Stock decoder layers in turn, causal SDPA (no mask: one unpadded row), writing the KV cache."""
+    """Stock decoder layers in turn, causal attention, writing the KV cache: no mask for SDPA and flash attention
+    (one unpadded row: their causal flag), an explicit causal mask for eager attention (which has no such flag)."""
+    mask = None
+    if any(getattr(getattr(m, "self_attn", None), "config", None) is not None
+           and m.self_attn.config._attn_implementation == "eager" for m in layers):
+        n = hidden.shape[1]
+        mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.triu(1)[None, None]
     for layer in layers:
-        hidden = layer(hidden, attention_mask=None, position_ids=None, past_key_values=cache, use_cache=True,
+        hidden = layer(hidden, attention_mask=mask, position_ids=None, past_key_values=cache, use_cache=True,
                        position_embeddings=pe)
     return hidden
 
@@ -167,12 +174,13 @@ def oracle(model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor
 
     kw = lm_inputs(model, inputs)
     embeds = kw["inputs_embeds"]
-    pos = full_positions(kw, embeds.shape[1])
+    pos = full_positions(kw, embeds.shape[1], embeds.device)
     lm = language_model(model)
     if site == "pre_llm":
         short = pos[..., keep]
         hidden = lm(inputs_embeds=embeds[:, keep], position_ids=short[0] if short.shape[0] == 1 else short,
-                    attention_mask=torch.ones(1, keep.numel(), dtype=torch.long), use_cache=True).last_hidden_state
+                    attention_mask=torch.ones(1, keep.numel(), dtype=torch.long, device=embeds.device),
+                    use_cache=True).last_hidden_state
     else:
         cache = DynamicCache(config=lm.config)
         hidden = _layers(lm.layers[:layer], embeds, _rotary(lm, embeds, pos), cache)[:, keep]
@@ -189,6 +197,7 @@ class Cell:
     site: str
     keep: float
     layer: int
+    pruner: str = PRUNER
     tokens: int = 0  # full prompt length
     kept: int = 0  # rows the LLM (from layer K on) processes
     visual: tuple[int, int] = (0, 0)
@@ -219,7 +228,8 @@ class Cell:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly record."""
-        return {"family": self.family, "site": self.site, "layer": self.layer if self.site == "layer" else None,
+        return {"family": self.family, "pruner": self.pruner, "site": self.site,
+                "layer": self.layer if self.site == "layer" else None,
                 "keep": self.keep, "tokens": self.tokens, "kept": self.kept, "visual_before": self.visual[0],
                 "visual_after": self.visual[1], "max_abs_diff": self.max_abs_diff,
                 "pruned_ms": 1e3 * median(self.pruned_s), "oracle_ms": 1e3 * median(self.oracle_s),
@@ -240,11 +250,11 @@ def pruned_logits(model: nn.Module, inputs: dict[str, torch.Tensor], last_only: 
 
 
 @torch.inference_mode()
-def check(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> None:
-    """Run the pruned prefill once, recording each image's selection; build the kept sequence rows from it; the
-    pruned logits must equal the oracle's on those rows (else :class:`OracleMismatch`)."""
+def kept_rows(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> torch.Tensor:
+    """Run the pruned prefill once, recording each image's selection; store the kept sequence rows built from it
+    (and the token counts) in ``cell``; return the pruned logits at every position."""
     chosen: list[tuple[int, torch.Tensor]] = []
-    with vtprune.apply(model, PRUNER, **cell.options) as handle:
+    with vtprune.apply(model, cell.pruner, **cell.options) as handle:
         select = handle.pruner.select
 
         def spy(view: Any, k: int) -> Any:
@@ -264,6 +274,14 @@ def check(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> None
     cell.keep_index = kept.nonzero().flatten()
     cell.tokens, cell.kept = ids.numel(), cell.keep_index.numel()
     cell.visual = (image.numel(), sum(idx.numel() for _, idx in chosen))
+    return logits
+
+
+@torch.inference_mode()
+def check(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> None:
+    """:func:`kept_rows`, then the pruned logits must equal the oracle's on those rows (else
+    :class:`OracleMismatch`)."""
+    logits = kept_rows(model, inputs, cell)
     expected = oracle(model, inputs, cell.keep_index, cell.site, cell.layer, last_only=False)
     try:
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
@@ -272,10 +290,18 @@ def check(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> None
     cell.max_abs_diff = float((logits - expected).abs().max())
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work (nothing to wait for on CPU, whose kernels are synchronous)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _seconds(fn: Callable[..., Any], *args: Any) -> float:
-    """Wall time of one call (CPU kernels are synchronous)."""
+    """Wall time of one call, queued GPU work included."""
+    _sync()
     start = time.perf_counter()
     fn(*args)
+    _sync()
     return time.perf_counter() - start
 
 
@@ -288,7 +314,7 @@ def time_cells(model: nn.Module, inputs: dict[str, torch.Tensor], cells: list[Ce
             sides = ("pruned", "oracle") if i % 2 == 0 else ("oracle", "pruned")
             for side in sides:
                 if side == "pruned":
-                    with vtprune.apply(model, PRUNER, **cell.options):
+                    with vtprune.apply(model, cell.pruner, **cell.options):
                         t = _seconds(pruned_logits, model, inputs, True)
                 else:
                     t = _seconds(oracle, model, inputs, cell.keep_index, cell.site, cell.layer, True)
@@ -342,7 +368,7 @@ def profile_hooks(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell,
     """``runs`` pruned prefills (untimed as a whole) with the time spent inside each of vtprune's hooks
     recorded into ``cell.hooks_s``: the engine's own work (selection, gathers, position and mask rebuilding)."""
     known = _hook_keys(model)
-    with vtprune.apply(model, PRUNER, **cell.options), timed_hooks(model, known) as spent:
+    with vtprune.apply(model, cell.pruner, **cell.options), timed_hooks(model, known) as spent:
         for _ in range(runs):
             spent.clear()
             pruned_logits(model, inputs, True)

@@ -10,6 +10,7 @@ on image content.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -296,10 +297,13 @@ def _prefill(model: nn.Module, inputs: dict[str, Any], r: SettingResult, timer: 
 
 
 def run_bench(model: nn.Module, inputs: dict[str, Any], settings: Sequence[Setting], *, repeats: int = 5,
-              warmup: int = 1, new_tokens: int = 0, progress: bool = True) -> BenchResult:
+              warmup: int = 1, new_tokens: int = 0, progress: bool = True, deadline: float | None = None
+              ) -> BenchResult:
     """Time every setting ``warmup + repeats`` times, interleaved (one pass over all settings per repeat), so that
     machine-load drift hits every setting alike; then one untimed pass measures peak memory. With ``new_tokens``,
-    every timed prefill is followed by a timed ``generate``. The first setting must be the unpruned baseline."""
+    every timed prefill is followed by a timed ``generate``. The first setting must be the unpruned baseline.
+    ``deadline`` (a ``time.monotonic()`` value): no further pass starts once the last one's duration would end
+    past it; at least one timed pass always runs (``args["passes"]`` says how many did)."""
     from tqdm.auto import tqdm
 
     if repeats < 1 or warmup < 0 or new_tokens < 0:
@@ -308,8 +312,12 @@ def run_bench(model: nn.Module, inputs: dict[str, Any], settings: Sequence[Setti
         raise VTPruneError("the first setting must be the unpruned baseline (Setting(None))")
     timer = Timer(next(model.parameters()).device)
     results = [SettingResult(s) for s in settings]
+    passes, last = 0, 0.0
     with tqdm(total=(warmup + repeats + 1) * len(results), desc="bench", disable=not progress, leave=False) as bar:
         for i in range(warmup + repeats):
+            if deadline is not None and i > warmup and time.monotonic() + last > deadline:
+                break
+            started = time.monotonic()
             for r in results:
                 sample, selection = _prefill(model, inputs, r, timer, False, new_tokens)
                 if new_tokens:
@@ -321,10 +329,11 @@ def run_bench(model: nn.Module, inputs: dict[str, Any], settings: Sequence[Setti
                     if new_tokens:
                         r.generate.append(gen)
                 bar.update()
+            passes, last = passes + (i >= warmup), time.monotonic() - started
         for r in results:
             r.peak_bytes = _prefill(model, inputs, r, timer, True, new_tokens)[0].peak_bytes
             bar.update()
-    return BenchResult(results=results, env=environment(model))
+    return BenchResult(results=results, env=environment(model), args={"passes": passes})
 
 
 __all__ = [
