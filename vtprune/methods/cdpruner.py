@@ -98,7 +98,8 @@ def dpp_greedy_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor | None =
 @register_pruner
 class CDPrunerPruner(Pruner):
     """CDPruner: conditional DPP over the view's states. Similarity ``S`` = cosine of the view's states in
-    float32 (pre-LLM: the projector outputs, as the reference); relevance = mean cosine of each token to the
+    float32 (pre-LLM: the projector outputs, as the reference; reference mode normalises them in their own dtype
+    first, as the reference does); relevance = mean cosine of each token to the
     sample's text token states (:func:`instruction_relevance`); kernel ``L = diag(w)·S·diag(w)``
     (:func:`conditional_kernel`); greedy MAP (:func:`dpp_greedy_map`) keeps k tokens, in original order.
 
@@ -115,7 +116,9 @@ class CDPrunerPruner(Pruner):
         reference = self.config.reference
         theta = self.config.theta if self.config.theta is not None or reference else 0.5
         relevance = instruction_relevance(view.features, view.text, reference)
-        kernel = conditional_kernel(ops.unit_rows(view.features), relevance, theta)
+        # the reference normalises in the model's dtype, then builds the kernel in float32
+        unit = ops.unit_rows(view.features, view.features.dtype if reference else torch.float32).float()
+        kernel = conditional_kernel(unit, relevance, theta)
         picks = dpp_greedy_map(kernel, k, fallback=None if reference else relevance)
         return Selection(indices=torch.sort(picks).values)
 
