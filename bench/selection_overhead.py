@@ -107,9 +107,13 @@ def recorded_view(model: nn.Module, inputs: dict, name: str, options: dict) -> t
     return pruner, view, first
 
 
-def measure(model: nn.Module, inputs: dict, repeats: int, settings: list[tuple[str, str, dict]]) -> dict:
-    """Selection medians per setting and keep, with the unpruned prefill times."""
-    whole, llm = prefill_times(model, inputs, repeats)
+def measure(model: nn.Module, inputs: dict, repeats: int, settings: list[tuple[str, str, dict]],
+            llm_scale: float = 1.0) -> dict:
+    """Selection medians per setting and keep, with the unpruned prefill times. ``llm_scale`` multiplies the
+    measured LLM prefill: for a model built with fewer decoder layers than the one it stands for, real layers ÷
+    built layers (``llm_prefill_s`` is then the scaled time, ``llm_measured_s`` the measured one)."""
+    whole, measured = prefill_times(model, inputs, repeats)
+    llm = measured * llm_scale
     rows = []
     for label, name, options in settings:
         try:
@@ -126,8 +130,19 @@ def measure(model: nn.Module, inputs: dict, repeats: int, settings: list[tuple[s
         rows.append(row)
         print(f"  {label:16s} " + "  ".join(f"keep={keep}: {100 * row[keep] / llm:.3f} %" for keep in KEEPS),
               flush=True)
-    return {"prefill_s": whole, "llm_prefill_s": llm, "visual": int((inputs["input_ids"] ==
-            model.config.image_token_id).sum()), "tokens": inputs["input_ids"].shape[1], "rows": rows}
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    return {"prefill_s": whole, "llm_prefill_s": llm, "llm_measured_s": measured, "llm_scale": llm_scale,
+            "visual": visual, "tokens": inputs["input_ids"].shape[1], "rows": rows}
+
+
+def settings_for(methods: str | None) -> list[tuple[str, str, dict]]:
+    """(label, pruner, options) of each method in the comma-separated ``methods`` (default: every registered one)
+    at its defaults, plus the :data:`VARIANTS` of those methods; each checked now, before any model is built."""
+    names = methods.split(",") if methods else vtprune.list_pruners()
+    settings = [(n, n, {}) for n in names] + [v for v in VARIANTS if v[1] in names]
+    for _, name, options in settings:
+        make_config(name, keep=KEEPS[0], **options)  # fail fast on a bad setting
+    return settings
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -157,10 +172,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = args.methods.split(",") if args.methods else vtprune.list_pruners()
-    settings = [(n, n, {}) for n in names] + [v for v in VARIANTS if v[1] in names]
-    for _, name, options in settings:
-        make_config(name, keep=KEEPS[0], **options)  # fail fast on a bad setting
+    settings = settings_for(args.methods)
     results, env = {}, None
     for kind, size in (("llava", None), ("llava_next", (672, 672))):
         model = build(kind, args.model)
