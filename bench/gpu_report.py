@@ -47,13 +47,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: its sibling scripts
-import engine_overhead as eo  # noqa: E402
+import engine_overhead as eo
 
-from vtprune.benchmark import Setting, build_model, resolve_model, run_bench, synthetic_inputs  # noqa: E402
-from vtprune.errors import VTPruneError  # noqa: E402
-from vtprune.measure import _cpu_name, median  # noqa: E402
-from vtprune.models import family_class  # noqa: E402
-from vtprune.registry import make_config, pruner_class  # noqa: E402
+from vtprune.benchmark import Setting, build_model, resolve_model, run_bench, synthetic_inputs
+from vtprune.errors import VTPruneError
+from vtprune.measure import _cpu_name, median
+from vtprune.models import family_class
+from vtprune.registry import make_config, pruner_class
 
 METHODS = ("random", "dart", "fastv", "divprune", "zoo")
 LAYER = 2  # K of the in-LLM methods (DART, FastV): their default
@@ -143,7 +143,7 @@ def environment_record(device: str, dtype: torch.dtype) -> dict[str, Any]:
                     "cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}}
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip() or None
+                                           capture_output=True, text=True, timeout=20, check=False).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
     return env
@@ -384,16 +384,16 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: environment, then per model × kernel the timing table, the oracle table and the
     keep-all table."""
     env, meta = report["env"], report["meta"]
-    lines = [f"# vtprune GPU report {meta['date']}{' (DRY RUN: tiny CPU models, not a measurement)' if meta['dry_run'] else ''}",
-             "",
-             f"{env.get('gpu', env['device'])}, driver {env.get('driver', 'n/a')}, torch {env['torch']} "
-             f"(CUDA {env['torch_cuda']}, cuDNN {env.get('cudnn', 'n/a')}), transformers {env['transformers']}, "
-             f"flash_attn {env['flash_attn'] or 'not installed'}, Python {env['python']}; {env['dtype']}; "
-             f"{env['torch_threads']} torch thread(s) (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), "
-             f"{env['cpu_count']} CPU cores ({env['cpu']}); vtprune at {env['commit']}.",
-             f"Medians of {meta['repeats']} timed passes after {meta['warmup']} warm-up (fewer where a note says so), "
-             f"all settings interleaved; decode = greedy generate of {meta['new_tokens']} tokens. Budget "
-             f"{meta['budget_s']:.0f} s, used {meta['elapsed_s']:.0f} s; complete: {meta['complete']}.", ""]
+    dry = " (DRY RUN: tiny CPU models, not a measurement)" if meta["dry_run"] else ""
+    machine = (f"{env.get('gpu', env['device'])}, driver {env.get('driver', 'n/a')}, torch {env['torch']} "
+               f"(CUDA {env['torch_cuda']}, cuDNN {env.get('cudnn', 'n/a')}), transformers {env['transformers']}, "
+               f"flash_attn {env['flash_attn'] or 'not installed'}, Python {env['python']}; {env['dtype']}; "
+               f"{env['torch_threads']} torch thread(s) (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), "
+               f"{env['cpu_count']} CPU cores ({env['cpu']}); vtprune at {env['commit']}.")
+    method = (f"Medians of {meta['repeats']} timed passes after {meta['warmup']} warm-up (fewer where a note says "
+              f"so), all settings interleaved; decode = greedy generate of {meta['new_tokens']} tokens. Budget "
+              f"{meta['budget_s']:.0f} s, used {meta['elapsed_s']:.0f} s; complete: {meta['complete']}.")
+    lines = [f"# vtprune GPU report {meta['date']}{dry}", "", machine, method, ""]
     for note in report["notes"]:
         lines.append(f"* {note}")
     for m in report["models"]:
@@ -416,8 +416,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _timing_table(k: dict[str, Any]) -> list[str]:
-    lines = ["| setting | visual | prefill ms | speedup | TTFT ms | decode tok/s | selection ms | peak MiB "
-             "| KV MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| setting | visual | prefill ms | speedup | TTFT ms | decode tok/s | selection ms | peak MiB "
+              "| KV MiB |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in k["settings"]:
         lines.append(f"| {r['label']} | {r['visual_after']} / {r['visual_before']} | {r['prefill_ms']:.1f} "
                      f"| {r['speedup']:.2f}× | {_f(r.get('ttft_ms'), '.1f')} "
@@ -427,8 +427,8 @@ def _timing_table(k: dict[str, Any]) -> list[str]:
 
 
 def _oracle_table(k: dict[str, Any]) -> list[str]:
-    lines = ["| method | keep | site | LLM rows kept / full | max abs Δ vs oracle (max abs logit) | bit-identical "
-             "| pruned ms | oracle ms | oracle ratio (paired) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| method | keep | site | LLM rows kept / full | max abs Δ vs oracle (max abs logit) | bit-identical "
+              "| pruned ms | oracle ms | oracle ratio (paired) |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in k["oracle"]:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['keep']} | error: {r['error'][:120]} |||||||")
@@ -475,11 +475,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: the plumbing, in seconds")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/gpu-DATE)")
-    parser.add_argument("--budget-s", type=float, default=None, help="global time budget (default 420; dry 120)")
+    parser.add_argument("--budget-s", type=float, default=None, help="global time budget (default 420; dry 600)")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(m.name for m in MODELS))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=None, help="timed passes (default 5; dry 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up passes (default 2; dry 0)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up passes (default 1; dry 0)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decode length (default 16; dry 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; dry 1)")
     parser.add_argument("--device", default=None, help="default cuda (dry: cpu)")
@@ -494,12 +494,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     methods = [m for m in args.methods.split(",") if m]
     for name in methods:
         pruner_class(name)  # fail fast on an unknown method
-    opts = Options(methods=methods, repeats=args.repeats or (2 if dry else 5), warmup=(0 if dry else 2) if args.warmup is None
-                   else args.warmup, new_tokens=args.new_tokens or (2 if dry else 16),
-                   min_block_s=0.0 if dry else 15.0, build_s=0.0 if dry else 20.0)
+    warmup = (0 if dry else 1) if args.warmup is None else args.warmup
+    opts = Options(methods=methods, repeats=args.repeats or (2 if dry else 5), warmup=warmup,
+                   new_tokens=args.new_tokens or (2 if dry else 16), min_block_s=0.0 if dry else 15.0,
+                   build_s=0.0 if dry else 20.0)
     if opts.repeats < 1 or opts.warmup < 0 or opts.new_tokens < 1:
         raise SystemExit("need --repeats >= 1, --warmup >= 0, --new-tokens >= 1")
-    budget = Budget(args.budget_s if args.budget_s is not None else (120.0 if dry else 420.0))
+    budget = Budget(args.budget_s if args.budget_s is not None else (600.0 if dry else 420.0))
     names = args.models.split(",") if args.models else [m.name for m in MODELS]
     unknown = set(names) - {m.name for m in MODELS}
     if unknown:

@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: its sibling scripts
-import selection_overhead as so  # noqa: E402
+import selection_overhead as so
 
-from vtprune.benchmark import build_model, resolve_model, synthetic_inputs  # noqa: E402
-from vtprune.measure import environment  # noqa: E402
+from vtprune.benchmark import build_model, resolve_model, synthetic_inputs
+from vtprune.measure import environment
 
 BUILT_LAYERS = 3  # decoder layers built: K = 2 for FastV/DART, and the layer they prune at
 VISION_LAYERS = 2
