@@ -3,32 +3,21 @@ family × site × keep. Only the plumbing: timings are never asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_scripts import bench_script
 
 from vtprune.testing import FAMILIES
-
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "engine_overhead.py"
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    """The bench script, imported from its file (``bench/`` is not a package); registered while the tests run,
-    as its dataclasses need their module in ``sys.modules``."""
-    spec = importlib.util.spec_from_file_location("engine_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    """The script, imported from its file."""
+    with bench_script("engine_overhead") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_tiny_run_checks_and_reports_every_cell(bench, tmp_path, capsys):

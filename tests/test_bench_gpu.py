@@ -3,32 +3,23 @@ every exactness field computed. Only the plumbing: timings are never asserted.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_scripts import bench_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_report.py"
 MODELS = "llava-next-7b,qwen2.5-vl-7b"
 METHODS = "random,dart"  # one pre-LLM and one in-LLM method keep the test cheap; the GPU run takes all five
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    """The script, imported from its file (``bench/`` is not a package; it imports its sibling
-    ``engine_overhead``, whose dataclasses need their module in ``sys.modules``)."""
-    spec = importlib.util.spec_from_file_location("gpu_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    """The script, imported from its file."""
+    with bench_script("gpu_report") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")

@@ -3,34 +3,24 @@ plumbing on the tiny models. Timings are never asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 import transformers
+from bench_scripts import bench_script
 
 from vtprune.benchmark import load_config, synthetic_inputs
 from vtprune.models import family_class
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "selection_overhead_real.py"
-
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    """The script, imported from its file (``bench/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("selection_overhead_real", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    """The script, imported from its file."""
+    with bench_script("selection_overhead_real") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 @pytest.mark.parametrize("case, visual", [(0, 576), (1, 2928), (2, 576), (3, 2880)])
