@@ -70,6 +70,10 @@ MID_SIZE: dict[str, tuple[dict[str, Any], tuple[int, int] | None]] = {
                                       "intermediate_size": 1024, "num_heads": 4, "window_size": 112,
                                       "fullatt_block_indexes": [1]}},
                    (672, 672)),
+    "internvl": ({"image_seq_length": 64, "vision_config": {"image_size": 224, "hidden_size": 256,
+                                                            "intermediate_size": 1024, "num_hidden_layers": 1,
+                                                            "num_attention_heads": 4}},
+                 (448, 896)),  # 4 x 2 tiles of 224 px + thumbnail, 16 x 16 patches shuffled to 8 x 8: 576 tokens
 }
 TINY_IMAGE = (112, 56)
 ATOL = RTOL = 1e-5

@@ -48,6 +48,7 @@ def tiny_vlm(family: str, attn_implementation: str = "sdpa", seed: int = 0, num_
     torch.manual_seed(seed)
     config, proc = adapter.tiny_parts(num_layers)
     model = adapter.model_class()(config)
+    adapter.tiny_weights(model)
     tok = proc.tokenizer
     model.eval()
     model.set_attn_implementation(attn_implementation)

@@ -287,6 +287,11 @@ class ModelAdapter:
         raise VTPruneError(f"family {cls.family!r} has no tiny model")
 
     @classmethod
+    def tiny_weights(cls, model: nn.Module) -> None:
+        """Adjust a freshly built tiny random-weight model in place (default: nothing), e.g. draw parameters that
+        the family's own init leaves at zero, so that signals read from them are not degenerate."""
+
+    @classmethod
     def synthetic_image(cls, config: Any, size: tuple[int, int] | None, generator: torch.Generator
                         ) -> SyntheticImage:
         """One random image for the prefill benchmark; ``size`` (H, W) where the family's token count depends

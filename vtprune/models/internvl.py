@@ -241,6 +241,16 @@ class InternVLAdapter(ModelAdapter):
         return config, proc
 
     @classmethod
+    def tiny_weights(cls, model: nn.Module) -> None:
+        """InternViT initialises its [CLS] token and absolute position embeddings to zero: draw them, so that the
+        tiny tower's [CLS] query and positions are not degenerate (a zero [CLS] attends uniformly)."""
+        emb = model.model.vision_tower.embeddings
+        with torch.no_grad():
+            for p in (emb.cls_token, emb.position_embeddings):
+                if p is not None:
+                    p.normal_(std=1.0)
+
+    @classmethod
     def synthetic_image(cls, config: Any, size: tuple[int, int] | None, generator: torch.Generator
                         ) -> SyntheticImage:
         """The tiles (+ thumbnail) of an image of ``size`` (H, W; default 2x2 tiles, i.e. 5 views) as the image
