@@ -49,5 +49,11 @@ if [ "$left" -lt 60 ] && [ "$dry" = 0 ]; then
   exit 3
 fi
 echo "[gpu.sh] installed in $(( $(date +%s) - start )) s; running the report with a ${left} s budget -> $out" >&2
-HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false "$py" bench/gpu_report.py --budget-s "$left" --out "$out" "$@"
-echo "[gpu.sh] done in $(( $(date +%s) - start )) s: $out/report.md" >&2
+# a hard stop 10 s past the budget: the report is rewritten after every block, so a stopped run still leaves one
+# (its "complete" is false); the budget guard inside should never let it come to that
+rc=0
+HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false timeout -k 5 $(( left + 10 )) \
+  "$py" bench/gpu_report.py --budget-s "$left" --out "$out" "$@" || rc=$?
+[ "$rc" = 124 ] && echo "[gpu.sh] stopped at the hard limit: $out holds the blocks finished before it" >&2
+echo "[gpu.sh] done in $(( $(date +%s) - start )) s (exit $rc): $out/report.md" >&2
+exit "$rc"

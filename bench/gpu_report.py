@@ -142,8 +142,9 @@ def environment_record(device: str, dtype: torch.dtype) -> dict[str, Any]:
                     "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                     "cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}}
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20, check=False).stdout.strip() or None
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=False)
+            env["driver"] = smi.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
     return env
@@ -241,10 +242,14 @@ def oracle_check(model: nn.Module, inputs: dict[str, Any], cell: eo.Cell) -> dic
 
 # ---- the time budget -------------------------------------------------------------------------------------
 class Budget:
-    """A global deadline, shared out evenly over the blocks still to run."""
+    """A global deadline, shared out evenly over the blocks still to run; counted from now, or from this
+    process's start (``process=True``: the imports count too, as when run from the command line)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.start = time.monotonic()
+    def __init__(self, seconds: float, process: bool = False) -> None:
+        import psutil
+
+        since = max(0.0, time.time() - psutil.Process().create_time()) if process else 0.0
+        self.start = time.monotonic() - since
         self.deadline = self.start + seconds
 
     def left(self) -> float:
@@ -500,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    build_s=0.0 if dry else 20.0)
     if opts.repeats < 1 or opts.warmup < 0 or opts.new_tokens < 1:
         raise SystemExit("need --repeats >= 1, --warmup >= 0, --new-tokens >= 1")
-    budget = Budget(args.budget_s if args.budget_s is not None else (600.0 if dry else 420.0))
+    budget = Budget(args.budget_s if args.budget_s is not None else (600.0 if dry else 420.0), process=argv is None)
     names = args.models.split(",") if args.models else [m.name for m in MODELS]
     unknown = set(names) - {m.name for m in MODELS}
     if unknown:
