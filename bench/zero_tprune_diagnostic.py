@@ -27,8 +27,8 @@ the functions vtprune itself runs (``weighted_pagerank``, ``informative_heads``,
 (d) **Similarity stage** at keep 0.25 / 0.11: share of the S-stage's removals that are object / target tokens,
     and the S-stage's share of all object / target tokens the full method removes.
 
-Writes ``<out>.json`` (aggregates only) and ``<out>.md`` (tables). CPU, one thread is enough (about a minute per
-testbed at N = 200):
+Writes ``<out>.json`` (aggregates only) and ``<out>.md`` (tables). CPU, one thread (about 30 s of CPU per testbed
+at N = 200; 3 min wall-clock for both on the shared 2-core machine):
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/zero_tprune_diagnostic.py --n 200 --seed 0 \\
         --out bench/results/zero_tprune_diagnostic
@@ -41,12 +41,11 @@ import gzip
 import json
 import math
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -86,7 +85,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ROOT / "eval" / "testbed" / "checkpoints"
 KEEPS = (0.25, 0.11)
 TOP_SHARE = 0.05  # "top 5 % of nodes"
-CONVERGED = dict(iters=50, tol=1e-6)  # docs/algorithms.md: "to convergence"
+CONVERGED = {"iters": 50, "tol": 1e-6}  # docs/algorithms.md: "to convergence"
 
 
 # ---- data and views ------------------------------------------------------------------------------------------
@@ -109,7 +108,7 @@ class _Probe(ZeroTPrunePruner):
 
     config_class = _ProbeConfig
     aliases = ()
-    seen: list[tuple[VisualView, torch.Tensor]] = []
+    seen: ClassVar[list[tuple[VisualView, torch.Tensor]]] = []
 
     def vision_layers(self, full_attention_layers: list[int], num_layers: int) -> list[int]:
         return list(range(num_layers))
@@ -232,10 +231,11 @@ def score_variants(view: VisualView) -> tuple[dict[str, torch.Tensor], torch.Ten
     variants: dict[str, torch.Tensor] = {}
     starts = (("[CLS] init", True), ("uniform init", False)) if has_cls else (("uniform init", False),)
     for start, cls_init in starts:
-        for iters_name, it in (("1 it", dict(iters=1, tol=0.0)), ("converged", CONVERGED)):
+        for iters_name, it in (("1 it", {"iters": 1, "tol": 0.0}), ("converged", CONVERGED)):
             for filt in (True, False):
                 name = f"wpr {iters_name}, {'filter' if filt else 'no filter'}, {start}"
-                variants[name] = pooled(graphs, size, lambda g: i_stage(g, it["iters"], it["tol"], filt, cls_init))
+                variants[name] = pooled(graphs, size, lambda g, it=it, filt=filt, cls_init=cls_init:
+                                        i_stage(g, it["iters"], it["tol"], filt, cls_init))
     if has_cls:
         variants["[CLS] attention (read layer)"] = pooled(
             graphs, size, lambda g: attention_rows(g.query[:, :1], g.key, g.scaling)[:, 0].mean(0))
@@ -394,18 +394,18 @@ def _heads(values: list[float], pct: bool = False) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Zero-TPrune diagnostic on the testbeds\n",
+    lines = ["# Zero-TPrune diagnostic on the testbeds\n",
              f"Command: `{report['command']}`\n",
              "Per-image means over the held-out questions; per-head values are listed head 0 / 1 / ... ."]
     for fam in report["families"]:
         r = report["families"][fam]
-        lines += [f"\n## {fam} (n = {r['n']}, {r['nodes']} graph nodes{' incl. [CLS]' if r['has_cls'] else ''}, "
+        lines += [(f"\n## {fam} (n = {r['n']}, {r['nodes']} graph nodes{' incl. [CLS]' if r['has_cls'] else ''}, "
                   f"{r['visual_tokens']} visual tokens, read layer {r['read_layer']} of "
                   f"{len(r['encoder_layers'])}; the recomputed default selection equals the pruner's for "
-                  f"{r['selections_equal_to_the_pruner']})\n",
+                  f"{r['selections_equal_to_the_pruner']})\n"),
                   "### (b) scores vs object tokens at the read layer\n",
-                  "AUC: objects (priority >= 1) / targets (priority 2). At each keep: mean priority of the kept tokens, "
-                  "% of object tokens kept, % of target tokens kept.\n",
+                  ("AUC: objects (priority >= 1) / targets (priority 2). At each keep: mean priority of the kept tokens, "
+                  "% of object tokens kept, % of target tokens kept.\n"),
                   "| method | AUC obj | AUC tgt | " + " | ".join(
                       f"prio@{k} | obj kept@{k} | tgt kept@{k}" for k in KEEPS) + " |",
                   "|---|---|---|" + "---|---|---|" * len(KEEPS)]
@@ -416,9 +416,9 @@ def markdown(report: dict[str, Any]) -> str:
                           _f(m[f"target_recall@{k}"], True)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["\n### (a) concentration of received attention, per layer (per head)\n",
-                  "| layer | entropy (1 = uniform) | top-5 % mass | top-1 mass | [CLS] mass | object share of top 5 % "
+                  ("| layer | entropy (1 = uniform) | top-5 % mass | top-1 mass | [CLS] mass | object share of top 5 % "
                   "(all patches) | received-attn AUC obj | bg queries -> bg keys (bg key share) | "
-                  "obj queries -> obj keys (obj key share) |",
+                  "obj queries -> obj keys (obj key share) |"),
                   "|---|---|---|---|---|---|---|---|---|"]
         for layer, c in r["concentration"].items():
             lines.append(
@@ -429,8 +429,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_heads(c['obj_vote_on_obj'])} ({_f(c['obj_key_share'][0])}) |")
         lo, hi = r["head_variance_bounds"]
         lines += [f"\n### (c) head filter (bounds [{lo}, {hi}] on 1-iteration scores rescaled to mean 1)\n",
-                  "| layer | variance p10 / p50 / p90 per head | pass rate per head | heads passing (mean) | "
-                  "none pass (all used) | object AUC per head | AUC passing / rejected |",
+                  ("| layer | variance p10 / p50 / p90 per head | pass rate per head | heads passing (mean) | "
+                  "none pass (all used) | object AUC per head | AUC passing / rejected |"),
                   "|---|---|---|---|---|---|---|"]
         for layer, h in r["heads"].items():
             q = h["variance_quantiles_per_head"]
@@ -441,10 +441,10 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_f(h['auc_objects_passing'])} / {_f(h['auc_objects_rejected'])} |")
         s = r["similarity"]
         lines += ["\n### (d) similarity stage (default zero_tprune)\n",
-                  f"Object tokens are {_f(s['object_token_share'], True)} % and target tokens "
-                  f"{_f(s['target_token_share'], True)} % of all tokens.\n",
-                  "| keep | S removes | of which objects % | of which targets % | total removed | "
-                  "S's share of lost objects % | S's share of lost targets % |",
+                  (f"Object tokens are {_f(s['object_token_share'], True)} % and target tokens "
+                  f"{_f(s['target_token_share'], True)} % of all tokens.\n"),
+                  ("| keep | S removes | of which objects % | of which targets % | total removed | "
+                  "S's share of lost objects % | S's share of lost targets % |"),
                   "|---|---|---|---|---|---|---|"]
         for k in KEEPS:
             lines.append(f"| {k} | {s[f's_removed_count@{k}']:.1f} | {_f(s[f's_removed_object_share@{k}'], True)} | "
