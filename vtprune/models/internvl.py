@@ -35,6 +35,7 @@ from ..capture import InputCapture, ProjectorInput, VisionQK
 from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork, tiny_text_config, tiny_tokenizer
+from .llava import LlavaAdapter
 
 #: the tiny InternVL models' chat template (``<|im_start|>`` turns, one ``<IMG_CONTEXT>`` per image, which the
 #: processor expands to ``<img>`` + the image's context tokens + ``</img>``)
@@ -198,9 +199,9 @@ class InternVLAdapter(ModelAdapter):
     # ---- family level: FLOPs, tiny model, benchmark image -----------------------------------------------
     @classmethod
     def vision_work(cls, config: Any, inputs: Mapping[str, Any]) -> VisionWork:
-        """Every view the tower encodes (tiles and thumbnails of all images, video frames)."""
-        pixels = inputs.get("pixel_values")
-        return VisionWork() if pixels is None else VisionWork(views=int(pixels.shape[0]))
+        """Every view the tower encodes (tiles and thumbnails of all images, video frames): one per
+        ``pixel_values`` entry, as for LLaVA."""
+        return LlavaAdapter.vision_work(config, inputs)
 
     @classmethod
     def vision_flops(cls, config: Any, work: VisionWork) -> dict[str, int]:
