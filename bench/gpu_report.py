@@ -49,6 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: its sibling scripts
 import engine_overhead as eo
 
+import vtprune
 from vtprune.benchmark import Setting, build_model, resolve_model, run_bench, synthetic_inputs
 from vtprune.errors import VTPruneError
 from vtprune.measure import _cpu_name, median
@@ -170,12 +171,15 @@ def build(spec: ModelSpec, dry_run: bool, device: str, dtype: torch.dtype) -> tu
 
 def image_size(spec: ModelSpec, config: Any, dry_run: bool) -> tuple[int, int] | None:
     """(H, W) of the synthetic image: Qwen-style towers (patches merged) 24 × 24 merged patches (4 × 2 in the dry
-    run), the spec's size otherwise (the dry run: engine_overhead's tiny image)."""
+    run); a single fixed-size view (LLaVA-1.5) its size; the spec's size otherwise (the dry run: engine_overhead's
+    tiny image)."""
     vc = config.vision_config
     merge = getattr(vc, "spatial_merge_size", None)
     if merge:
         unit = vc.patch_size * merge
         return (4 * unit, 2 * unit) if dry_run else (24 * unit, 24 * unit)
+    if getattr(config, "image_grid_pinpoints", None) is None:  # one fixed-size view (LLaVA-1.5): what it encodes
+        return (vc.image_size, vc.image_size)
     return eo.TINY_IMAGE if dry_run else spec.image
 
 
@@ -213,8 +217,6 @@ def keep_all(model: nn.Module, inputs: dict[str, Any], reference: torch.Tensor, 
     for name, keep in [(m, KEEP_ALL) for m in methods] + [(methods[0], 1.0)]:
         row: dict[str, Any] = {"method": name, "keep": keep}
         try:
-            import vtprune
-
             options = method_options(name, KEEP_ALL) | {"keep": keep}
             with vtprune.apply(model, name, **options):
                 row |= compare(all_logits(model, inputs), reference)
@@ -225,10 +227,13 @@ def keep_all(model: nn.Module, inputs: dict[str, Any], reference: torch.Tensor, 
 
 
 def oracle_check(model: nn.Module, inputs: dict[str, Any], cell: eo.Cell) -> dict[str, Any]:
-    """The pruned logits against the short-input oracle's (not asserted: bf16 GPU kernels may differ)."""
+    """The pruned logits against the short-input oracle's (not asserted: bf16 GPU kernels may differ); and a short
+    pruned ``generate``, so that a method failing on the decode path fails here, not in the timing."""
     row: dict[str, Any] = {"method": cell.pruner, "keep": cell.keep, "site": cell.site,
                            "layer": cell.layer if cell.site == "layer" else None}
     logits = eo.kept_rows(model, inputs, cell)
+    with vtprune.apply(model, cell.pruner, **cell.options):  # the decode path too, before it is timed
+        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     row |= {"tokens": cell.tokens, "kept": cell.kept, "visual_before": cell.visual[0],
             "visual_after": cell.visual[1]}
     try:
