@@ -411,7 +411,8 @@ def markdown(report: dict[str, Any]) -> str:
         if m["status"] != "ok":
             lines.append(f"{m['status']}")
             continue
-        lines.append(f"{m['params'] / 1e9:.2f} B parameters ({m['weights_bytes'] / 2 ** 30:.1f} GiB), prompt "
+        size = f"{m['params'] / 1e9:.2f} B" if m["params"] >= 1e8 else f"{m['params'] / 1e6:.2f} M"
+        lines.append(f"{size} parameters ({m['weights_bytes'] / 2 ** 30:.2f} GiB), prompt "
                      f"{m['prompt_tokens']} tokens of which {m['visual_tokens']} visual, image {m['image_size']}, "
                      f"built in {m['build_s']:.0f} s.")
         for k in m["kernels"]:
