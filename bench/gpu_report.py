@@ -333,7 +333,8 @@ def _oracle_timing(model: nn.Module, inputs: dict[str, Any], cells: list[tuple[e
         out["notes"].append(f"time budget: oracle ratio from {1 + max(more, 0)} of {opts.repeats} passes")
     for cell, row in cells:
         row |= {"pruned_ms": 1e3 * median(cell.pruned_s), "oracle_ms": 1e3 * median(cell.oracle_s),
-                "ratio": cell.ratio, "paired_ratio": cell.paired_ratio, "oracle_passes": len(cell.oracle_s)}
+                "ratio": cell.ratio, "paired_ratio": cell.paired_ratio, "oracle_passes": len(cell.oracle_s),
+                "pruned_ms_all": [1e3 * t for t in cell.pruned_s], "oracle_ms_all": [1e3 * t for t in cell.oracle_s]}
 
 
 def run_model(rec: dict[str, Any], spec: ModelSpec, kernels: Sequence[str], device: str, dtype: torch.dtype,
