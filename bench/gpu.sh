@@ -5,7 +5,7 @@
 # bench/results/gpu-<UTC date>/report.json and report.md.
 #
 #   bash bench/gpu.sh                 # the GPU run
-#   bash bench/gpu.sh --dry-run       # tiny models on the CPU, the same code path and report format, in seconds
+#   bash bench/gpu.sh --dry-run       # tiny models on the CPU: the same code path and report format, ~1-2 min
 #   VTPRUNE_GPU_BUDGET_S=600 bash bench/gpu.sh --models llava-next-7b   # extra options go to gpu_report.py
 #
 # Environment: VTPRUNE_GPU_BUDGET_S (total seconds, default 480), VTPRUNE_GPU_FLASH=0 (do not try to install
