@@ -195,6 +195,8 @@ def test_layouts_match_the_processor_grids(family, recorder):
         expected = [((4, 4, False),)] * 2
     elif family == "llava_next":  # base 4x4 view + unpadded crop grid with newline tokens
         expected = [((4, 4, False), (8, 8, True)), ((4, 4, False), (4, 8, True))]
+    elif family == "llava_onevision":  # base view + unpadded crop grid (2x2 views: resized 8x8 -> 5x5), newlines
+        expected = [((4, 4, False), (5, 5, True)), ((4, 4, False), (4, 8, True))]
     elif family == "internvl":  # one 2x2 grid per view: the processor's tiles, then a thumbnail if several
         improc = tv.processor.image_processor
         images = [image_for(family, i) for i in (0, 1)]

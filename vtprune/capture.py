@@ -68,13 +68,16 @@ class ProjectorInput:
 
     inputs [V, g, d_v]: the g encoder features feeding each visual token (g = 1 for LLaVA, 4 for a 2x2
     merge); valid [V]: tokens that have projector inputs (LLaVA-NeXT newline tokens do not);
-    project: maps [n, g, d_v] -> [n, D], exactly as the model does.
+    project: maps [n, g, d_v] -> [n, D], exactly as the model does; exact [V]: the valid tokens whose
+    re-projection is the model's visual token itself (``None``: all of them; LLaVA-OneVision's anyres-max
+    resized tokens blend several patches after the projector, and their input is their nearest source's).
     """
 
     inputs: torch.Tensor
     valid: torch.Tensor
     project: Callable[[torch.Tensor], torch.Tensor]
     mlp: "MLPProjector | None" = None
+    exact: torch.Tensor | None = None
 
 
 @dataclass

@@ -135,6 +135,7 @@ class Engine:
         @functools.wraps(original)
         def generate(*args: Any, **kwargs: Any) -> Any:
             _decode_eagerly(kwargs)
+            self.adapter.observe_generate(kwargs)
             self._memo, self._in_generate, self._refeed = None, True, None
             cache = kwargs.get("past_key_values")
             ledger = ledger_of(cache)

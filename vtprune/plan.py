@@ -131,9 +131,11 @@ class KeepPlan:
         """[b, L] token labels -> the kept slots' labels, ``ignore_index`` on padding slots."""
         return self.gather(labels, seq_dim=1).masked_fill(~self.valid, ignore_index)
 
-    def causal_mask(self, q_len: int, extra: int, like: str, dtype: torch.dtype) -> torch.Tensor:
+    def causal_mask(self, q_len: int, extra: int, like: str, dtype: torch.dtype, width: int | None = None
+                    ) -> torch.Tensor:
         """Build a [b, 1, q, Lk+extra] mask from scratch (when the model passed none): causal over the
-        kept slots (prefill) or all-visible (decode), with invalid slots masked."""
+        kept slots (prefill) or all-visible (decode), with invalid slots masked. ``width`` (static caches, whose
+        keys span the whole cache): that many key columns, those past ``Lk+extra`` masked."""
         b, lk = self.valid.shape
         dev = self.valid.device
         kv = lk + extra
@@ -142,6 +144,8 @@ class KeepPlan:
         allowed = (torch.arange(kv, device=dev)[None, :] <= qpos)[None, None] & col_ok[:, None, None, :]
         if extra == 0 and q_len == lk:
             allowed = _self_only_rows(allowed, self.valid)
+        if width is not None and width > kv:
+            allowed = torch.cat([allowed, allowed.new_zeros(*allowed.shape[:3], width - kv)], 3)
         return to_mask_kind(allowed, like, dtype)
 
 

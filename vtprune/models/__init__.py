@@ -14,6 +14,7 @@ from .base import ImageSpans, LmmsWrapper, ModelAdapter, SyntheticImage, VisionW
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -65,14 +66,15 @@ def lmms_wrappers() -> list[LmmsWrapper]:
     return list({a.lmms.model_id: a.lmms for a in _REGISTRY.values() if a.lmms is not None}.values())
 
 
-for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, InternVLAdapter):
+for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, InternVLAdapter,
+                 LlavaOnevisionAdapter):
     register_family(_adapter)
 
 #: the built-in families, in registry order
 FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = [
-    "FAMILIES", "ImageSpans", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LmmsWrapper", "ModelAdapter",
+    "FAMILIES", "ImageSpans", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "LmmsWrapper", "ModelAdapter",
     "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class",
     "lmms_wrappers", "register_family", "registered_families", "supported_models",
 ]

@@ -167,6 +167,11 @@ class ModelAdapter:
         with ``remove()`` that the engine calls on removal. Nothing by default."""
         return []
 
+    def observe_generate(self, kwargs: dict[str, Any]) -> None:
+        """See the keyword inputs of a ``model.generate`` call before it runs. ``generate`` encodes the images itself
+        before its first forward, so inputs only the encoder reads (e.g. image sizes) reach the adapter only here.
+        No-op by default."""
+
     # ---- locating images ---------------------------------------------------------------------------
     def image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """[b, L] bool mask of image placeholder tokens, from ids or (failing those) from embeddings."""

@@ -143,4 +143,7 @@ class LayerSite(Site):
             return torch.cat([cols.valid.long(), ones], 1)
         q = state.rows.length if state.rows is not None else kwargs["position_embeddings"][0].shape[-2]
         dtype = next(self.engine.adapter.language_model.parameters()).dtype
-        return cols.causal_mask(q, state.extra, "additive" if impl == "eager" else "bool", dtype)
+        cache = kwargs.get("past_key_values")
+        # a static cache's keys span its whole length, the unused slots masked
+        width = cache.get_mask_sizes(q, self.engine.config.layer)[0] if state.static and cache is not None else None
+        return cols.causal_mask(q, state.extra, "additive" if impl == "eager" else "bool", dtype, width)

@@ -60,6 +60,8 @@ class PreLLMSite(Site):
     def _mask(mask: Any, call: ImageCall, plan: KeepPlan, kept_real: torch.Tensor) -> Any:
         """The call's mask over the cache after pruning (keys by slot, queries by this call's kept tokens)."""
         cols = call.cols(plan)
+        if isinstance(mask, dict) and all(m is None for m in mask.values()):
+            mask = None  # ``generate``'s static-cache masks of a batch without padding: the model builds them
         if mask is None:
             real = call.cache_real(kept_real)
             return None if bool(real.all()) else real.long()
