@@ -21,7 +21,7 @@ A global time budget (``--budget-s``) is split evenly over the (model, kernel) b
 reserved; a block that cannot fit is skipped with a note, a block that runs short of time stops its repeats
 early (``passes`` records how many ran), and the report is rewritten after every block, so a run killed from
 outside still leaves one. ``--dry-run``: the tiny models of ``vtprune.testing.tiny_vlm`` on the CPU, SDPA and
-eager as the two kernels, the same code path and report format, in seconds (``tests/test_bench_gpu.py``).
+eager as the two kernels, the same code path and report format, in a minute or two (``tests/test_bench_gpu.py``).
 
     python bench/gpu_report.py --budget-s 420 --out bench/results/gpu-DATE     # on the GPU machine (gpu.sh)
     python bench/gpu_report.py --dry-run --out /tmp/gpu-dry                     # plumbing, CPU
@@ -485,7 +485,7 @@ def write(out: Path, report: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse options, run every model that can run, write the report; returns it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: the plumbing, in seconds")
+    parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: the plumbing")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/gpu-DATE)")
     parser.add_argument("--budget-s", type=float, default=None, help="global time budget (default 420; dry 600)")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(m.name for m in MODELS))
