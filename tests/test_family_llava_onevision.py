@@ -6,12 +6,18 @@ has a negative control that fails when the family-specific step is left out."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import model
 
 import vtprune
+from vtprune import benchmark as B
 from vtprune import flops as F
 from vtprune.capture import InputCapture
 from vtprune.errors import VTPruneError
@@ -21,6 +27,7 @@ from vtprune.models.llava_onevision import anyres_geometry, image_geometries, ne
 from vtprune.testing import random_image
 
 FAMILY = "llava_onevision"
+REPO = Path(__file__).resolve().parent.parent
 #: (width, height): 2x2 views resized 8x8 -> 5x5; 1x2 and 2x1 views; one view; very elongated both ways; a 2x2
 #: grid unpadded to 6x8 and resized to 4x6
 SIZES = [(112, 112), (112, 56), (56, 112), (56, 56), (200, 30), (30, 200), (150, 110)]
@@ -194,16 +201,64 @@ def test_video_tokens_are_not_image_tokens():
     assert F.vision_work(tv.model, inputs).views == 3 + 2
 
 
+# ---- benchmark config, saved checkpoints, lmms-eval ---------------------------------------------------------
+def test_real_config_and_synthetic_inputs():
+    cfg = B.load_config(B.resolve_model("llava-onevision-7b"))
+    dims = F.LLMDims.from_config(cfg)
+    assert (dims.layers, dims.hidden, dims.kv_heads, dims.intermediate) == (28, 3584, 4, 18944)
+    assert (cfg.vision_config.image_size, cfg.vision_config.num_hidden_layers, cfg.vision_aspect_ratio) == (
+        384, 26, "anyres_max_9")
+    inputs = B.synthetic_inputs(cfg)  # default: 2x2 views of 384 px, 27x27 patches each
+    assert inputs["pixel_values"].shape[:2] == (1, 5)
+    assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == 729 + 54 * 55
+    big = anyres_geometry(cfg, [2304, 2304])  # 6x6 views: 162x162 crop grid resized by anyres_max_9 to 81x81
+    assert big.resized and big.views == 37 and tuple(big.canvas.shape) == (81, 81) and big.tokens == 729 + 81 * 82
+    work = F.vision_work(cfg, inputs)
+    assert work.views == 5 and F.vision_flops(cfg, work)["projector"] == 5 * 2 * 729 * (1152 * 3584 + 3584 * 3584)
+
+
 def test_saved_checkpoint_loads_and_prunes(tmp_path):
-    from vtprune.benchmark import build_model
+    from transformers import AutoProcessor
 
     tv = model(FAMILY)
     tv.model.save_pretrained(tmp_path)
-    loaded = build_model(str(tmp_path))
-    inputs = _inputs(tv, [random_image(0, (112, 112))])
+    tv.processor.save_pretrained(tmp_path)
+    loaded = B.build_model(str(tmp_path))
+    processor = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    prompt = tv.prompt("how many")
+    inputs = dict(processor(text=[prompt], images=[[random_image(0, (112, 112))]], return_tensors="pt"))
+    assert torch.equal(inputs["input_ids"], _inputs(tv, [random_image(0, (112, 112))], "how many")["input_ids"])
     with torch.no_grad():
         with vtprune.apply(loaded, "visionzip", keep=0.25):
             got = loaded(**inputs).logits
         with vtprune.apply(tv.model, "visionzip", keep=0.25):
             want = tv.model(**inputs).logits
     torch.testing.assert_close(got, want)
+
+
+def test_lmms_eval_cli_runs_the_pruned_wrapper(tmp_path):
+    """The stock lmms-eval CLI (through a sweep on the lmms_eval backend) runs ``vtprune_llava_hf`` on a saved tiny
+    OneVision model: lmms-eval's llava_hf classes load ``LlavaOnevisionForConditionalGeneration``."""
+    pytest.importorskip("lmms_eval")
+    import yaml
+
+    from vtprune.harness.store import ResultsStore
+
+    config = {"name": "ov", "backend": "lmms_eval", "models": [{"tiny": FAMILY}],
+              "pruners": [{"name": "uniform", "keep": 4}], "tasks": [{"synthetic": "shapes", "size": 2}],
+              "generation": {"max_new_tokens": 2}}
+    path = tmp_path / "ov.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "vtprune.cli", "sweep", str(path), "--out", str(out), "--no-progress",
+                           "--no-leaderboard"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    base, pruned = ResultsStore(out / "results.jsonl").records()
+    for record, after in ((base, 46), (pruned, 4)):  # the shapes task's images: 2x2 views, resized 8x8 -> 5x5
+        assert record["status"] == "ok", record.get("error")
+        results = json.loads((out / record["lmms_eval"]["results_file"]).read_text())
+        assert results["config"]["model"] == "vtprune_llava_hf"
+        throughput = results["throughput"]
+        assert throughput["avg_vtprune_visual_before"] == 46 and throughput["avg_vtprune_visual_after"] == after
+    assert pruned["lmms_eval"]["command"].startswith("lmms-eval --model vtprune_llava_hf --model_args pretrained=")
