@@ -100,6 +100,41 @@ def test_images_are_placeholder_runs_not_tiles():
         assert handle.stats.samples[0].images == [(20, 10), (12, 6)]
 
 
+def test_video_frames_are_one_view_images(probe):
+    """Frames share the image placeholder id (``Frame{i}: <img>...</img>``): each is a one-view image, in the
+    order the processor stacked the views (the image's tiles first, then the frames)."""
+    import numpy as np
+
+    tv = model(FAMILY)
+    video = np.random.default_rng(0).integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)
+    prompt = "<|im_start|> user <IMG_CONTEXT> <video> describe <|im_end|> <|im_start|> assistant"
+    inputs = dict(tv.processor(text=[prompt], images=[[random_image(0, (112, 56))]], videos=[video],
+                               return_tensors="pt"))
+    assert inputs["pixel_values"].shape[0] == 3 + 4
+    lm = {}
+    hook = tv.model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: lm.update(embeds=k["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad(), vtprune.apply(tv.model, "_ivl_probe", keep=0.5) as handle:
+            tv.model(**inputs)
+            assert handle.stats.samples[0].images == [(12, 6)] + [(4, 2)] * 4
+    finally:
+        hook.remove()
+    assert [len(v.extras["vision_qk"][0]) for v in probe.views] == [3, 1, 1, 1, 1]
+    assert F.vision_work(tv.model, inputs).views == 7
+    feats = lm["embeds"][0, inputs["input_ids"][0] == tv.model.config.image_token_id]
+    start = 0
+    for view in probe.views:
+        p = view.extras["projector"]
+        with torch.no_grad():
+            torch.testing.assert_close(p.project(p.inputs), feats[start:start + view.num_tokens], atol=1e-6, rtol=1e-5)
+        start += view.num_tokens
+    # negative control: frames are distinct views (reading another frame's projector inputs is wrong)
+    a, b = probe.views[1].extras["projector"], probe.views[2].extras["projector"]
+    with torch.no_grad():
+        assert not torch.allclose(a.project(b.inputs), feats[12:16], atol=1e-3)
+
+
 # ---- vision attention: [CLS], q/k norms, per view --------------------------------------------------------
 def test_vision_qk_is_the_towers_attention_view_by_view(probe):
     tv = model(FAMILY)
@@ -267,6 +302,25 @@ def test_saved_checkpoint_loads_and_prunes(tmp_path):
     torch.testing.assert_close(got, want)
 
 
+def test_bench_cli_runs_saved_and_random_weight_models(tmp_path, capsys):
+    """``vtprune bench`` on a saved InternVL folder and, with ``--random-weights``, on a config file (its synthetic
+    image: 2x2 tiles + thumbnail)."""
+    from vtprune.cli import main
+
+    tv = model(FAMILY)
+    tv.model.save_pretrained(tmp_path / "saved")
+    config = tmp_path / "tiny-internvl.json"
+    config.write_text(json.dumps(tv.model.config.to_dict()))
+    common = ["--keep", "0.25", "--repeats", "1", "--warmup", "0", "--no-progress"]
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(config), "--random-weights", "--pruners", "visionzip", *common,
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["visual_before"], r["visual_after"]) for r in rows] == [(20, 20), (20, 5)]
+    assert main(["bench", "--model", str(tmp_path / "saved"), *common]) == 0
+    capsys.readouterr()
+
+
 def test_lmms_eval_cli_runs_the_pruned_internvl_wrapper(tmp_path):
     """The stock lmms-eval CLI (through a sweep on the lmms_eval backend) runs ``vtprune_internvl_hf``: lmms-eval's
     InternVL-HF chat wrapper with the pruner installed."""
@@ -283,7 +337,8 @@ def test_lmms_eval_cli_runs_the_pruned_internvl_wrapper(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "vtprune.cli", "sweep", str(path), "--out", str(out), "--no-progress",
-                           "--no-leaderboard"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                           "--no-leaderboard"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     base, pruned = ResultsStore(out / "results.jsonl").records()
     for record, after in ((base, None), (pruned, 4)):
