@@ -41,7 +41,7 @@ from torch import nn
 import vtprune
 from vtprune.benchmark import synthetic_inputs
 from vtprune.measure import environment, median
-from vtprune.testing import FAMILIES, tiny_vlm
+from vtprune.testing import FAMILIES, shortened_lm_inputs, tiny_vlm
 
 KEEPS = (0.5, 0.25, 0.11)
 SITES = ("pre_llm", "layer")
@@ -74,6 +74,11 @@ MID_SIZE: dict[str, tuple[dict[str, Any], tuple[int, int] | None]] = {
                                                             "intermediate_size": 1024, "num_hidden_layers": 1,
                                                             "num_attention_heads": 4}},
                  (448, 896)),  # 4 x 2 tiles of 224 px + thumbnail, 16 x 16 patches shuffled to 8 x 8: 576 tokens
+    "qwen3_vl": ({"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [12, 10, 10], "mrope_interleaved": True}},
+                  "vision_config": {"depth": 3, "hidden_size": 256, "out_hidden_size": 1024, "intermediate_size": 1024,
+                                    "num_heads": 4, "deepstack_visual_indexes": [0, 1, 2]}},
+                 (672, 672)),  # 576 visual tokens; DeepStack after decoder layers 0-2 (K=2 inside them)
 }
 TINY_IMAGE = (112, 56)
 ATOL = RTOL = 1e-5
@@ -155,18 +160,24 @@ def _rotary(lm: nn.Module, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[tor
     return lm.rotary_emb(hidden, pos[0] if pos.shape[0] == 1 else pos[-3:])
 
 
-def _layers(layers: Sequence[nn.Module], hidden: torch.Tensor, pe: tuple, cache: Any) -> torch.Tensor:
+def _layers(layers: Sequence[nn.Module], hidden: torch.Tensor, pe: tuple, cache: Any, lm: nn.Module | None = None,
+            first: int = 0, deepstack: dict[str, Any] | None = None) -> torch.Tensor:
     """Stock decoder layers in turn, causal attention, writing the KV cache: no mask for SDPA and flash attention
-    (one unpadded row: their causal flag), an explicit causal mask for eager attention (which has no such flag)."""
+    (one unpadded row: their causal flag), an explicit causal mask for eager attention (which has no such flag).
+    ``deepstack``: the LM's DeepStack inputs for these rows, level j added after layer j as the LM does (``first``:
+    the index of ``layers[0]``)."""
     mask = None
     if any(getattr(getattr(m, "self_attn", None), "config", None) is not None
            and m.self_attn.config._attn_implementation == "eager" for m in layers):
         n = hidden.shape[1]
         mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
         mask = mask.triu(1)[None, None]
-    for layer in layers:
+    levels = (deepstack or {}).get("deepstack_visual_embeds") or []
+    for i, layer in enumerate(layers, first):
         hidden = layer(hidden, attention_mask=mask, position_ids=None, past_key_values=cache, use_cache=True,
                        position_embeddings=pe)
+        if i < len(levels):
+            hidden = lm._deepstack_process(hidden, deepstack["visual_pos_masks"], levels[i])
     return hidden
 
 
@@ -184,11 +195,14 @@ def oracle(model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor
         short = pos[..., keep]
         hidden = lm(inputs_embeds=embeds[:, keep], position_ids=short[0] if short.shape[0] == 1 else short,
                     attention_mask=torch.ones(1, keep.numel(), dtype=torch.long, device=embeds.device),
-                    use_cache=True).last_hidden_state
+                    use_cache=True, **shortened_lm_inputs(kw, keep)).last_hidden_state
     else:
         cache = DynamicCache(config=lm.config)
-        hidden = _layers(lm.layers[:layer], embeds, _rotary(lm, embeds, pos), cache)[:, keep]
-        hidden = lm.norm(_layers(lm.layers[layer:], hidden, _rotary(lm, hidden, pos[..., keep]), cache))
+        every = torch.arange(embeds.shape[1], device=embeds.device)
+        hidden = _layers(lm.layers[:layer], embeds, _rotary(lm, embeds, pos), cache, lm, 0,
+                         shortened_lm_inputs(kw, every))[:, keep]
+        hidden = lm.norm(_layers(lm.layers[layer:], hidden, _rotary(lm, hidden, pos[..., keep]), cache, lm, layer,
+                                 shortened_lm_inputs(kw, keep)))
     return model.lm_head(hidden[:, -1:] if last_only else hidden)
 
 

@@ -12,7 +12,7 @@ import torch
 import vtprune
 from conftest import ATTN, batch_inputs, model
 from vtprune.ops import lattice
-from vtprune.testing import FAMILIES
+from vtprune.testing import FAMILIES, shortened_lm_inputs
 
 
 def _capture(module: torch.nn.Module, run) -> tuple[tuple, dict]:
@@ -52,9 +52,10 @@ def _full_positions(tv, lm_kwargs, length: int) -> torch.Tensor:
     return pos[None] if pos.dim() == 2 else pos
 
 
-def _lm_logits(tv, embeds, pos, mask) -> torch.Tensor:
+def _lm_logits(tv, embeds, pos, mask, extras=None) -> torch.Tensor:
     pos = pos[0] if pos.shape[0] == 1 else pos
-    hidden = tv.model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).last_hidden_state
+    hidden = tv.model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
+                                           **(extras or {})).last_hidden_state
     return tv.model.lm_head(hidden)
 
 
@@ -68,8 +69,9 @@ def test_pre_llm_matches_manual_reference(family, attn):
     keep = _uniform_keep(tv, inputs, 0.4)
     pos = _full_positions(tv, lm_kw, embeds.shape[1])
     ones = torch.ones(1, keep.numel(), dtype=torch.long)
-    original = _lm_logits(tv, embeds[:, keep], pos[..., keep], ones)
-    compact = _lm_logits(tv, embeds[:, keep], torch.arange(keep.numel()).expand(pos.shape[0], 1, -1), ones)
+    extras = shortened_lm_inputs(lm_kw, keep)
+    original = _lm_logits(tv, embeds[:, keep], pos[..., keep], ones, extras)
+    compact = _lm_logits(tv, embeds[:, keep], torch.arange(keep.numel()).expand(pos.shape[0], 1, -1), ones, extras)
     with vtprune.apply(tv.model, "uniform", keep=0.4, positions="original"):
         hooked_original = tv.model(**inputs).logits
     with vtprune.apply(tv.model, "uniform", keep=0.4, positions="compact"):
@@ -79,7 +81,7 @@ def test_pre_llm_matches_manual_reference(family, attn):
     assert (original - compact).abs().max() > 1e-3  # negative control: the policies are distinguishable
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_kept_positions_are_full_sequence_mrope(family):
     """Kept tokens carry exactly get_rope_index(full sequence)[..., kept]."""
     tv = model(family)
@@ -110,13 +112,17 @@ def test_layer_site_matches_manual_reference(family, attn):
     n = keep.numel()
     causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
     mask = causal if attn == "sdpa" else torch.zeros(1, 1, n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
+    deepstack = shortened_lm_inputs(lm_kw, keep)  # DeepStack levels still to add after layers K.. (Qwen3-VL)
+    levels = deepstack.get("deepstack_visual_embeds", [])
 
     def run_tail(positions: torch.Tensor) -> torch.Tensor:
         h = hidden_k[:, keep]
         rope_pos = positions[0] if positions.shape[0] == 1 else positions[-3:]
         pe = lm.rotary_emb(h, rope_pos)
-        for layer in lm.layers[K:]:
+        for i, layer in enumerate(lm.layers[K:], K):
             h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=None)
+            if i < len(levels):
+                h = lm._deepstack_process(h, deepstack["visual_pos_masks"], levels[i])
         return tv.model.lm_head(lm.norm(h))
 
     reference = run_tail(pos[..., keep])

@@ -72,8 +72,10 @@ def load_config(path: Path) -> Any:
     except (OSError, json.JSONDecodeError) as e:
         raise VTPruneError(f"cannot read a model config from {file}: {e}") from e
     kind = data.pop("model_type", None)
-    if kind not in FAMILIES:
-        raise VTPruneError(f"{file}: model_type={kind!r} is not supported; expected one of {sorted(FAMILIES)}")
+    try:
+        family_class(kind)  # a family's name, or the model_type of another class it serves (MoE variants)
+    except VTPruneError:
+        raise VTPruneError(f"{file}: model_type={kind!r} is not supported; expected one of {sorted(FAMILIES)}") from None
     return AutoConfig.for_model(kind, **data)
 
 
@@ -84,7 +86,7 @@ def build_model(spec: str, *, random_weights: bool = False, dtype: str = "float3
         raise VTPruneError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     path = resolve_model(spec)
     config = load_config(path)
-    cls = family_class(config.model_type).model_class()
+    cls = family_class(config.model_type).model_class(config)
     if random_weights:
         _check_fits(cls, config, DTYPES[dtype], device)
         torch.manual_seed(seed)

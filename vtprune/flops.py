@@ -97,6 +97,28 @@ class LLMDims:
         return 2 * self.heads * self.head_dim * n * (n + 1) if causal else self.attention(n, n)
 
 
+def layer_cost(model_or_config: Any, causal: bool = False) -> Callable[[int, int, int], tuple[int, int]]:
+    """``cost(layer, queries, keys) -> (llm_linear, llm_attention)`` FLOPs of one decoder layer for ``queries`` new
+    tokens of one sequence whose cache holds ``keys`` after them (``keys == queries``: a prefill). The family's
+    ``ModelAdapter.llm_layer_flops`` describes its layers (linear attention, gated queries, MoE); families without
+    one, and bare decoder configs, get the LLaMA/Qwen2 formula of :class:`LLMDims`."""
+    cfg = _config_of(model_or_config)
+    dims = LLMDims.from_config(cfg)
+    try:
+        family = family_class(getattr(cfg, "model_type", None))
+    except VTPruneError:
+        family = None
+    per_token = dims.linear_per_token()
+
+    def cost(layer: int, queries: int, keys: int) -> tuple[int, int]:
+        own = None if family is None else family.llm_layer_flops(cfg, layer, queries, keys, causal)
+        if own is not None:
+            return own
+        mixing = dims.prefill_attention(queries, causal) if queries == keys else dims.attention(queries, keys)
+        return per_token * queries, mixing
+    return cost
+
+
 def fastv_layer_flops(n: int, d: int, m: int) -> int:
     """FastV's per-layer cost ``4nd² + 2n²d + 2ndm`` (multiply-accumulates, two-matrix FFN)."""
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
@@ -231,17 +253,19 @@ def count_flops(model_or_config: Any, layer_seq_lens: Sequence[Sequence[int]], *
     parts = dict.fromkeys(PREFILL_PARTS, 0)
     if vision is not None:
         parts.update(vision_flops(model_or_config, vision))
-    lin = dims.linear_per_token()
+    cost = layer_cost(model_or_config, causal)
     for lens in layer_seq_lens:
-        parts["llm_linear"] += lin * sum(lens)
-        parts["llm_attention"] += sum(dims.prefill_attention(n, causal) for n in lens)
+        for layer, n in enumerate(lens):
+            linear, mixing = cost(layer, n, n)
+            parts["llm_linear"] += linear
+            parts["llm_attention"] += mixing
         logit_rows = lens[-1] if logits_to_keep == 0 else min(logits_to_keep, lens[-1])
         parts["lm_head"] += 2 * dims.hidden * dims.vocab * logit_rows
     batch = len(layer_seq_lens)
     decode = []
     for t in range(1, decode_steps + 1):
-        attention = sum(dims.attention(1, n + t) for lens in layer_seq_lens for n in lens)
-        decode.append(dict(zip(DECODE_PARTS, (lin * dims.layers * batch, attention,
+        steps = [cost(layer, 1, n + t) for lens in layer_seq_lens for layer, n in enumerate(lens)]
+        decode.append(dict(zip(DECODE_PARTS, (sum(s[0] for s in steps), sum(s[1] for s in steps),
                                               2 * dims.hidden * dims.vocab * batch))))
     real = layer_seq_lens if fastv_lens is None else fastv_lens
     fastv = sum(fastv_flops(model_or_config, lens) for lens in real)
@@ -294,14 +318,21 @@ def flops_unpruned(model_or_config: Any, inputs: Mapping[str, Any], *, decode_st
 # ---- measuring ----------------------------------------------------------------------------------------
 def flop_counter(display: bool = False) -> torch.utils.flop_counter.FlopCounterMode:
     """A ``FlopCounterMode`` that also counts PyTorch's CPU flash-attention kernel (not registered upstream, so
-    SDPA on CPU would otherwise count as zero); same formula as the CUDA SDPA kernels (full ``s_q × s_k``)."""
+    SDPA on CPU would otherwise count as zero); same formula as the CUDA SDPA kernels (full ``s_q × s_k``). It also
+    counts ``torch._grouped_mm`` (transformers' default MoE experts kernel, likewise unregistered): 2·K per output
+    element, i.e. each token through the experts it was routed to."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     def cpu_sdpa(q_shape, k_shape, v_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
         return sdpa_flop_count(q_shape, k_shape, v_shape)
 
+    def grouped_mm(a_shape, b_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        """Each output row is one row of ``a`` times one group's matrix (MoE experts as routed)."""
+        return 2 * a_shape[-1] * int(torch.Size(out_shape).numel())
+
     return FlopCounterMode(display=display,
-                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa})
+                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+                                           torch.ops.aten._grouped_mm: grouped_mm})
 
 
 def measured_flops(fn: Callable[[], Any]) -> int:
@@ -314,6 +345,6 @@ def measured_flops(fn: Callable[[], Any]) -> int:
 
 __all__ = [
     "DECODE_PARTS", "PREFILL_PARTS", "FlopsReport", "LLMDims", "VisionWork", "count_flops", "fastv_flops",
-    "fastv_layer_flops", "flop_counter", "flops_from_stats", "flops_unpruned", "measured_flops",
+    "fastv_layer_flops", "flop_counter", "flops_from_stats", "flops_unpruned", "layer_cost", "measured_flops",
     "pruner_overhead_flops", "register_overhead_flops", "vision_flops", "vision_work",
 ]

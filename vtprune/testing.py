@@ -63,4 +63,16 @@ def tiny_vlm(family: str, attn_implementation: str = "sdpa", seed: int = 0, num_
     return TinyVLM(model=model, processor=proc, family=family)
 
 
-__all__ = ["FAMILIES", "TinyVLM", "random_image", "tiny_vlm"]
+def shortened_lm_inputs(lm_kwargs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    """The language model's per-token keyword inputs other than embeddings, mask and positions, shortened by hand to
+    the kept sequence indices ``keep`` of a one-row call (for references built from stock modules): DeepStack's
+    ``visual_pos_masks`` keeps the kept columns and each of its ``deepstack_visual_embeds`` levels the rows of the
+    kept visual tokens (Qwen3-VL). Empty when the call has none."""
+    mask, levels = lm_kwargs.get("visual_pos_masks"), lm_kwargs.get("deepstack_visual_embeds")
+    if mask is None or levels is None:
+        return {}
+    rows = (mask.long().cumsum(1) - 1)[:, keep][mask[:, keep]]
+    return {"visual_pos_masks": mask[:, keep], "deepstack_visual_embeds": [e[rows] for e in levels]}
+
+
+__all__ = ["FAMILIES", "TinyVLM", "random_image", "shortened_lm_inputs", "tiny_vlm"]

@@ -13,7 +13,7 @@ import torch
 import vtprune
 from conftest import ATTN, SITES, batch_inputs, model
 from test_core_reference import _capture, _full_positions, _lm_logits, _uniform_keep
-from vtprune.testing import FAMILIES
+from vtprune.testing import FAMILIES, shortened_lm_inputs
 
 CASES = [(f, a, s) for f in FAMILIES for a in ATTN for s in SITES]
 IDS = [f"{f}-{a}-{s['site']}" for f, a, s in CASES]
@@ -145,7 +145,8 @@ def test_labels_follow_the_pruned_sequence(family, attn):
     embeds = lm_kw["inputs_embeds"]
     keep = _uniform_keep(tv, inputs, 0.4)
     pos = _full_positions(tv, lm_kw, embeds.shape[1])
-    logits = _lm_logits(tv, embeds[:, keep], pos[..., keep], torch.ones(1, keep.numel(), dtype=torch.long))
+    logits = _lm_logits(tv, embeds[:, keep], pos[..., keep], torch.ones(1, keep.numel(), dtype=torch.long),
+                        shortened_lm_inputs(lm_kw, keep))
     kept_labels = labels[:, keep]
     expected = torch.nn.functional.cross_entropy(logits[0, :-1].float(), kept_labels[0, 1:])
     full_loss = tv.model(**inputs, labels=labels).loss

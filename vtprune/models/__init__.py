@@ -17,6 +17,7 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
 
@@ -31,11 +32,18 @@ def register_family(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def family_class(family: str) -> type[ModelAdapter]:
-    """The adapter class of ``family`` (a registered name, which is also the config's ``model_type``)."""
-    try:
+    """The adapter class of ``family`` (a registered name, which is also the config's ``model_type``), or of the
+    family one of whose ``model_classes`` has that ``model_type`` (e.g. an MoE variant served by the same adapter)."""
+    if family in _REGISTRY:
         return _REGISTRY[family]
-    except KeyError:
-        raise VTPruneError(f"unknown model family {family!r}; registered: {', '.join(_REGISTRY)}") from None
+    import transformers
+
+    for adapter in _REGISTRY.values():
+        for name in adapter.model_classes[1:]:
+            config_class = getattr(getattr(transformers, name, None), "config_class", None)
+            if family is not None and getattr(config_class, "model_type", None) == family:
+                return adapter
+    raise VTPruneError(f"unknown model family {family!r}; registered: {', '.join(_REGISTRY)}")
 
 
 def registered_families() -> list[str]:
@@ -67,7 +75,7 @@ def lmms_wrappers() -> list[LmmsWrapper]:
 
 
 for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, InternVLAdapter,
-                 LlavaOnevisionAdapter):
+                 LlavaOnevisionAdapter, Qwen3VLAdapter):
     register_family(_adapter)
 
 #: the built-in families, in registry order
@@ -75,6 +83,6 @@ FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = [
     "FAMILIES", "ImageSpans", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "LmmsWrapper", "ModelAdapter",
-    "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class",
+    "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class",
     "lmms_wrappers", "register_family", "registered_families", "supported_models",
 ]

@@ -270,11 +270,14 @@ class ModelAdapter:
 
     # ---- family-level (a config suffices) --------------------------------------------------------------
     @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        """The transformers class that :meth:`tiny_parts` configs and bench configs are built with."""
+    def model_class(cls, config: Any = None) -> type[nn.Module]:
+        """The transformers class that :meth:`tiny_parts` configs and bench configs are built with: the one of
+        :attr:`model_classes` whose config ``model_type`` is ``config``'s (e.g. an MoE variant), else the first."""
         import transformers
 
-        return getattr(transformers, cls.model_classes[0])
+        classes = [getattr(transformers, name) for name in cls.model_classes]
+        kind = getattr(config, "model_type", None)
+        return next((c for c in classes if kind is not None and c.config_class.model_type == kind), classes[0])
 
     @classmethod
     def vision_work(cls, config: Any, inputs: Mapping[str, Any]) -> VisionWork:
@@ -285,6 +288,15 @@ class ModelAdapter:
     def vision_flops(cls, config: Any, work: VisionWork) -> dict[str, int]:
         """Exact FLOPs ``{"vision": ..., "projector": ...}`` of the vision encoder and projector for ``work``."""
         raise VTPruneError(f"no vision FLOPs formula for model_type={cls.family!r}")
+
+    @classmethod
+    def llm_layer_flops(cls, config: Any, layer: int, queries: int, keys: int, causal: bool
+                        ) -> tuple[int, int] | None:
+        """``(llm_linear, llm_attention)`` FLOPs of decoder layer ``layer`` for ``queries`` new tokens of one sequence
+        whose cache holds ``keys`` after them (``keys == queries``: a prefill; ``causal``: count only the causal
+        query-key pairs), as ``FlopCounterMode`` counts them. ``None`` (default): the LLaMA/Qwen2 decoder formula
+        of :mod:`vtprune.flops`."""
+        return None
 
     @classmethod
     def tiny_parts(cls, num_layers: int) -> tuple[Any, Any]:

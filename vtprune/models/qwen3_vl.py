@@ -158,9 +158,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     # ---- family level: tiny model, benchmark image ----------------------------------------------------
     @classmethod
     def _tiny_vision(cls) -> dict[str, Any]:
-        """The tiny Qwen3 ViT: 3 blocks of width 32, 14-px patches, an 8x8 learned position grid; every block
-        feeds a DeepStack level (so the default in-LLM K=2 falls inside the DeepStack layers)."""
-        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14, spatial_merge_size=2,
+        """The tiny Qwen3 ViT: 3 blocks of width 32, 16-px patches as released (lmms-eval's wrapper resizes images
+        for them), an 8x8 learned position grid; every block feeds a DeepStack level (so the default in-LLM K=2
+        falls inside the DeepStack layers)."""
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
                       temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64)
         if cls.deepstack:
             vision["deepstack_visual_indexes"] = [0, 1, 2]
@@ -168,16 +169,19 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     @classmethod
     def tiny_parts(cls, num_layers: int, moe: bool = False) -> tuple[Any, Any]:
-        """head_dim 16 with interleaved M-RoPE sections [2, 3, 3]; ``moe`` builds Qwen3-VL-MoE (4 experts, top 2)."""
+        """head_dim 16 with interleaved M-RoPE sections [2, 3, 3]; images of 64² to 128² px in 16-px patches;
+        ``moe`` builds Qwen3-VL-MoE (4 experts, top 2)."""
         import transformers as tf
 
-        tok, improc, _, common = cls._tiny_common(num_layers)
+        tok, _, _, common = cls._tiny_common(num_layers)
+        improc = tf.Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                          size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128})
         text = dict(common.pop("text_config"), head_dim=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
                                      "mrope_section": [2, 3, 3]})
         if moe:
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-        video = tf.Qwen3VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+        video = tf.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
         proc = tf.Qwen3VLProcessor(improc, tok, video, chat_template=CHAT_TEMPLATE)
         config_class = tf.Qwen3VLMoeConfig if moe else tf.Qwen3VLConfig
         return config_class(text_config=text, vision_config=cls._tiny_vision(), **common), proc
@@ -185,8 +189,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     @classmethod
     def synthetic_image(cls, config: Any, size: tuple[int, int] | None, generator: torch.Generator
                         ) -> SyntheticImage:
-        """As Qwen2-VL's; the default size is 24 x 24 merged tokens (576) for this tower's patch size
-        (768 x 768 px with 16-px patches)."""
+        """As Qwen2-VL's; the default size is 24 x 24 merged tokens (576: 768 x 768 px with 16-px patches), and a
+        size that is not a multiple of patch × merge is rounded to the nearest one, as the image processor does."""
         vc = config.vision_config
         unit = vc.patch_size * vc.spatial_merge_size
-        return super().synthetic_image(config, size or (24 * unit, 24 * unit), generator)
+        size = tuple(max(unit, round(s / unit) * unit) for s in size) if size else (24 * unit, 24 * unit)
+        return super().synthetic_image(config, size, generator)
