@@ -6,11 +6,6 @@ has a negative control that fails when the family-specific step is left out."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +18,14 @@ from vtprune.capture import InputCapture
 from vtprune.errors import VTPruneError
 from vtprune.models import adapter_for
 from vtprune.models.llava_next import LlavaNextAdapter
-from vtprune.models.llava_onevision import anyres_geometry, image_geometries, nearest_sources
+from vtprune.models.llava_onevision import (
+    anyres_geometry,
+    image_geometries,
+    nearest_sources,
+)
 from vtprune.testing import random_image
 
 FAMILY = "llava_onevision"
-REPO = Path(__file__).resolve().parent.parent
 #: (width, height): 2x2 views resized 8x8 -> 5x5; 1x2 and 2x1 views; one view; very elongated both ways; a 2x2
 #: grid unpadded to 6x8 and resized to 4x6
 SIZES = [(112, 112), (112, 56), (56, 112), (56, 56), (200, 30), (30, 200), (150, 110)]
@@ -240,24 +238,12 @@ def test_lmms_eval_cli_runs_the_pruned_wrapper(tmp_path):
     """The stock lmms-eval CLI (through a sweep on the lmms_eval backend) runs ``vtprune_llava_hf`` on a saved tiny
     OneVision model: lmms-eval's llava_hf classes load ``LlavaOnevisionForConditionalGeneration``."""
     pytest.importorskip("lmms_eval")
-    import yaml
+    from lmms_sweep import lmms_sweep
 
-    from vtprune.harness.store import ResultsStore
-
-    config = {"name": "ov", "backend": "lmms_eval", "models": [{"tiny": FAMILY}],
-              "pruners": [{"name": "uniform", "keep": 4}], "tasks": [{"synthetic": "shapes", "size": 2}],
-              "generation": {"max_new_tokens": 2}}
-    path = tmp_path / "ov.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "vtprune.cli", "sweep", str(path), "--out", str(out), "--no-progress",
-                           "--no-leaderboard"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    base, pruned = ResultsStore(out / "results.jsonl").records()
-    for record, after in ((base, 46), (pruned, 4)):  # the shapes task's images: 2x2 views, resized 8x8 -> 5x5
+    (base, base_results), (pruned, pruned_results) = lmms_sweep(tmp_path, FAMILY, keep=4)
+    # the shapes task's images have 2x2 views: 16 base tokens + the 8x8 crop grid resized to 5x5 with newlines
+    for record, results, after in ((base, base_results, 46), (pruned, pruned_results, 4)):
         assert record["status"] == "ok", record.get("error")
-        results = json.loads((out / record["lmms_eval"]["results_file"]).read_text())
         assert results["config"]["model"] == "vtprune_llava_hf"
         throughput = results["throughput"]
         assert throughput["avg_vtprune_visual_before"] == 46 and throughput["avg_vtprune_visual_after"] == after

@@ -44,7 +44,14 @@ from torch import nn
 from ..capture import InputCapture, ProjectorInput, VisionQK
 from ..errors import VTPruneError
 from ..view import ImageLayout
-from .base import ImageSpans, ModelAdapter, SyntheticImage, VisionWork, tiny_text_config, tiny_tokenizer
+from .base import (
+    ImageSpans,
+    ModelAdapter,
+    SyntheticImage,
+    VisionWork,
+    tiny_text_config,
+    tiny_tokenizer,
+)
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 
@@ -116,7 +123,7 @@ def anyres_geometry(config: Any, size: list[int] | tuple[int, int], patched: boo
     nph, npw = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, vc.image_size)
     canvas = unpad_image(torch.arange(nph * g * npw * g).view(1, nph * g, npw * g), torch.tensor(list(size)))[0]
     h, w = canvas.shape
-    max_views = int(config.vision_aspect_ratio.strip("anyres_max_"))  # as the model parses it
+    max_views = int(config.vision_aspect_ratio.strip("anyres_max_"))  # noqa: B005 -- as the model parses it
     ratio = math.sqrt(h * w / (max_views * g ** 2))
     resized = ratio > 1.1
     if resized:
@@ -246,8 +253,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         tok = tiny_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"], CHAT_TEMPLATE)
         tok.image_token, tok.video_token = "<image>", "<video>"
         pins = [[56, 56], [56, 112], [112, 56], [112, 112]]
-        siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, image_size=56, patch_size=14, vision_use_head=False)
+        siglip = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 56, "patch_size": 14,
+                  "vision_use_head": False}
         text = dict(model_type="qwen2", **tiny_text_config(len(tok), num_hidden_layers=num_layers))
         config = tf.LlavaOnevisionConfig(
             text_config=text, vision_config=siglip, image_grid_pinpoints=pins, vision_aspect_ratio="anyres_max_2",
