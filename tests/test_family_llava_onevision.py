@@ -215,6 +215,24 @@ def test_real_config_and_synthetic_inputs():
     assert work.views == 5 and F.vision_flops(cfg, work)["projector"] == 5 * 2 * 729 * (1152 * 3584 + 3584 * 3584)
 
 
+def test_real_config_geometry_matches_the_processor_counts():
+    """At real scale (27x27 patches, 6x6 grids, anyres_max_9) the geometry's token count equals the processor's
+    placeholder count for random image sizes, most of them resized."""
+    from types import SimpleNamespace
+
+    from transformers import LlavaOnevisionProcessor
+
+    cfg = B.load_config(B.resolve_model("llava-onevision-7b"))
+    proc = object.__new__(LlavaOnevisionProcessor)  # only its counting methods are used
+    proc.num_image_tokens, proc.vision_aspect_ratio = 729, cfg.vision_aspect_ratio
+    proc.image_processor = SimpleNamespace(image_grid_pinpoints=cfg.image_grid_pinpoints)
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(20, 4000, (100, 2), generator=gen).tolist()
+    geoms = [anyres_geometry(cfg, size) for size in sizes]
+    assert [proc._get_number_of_features(h, w, 384, 384) for h, w in sizes] == [g.tokens for g in geoms]
+    assert sum(g.resized for g in geoms) > 30
+
+
 def test_saved_checkpoint_loads_and_prunes(tmp_path):
     from transformers import AutoProcessor
 
