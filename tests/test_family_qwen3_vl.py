@@ -353,6 +353,28 @@ def test_a_saved_checkpoint_folder_loads_and_prunes(variant, tmp_path):
         assert handle.stats.visual_after == [4]
 
 
+@pytest.mark.parametrize("variant", ["dense", "moe"])
+def test_bench_cli_runs_random_weight_and_saved_models(variant, tmp_path, capsys):
+    """``vtprune bench`` with ``--random-weights`` on a config file (pruned at K=1, inside DeepStack) and on a saved
+    folder, for both model classes."""
+    import json
+
+    from vtprune.cli import main
+
+    tv = _tv(variant)
+    config = tmp_path / f"tiny-{variant}.json"
+    config.write_text(json.dumps(tv.model.config.to_dict()))
+    tv.model.save_pretrained(tmp_path / "saved")
+    common = ["--keep", "0.25", "--repeats", "1", "--warmup", "0", "--no-progress", "--image-size", "256x128"]
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(config), "--random-weights", "--pruners", "uniform", "--site", "layer",
+                 "--layer", "1", *common, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["visual_before"], r["visual_after"]) for r in rows] == [(32, 32), (32, 8)]
+    assert main(["bench", "--model", str(tmp_path / "saved"), *common]) == 0
+    capsys.readouterr()
+
+
 # ---- lmms-eval ----------------------------------------------------------------------------------------------------
 def test_lmms_eval_cli_runs_the_pruned_qwen3_vl_wrapper(tmp_path):
     """The stock lmms-eval CLI (through a sweep on the lmms_eval backend) runs ``vtprune_qwen3_vl``: lmms-eval's
