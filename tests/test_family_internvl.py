@@ -5,10 +5,6 @@ config. Each check has a negative control that fails when the InternVL-specific 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +21,6 @@ from vtprune.registry import _REGISTRY
 from vtprune.testing import random_image
 
 FAMILY = "internvl"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _shuffle(features: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
@@ -325,27 +320,13 @@ def test_lmms_eval_cli_runs_the_pruned_internvl_wrapper(tmp_path):
     """The stock lmms-eval CLI (through a sweep on the lmms_eval backend) runs ``vtprune_internvl_hf``: lmms-eval's
     InternVL-HF chat wrapper with the pruner installed."""
     pytest.importorskip("lmms_eval")
-    import yaml
+    from lmms_sweep import lmms_sweep
 
-    from vtprune.harness.store import ResultsStore
-
-    config = {"name": "ivl", "backend": "lmms_eval", "models": [{"tiny": FAMILY}],
-              "pruners": [{"name": "uniform", "keep": 4}], "tasks": [{"synthetic": "shapes", "size": 2}],
-              "generation": {"max_new_tokens": 2}}
-    path = tmp_path / "ivl.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "vtprune.cli", "sweep", str(path), "--out", str(out), "--no-progress",
-                           "--no-leaderboard"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                           check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    base, pruned = ResultsStore(out / "results.jsonl").records()
-    for record, after in ((base, None), (pruned, 4)):
+    (base, base_results), (pruned, pruned_results) = lmms_sweep(tmp_path, FAMILY, keep=4)
+    # the shapes task's images are 112 x 112: 2x2 tiles + thumbnail, 5 views of 2x2 tokens
+    for record, results, after in ((base, base_results, 20), (pruned, pruned_results, 4)):
         assert record["status"] == "ok", record.get("error")
-        results = json.loads((out / record["lmms_eval"]["results_file"]).read_text())
         assert results["config"]["model"] == "vtprune_internvl_hf"
         throughput = results["throughput"]
-        before = throughput["avg_vtprune_visual_before"]
-        assert before > 0 and throughput["avg_vtprune_visual_after"] == (before if after is None else after)
+        assert throughput["avg_vtprune_visual_before"] == 20 and throughput["avg_vtprune_visual_after"] == after
     assert pruned["lmms_eval"]["command"].startswith("lmms-eval --model vtprune_internvl_hf --model_args pretrained=")
