@@ -70,6 +70,11 @@ MID_SIZE: dict[str, tuple[dict[str, Any], tuple[int, int] | None]] = {
                                       "intermediate_size": 1024, "num_heads": 4, "window_size": 112,
                                       "fullatt_block_indexes": [1]}},
                    (672, 672)),
+    "gemma3": ({"mm_tokens_per_image": 576,
+                "text_config": {"sliding_window": 512, "query_pre_attn_scalar": 64},
+                "vision_config": {"image_size": 336, "hidden_size": 256, "intermediate_size": 1024,
+                                  "num_hidden_layers": 1, "num_attention_heads": 4}},
+               None),  # 24 x 24 patches pooled 1 x 1: 576 visual tokens; a window of 512 binds in the prompt
     "internvl": ({"image_seq_length": 64, "vision_config": {"image_size": 224, "hidden_size": 256,
                                                             "intermediate_size": 1024, "num_hidden_layers": 1,
                                                             "num_attention_heads": 4}},
@@ -191,6 +196,9 @@ def oracle(model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor
     embeds = kw["inputs_embeds"]
     pos = full_positions(kw, embeds.shape[1], embeds.device)
     lm = language_model(model)
+    if isinstance(kw.get("attention_mask"), dict):  # per-layer-type masks (Gemma 3)
+        hidden = _typed_oracle(model, inputs, kw, pos, keep, site, layer)
+        return model.lm_head(hidden[:, -1:] if last_only else hidden)
     if site == "pre_llm":
         short = pos[..., keep]
         hidden = lm(inputs_embeds=embeds[:, keep], position_ids=short[0] if short.shape[0] == 1 else short,
@@ -204,6 +212,35 @@ def oracle(model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor
         hidden = lm.norm(_layers(lm.layers[layer:], hidden, _rotary(lm, hidden, pos[..., keep]), cache, lm, layer,
                                  shortened_lm_inputs(kw, keep)))
     return model.lm_head(hidden[:, -1:] if last_only else hidden)
+
+
+def _typed_oracle(model: nn.Module, inputs: dict[str, torch.Tensor], kw: dict[str, Any], pos: torch.Tensor,
+                  keep: torch.Tensor, site: str, layer: int) -> torch.Tensor:
+    """:func:`oracle`'s final hidden states for an LM given per-layer-type masks (Gemma 3: sliding windows and
+    bidirectional image blocks from ``token_type_ids``): the masks and each layer type's rotary table as the model
+    builds them, for the whole prompt (layers < K) and for the kept rows alone (pre-LLM; layers >= K)."""
+    from transformers import DynamicCache
+
+    lm = language_model(model)
+    embeds, types = kw["inputs_embeds"], inputs.get("token_type_ids")
+    kept_types = None if types is None else types[:, keep]
+    ones = torch.ones(1, keep.numel(), dtype=torch.long, device=embeds.device)
+    short = pos[0][..., keep]
+    if site == "pre_llm":
+        return model.model(inputs_embeds=embeds[:, keep], position_ids=short, attention_mask=ones,
+                           token_type_ids=kept_types, use_cache=True).last_hidden_state
+    cache, kinds = DynamicCache(config=lm.config), lm.config.layer_types
+
+    def run(hidden: torch.Tensor, p: torch.Tensor, masks: dict[str, Any], first: int, last: int) -> torch.Tensor:
+        pe = {t: lm.rotary_emb(hidden, p, t) for t in set(kinds)}
+        for i in range(first, last):
+            hidden = lm.layers[i](hidden, attention_mask=masks[kinds[i]], position_ids=None, past_key_values=cache,
+                                  use_cache=True, position_embeddings=pe[kinds[i]])
+        return hidden
+
+    hidden = run(embeds, pos[0], kw["attention_mask"], 0, layer)[:, keep]
+    masks = model.create_masks_for_generate(lm.config, hidden, ones, None, None, token_type_ids=kept_types)
+    return lm.norm(run(hidden, short, masks, layer, len(lm.layers)))
 
 
 # ---- the pruned side -----------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ def _last_token_attention(qk) -> torch.Tensor:
     """Head-mean attention of the last prompt token over all tokens, from captured q/k (GQA expanded)."""
     key = qk.key.repeat_interleave(qk.query.shape[0] // qk.key.shape[0], dim=0)
     scores = (qk.query[:, -1:] @ key.transpose(-1, -2)).squeeze(1) * qk.scaling
+    if qk.window is not None:  # a sliding-window layer: keys at least `window` tokens back are masked
+        scores[:, :-qk.window] = float("-inf")
     return scores.softmax(-1).mean(0)
 
 

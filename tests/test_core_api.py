@@ -202,6 +202,8 @@ def test_layouts_match_the_processor_grids(family, recorder):
         images = [image_for(family, i) for i in (0, 1)]
         views = [improc.get_number_of_image_patches(im.height, im.width) for im in images]
         expected = [((2, 2, False),) * v for v in views]
+    elif family == "gemma3":  # one 2x2 grid per view (no pan-and-scan by default)
+        expected = [((2, 2, False),)] * 2
     else:  # image_grid_thw // 2
         thw = inputs["image_grid_thw"].tolist()
         expected = [((h // 2, w // 2, False),) * t for t, h, w in thw]

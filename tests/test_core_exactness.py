@@ -87,7 +87,8 @@ def test_batch_equals_single(family, attn, site):
             assert torch.equal(seq_b[row, -n_new:], seq_s[0, -n_new:])
             torch.testing.assert_close(step_b[row], step_s[0], atol=1e-5, rtol=1e-5)
             assert handle.stats.visual_after == [kept_b[row]]
-    if family != "llava":  # different image sizes: ragged kept counts were exercised
+    if family not in ("llava", "gemma3"):  # different image sizes: ragged kept counts were exercised (gemma3: a
+        # fixed count per view; ragged pan-and-scan batches are in tests/test_family_gemma3.py)
         assert len(set(kept_b)) > 1
 
 

@@ -45,10 +45,9 @@ def _conversation(tv, first: dict, sequences: torch.Tensor, second_image: bool) 
     mask = torch.cat([first["attention_mask"], torch.ones(b, ids.shape[1] - first["attention_mask"].shape[1],
                                                           dtype=torch.long)], 1)
     whole = {"input_ids": ids, "attention_mask": mask}
-    if "mm_token_type_ids" in first:
-        whole["mm_token_type_ids"] = torch.cat([first["mm_token_type_ids"],
-                                                torch.zeros(b, generated, dtype=torch.long),
-                                                new["mm_token_type_ids"]], 1)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # Qwen's M-RoPE index; Gemma 3's image blocks
+        if key in first:
+            whole[key] = torch.cat([first[key], torch.zeros(b, generated, dtype=torch.long), new[key]], 1)
     for key in PIXELS:
         if key in first:
             whole[key] = first[key] if not second_image else _cat_pixels(first[key], new[key])

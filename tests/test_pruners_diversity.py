@@ -184,7 +184,7 @@ def test_exact_budget_and_generate(family, name):
             stats = handle.stats
         assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
         assert stats.visual_after == [budget(keep, n) for n in stats.visual_before]
-    if family != "llava":
+    if family not in ("llava", "gemma3"):  # gemma3: a fixed count per view without pan-and-scan
         assert len(set(stats.visual_before)) > 1  # ragged
 
 

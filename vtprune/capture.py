@@ -42,6 +42,8 @@ class LLMQK:
     image: torch.Tensor
     text: torch.Tensor
     scaling: float
+    #: the layer's sliding window (``None``: full attention): query i sees only keys j with i - j < window
+    window: int | None = None
 
 
 @dataclass
@@ -226,4 +228,5 @@ class Signals:
         for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
             idx = real[row].nonzero().flatten()
             ex["llm_qk"] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos],
-                                 text=rank[row, text[row]], scaling=scaling)
+                                 text=rank[row, text[row]], scaling=scaling,
+                                 window=self.adapter.llm_window(self.config.layer - 1))

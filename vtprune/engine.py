@@ -82,6 +82,8 @@ class Engine:
         self.site = site_class(config.site)(self)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._spans: ImageSpans | None = None  # images of the call in flight
+        #: the 2-D (or absent) mask the backbone got for the call in flight, before it made per-layer masks of it
+        self.backbone_mask: Any = None
         self._labels: torch.Tensor | None = None  # the in-flight call's labels, resized in place once pruned
         self._in_prefill = False
         self._in_generate = False
@@ -182,6 +184,7 @@ class Engine:
             drop_leading(kwargs, self._refeed)
             self._refeed = 0
         self._spans = self.adapter.locate_images(kwargs)
+        self.backbone_mask = kwargs.get("attention_mask")
         if ledger is not None and self._refeed is not None and self._spans is None:
             kwargs["position_ids"] = None
         if ledger is not None and kwargs.get("position_ids") is None:
@@ -205,10 +208,13 @@ class Engine:
         if embeds is None:
             raise VTPruneError("vtprune expects the VLM to call its language model with inputs_embeds")
         past = _past_len(kwargs)
-        if past == 0:
-            self._prefill(kwargs, spans, embeds)
-        else:
-            self._continue(kwargs, spans, embeds, past)
+        try:
+            if past == 0:
+                self._prefill(kwargs, spans, embeds)
+            else:
+                self._continue(kwargs, spans, embeds, past)
+        finally:
+            self.backbone_mask = None
         return args, kwargs
 
     def _image_call(self, kwargs: dict[str, Any], spans: ImageSpans, embeds: torch.Tensor, real: torch.Tensor,
@@ -250,6 +256,8 @@ class Engine:
             if ledger is not None:
                 self.site.continuation(kwargs, ledger, past, q, is_static(cache))
             return
+        if isinstance(mask, dict) and not isinstance(self.backbone_mask, dict):
+            mask = self.backbone_mask  # the backbone made per-layer masks of it; the site rebuilds them
         if isinstance(mask, dict) or (torch.is_tensor(mask) and mask.dim() != 2):
             raise VTPruneError("a new image on a cached conversation needs a 2-D attention mask (or none); "
                                "static caches build 4-D masks, so pass images of later turns with a dynamic cache")
@@ -269,6 +277,16 @@ class Engine:
         self.signals.begin_prefill()
         self._in_prefill, self._reuse, self._prefix = True, None, None
         self.site.images(kwargs, self._image_call(kwargs, spans, embeds, real, base.full_len, base, base_real))
+
+    def family_masks(self, embeds: torch.Tensor, padding: torch.Tensor | None, cache: Any, from_layer: int,
+                     blocks: torch.Tensor | None = None) -> dict[str, Any] | None:
+        """The family's per-layer-type masks rebuilt for a pruned call (``ModelAdapter.lm_masks``); ``None`` where
+        the sites gather the model's own masks instead — always when the caller gave the backbone a 4-D mask of
+        its own, which the model applies as given to every layer."""
+        given = self.backbone_mask
+        if torch.is_tensor(given) and given.dim() == 4:
+            return None
+        return self.adapter.lm_masks(embeds, padding, cache, from_layer, blocks)
 
     def cache(self, kwargs: dict[str, Any]):
         """The cache this call writes to; created here, as the language model would, when it would create one

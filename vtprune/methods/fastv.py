@@ -32,10 +32,16 @@ class FastVConfig(PrunerConfig, ModeOption):
         self.validate_mode()
 
 
-def last_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+def last_token_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, window: int | None = None
+                         ) -> torch.Tensor:
     """Head-mean attention of the last query (the last prompt token) over all n keys: [n]. No mask is
-    needed: the last token attends to every earlier one."""
-    return ops.attention_rows(query[:, -1:], key, scaling)[:, 0].mean(0)
+    needed: the last token attends to every earlier one — in a sliding-window layer, to the last ``window``
+    (the others get 0)."""
+    if window is None or window >= key.shape[-2]:
+        return ops.attention_rows(query[:, -1:], key, scaling)[:, 0].mean(0)
+    out = key.new_zeros(key.shape[-2], dtype=torch.float32)
+    out[-window:] = ops.attention_rows(query[:, -1:], key[:, -window:], scaling)[:, 0].mean(0)
+    return out
 
 
 def fastv_scores(view: VisualView) -> torch.Tensor:
@@ -43,7 +49,7 @@ def fastv_scores(view: VisualView) -> torch.Tensor:
     over all of the sample's real tokens (as in the reference's eager attention map), so the image
     columns need not sum to 1."""
     qk = view.extras["llm_qk"]
-    return last_token_attention(qk.query, qk.key, qk.scaling)[qk.image]
+    return last_token_attention(qk.query, qk.key, qk.scaling, qk.window)[qk.image]
 
 
 @register_pruner

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import VTPruneError
 from .base import ImageSpans, LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork
+from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -75,14 +76,14 @@ def lmms_wrappers() -> list[LmmsWrapper]:
 
 
 for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, InternVLAdapter,
-                 LlavaOnevisionAdapter, Qwen3VLAdapter):
+                 LlavaOnevisionAdapter, Qwen3VLAdapter, Gemma3Adapter):
     register_family(_adapter)
 
 #: the built-in families, in registry order
 FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = [
-    "FAMILIES", "ImageSpans", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "LmmsWrapper", "ModelAdapter",
+    "FAMILIES", "Gemma3Adapter", "ImageSpans", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "LmmsWrapper", "ModelAdapter",
     "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class",
     "lmms_wrappers", "register_family", "registered_families", "supported_models",
 ]

@@ -101,6 +101,9 @@ class ImageSpans:
     positions: list[torch.Tensor]
     layouts: list[ImageLayout] | None = None
     extras: list[dict[str, Any]] | None = None
+    #: [b, L] attention-block id per token of the call (-1: causal), for families whose image tokens attend
+    #: bidirectionally within a block (:meth:`ModelAdapter.lm_masks`); ``None`` elsewhere
+    blocks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -172,6 +175,26 @@ class ModelAdapter:
         before its first forward, so inputs only the encoder reads (e.g. image sizes) reach the adapter only here.
         No-op by default."""
 
+    # ---- per-layer-type masks -----------------------------------------------------------------------
+    def lm_masks(self, embeds: torch.Tensor, padding: torch.Tensor | None, cache: Any, from_layer: int,
+                 blocks: torch.Tensor | None = None) -> dict[str, Any] | None:
+        """For families whose backbone hands the language model a dict of per-layer-type masks that cannot be
+        gathered exactly (windows counting cache slots, masks sized on another layer's cache): those masks
+        rebuilt, as the model builds them, for the layers ``>= from_layer`` of a pruned call of ``embeds``
+        [b, q, D], given its 2-D ``padding`` mask over the keys of those layers' cache (``None``: no padding),
+        the ``cache`` (``None`` for a prefill: sized on ``padding``/``q`` alone) and ``blocks`` [b, q] (see
+        :attr:`ImageSpans.blocks`). ``None`` (default): the sites gather the model's own masks."""
+        return None
+
+    def llm_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer`` (a query sees keys fewer than this many tokens before
+        it), ``None`` for full attention (default)."""
+        return None
+
+    def mask_key(self, layer: int) -> str:
+        """The entry of a per-layer-type mask dict that decoder layer ``layer`` reads."""
+        return "full_attention"
+
     # ---- locating images ---------------------------------------------------------------------------
     def image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """[b, L] bool mask of image placeholder tokens, from ids or (failing those) from embeddings."""
@@ -226,13 +249,17 @@ class ModelAdapter:
 
     def llm_qk(self, layer: int, capture: InputCapture) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Post-RoPE q [b, H, L, hd] and k [b, H_kv, L, hd] of decoder layer ``layer``, recomputed from
-        its captured inputs (Llama/Qwen2 attention: q_proj/k_proj, rotate-half RoPE)."""
+        its captured inputs (Llama/Qwen2 attention: q_proj/k_proj, rotate-half RoPE; with per-head
+        ``q_norm``/``k_norm`` before RoPE where the attention has them, as Gemma 3's)."""
         attn = self.llm_attention(layer)
         hidden = capture.tensor("hidden_states")
         cos, sin = capture.tensor("position_embeddings", 1)
         b, n, _ = hidden.shape
-        q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim)
+        k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim)
+        if hasattr(attn, "q_norm") and hasattr(attn, "k_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return rotate(q, cos, sin), rotate(k, cos, sin), float(attn.scaling)
 

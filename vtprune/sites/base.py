@@ -41,6 +41,19 @@ class ImageCall:
         """[b, plan.length] which of this call's slots hold real tokens once ``plan`` is applied."""
         return plan.gather(self.real, 1) & plan.valid
 
+    def rebuilt_masks(self, engine: Any, plan: KeepPlan, embeds: torch.Tensor, cache: Any, from_layer: int
+                      ) -> dict[str, Any] | None:
+        """The family's per-layer-type masks for layers >= ``from_layer`` once ``plan`` is applied (the kept
+        tokens' ``embeds``), as its model would build them on the kept tokens alone
+        (``Engine.family_masks``); ``None`` where the sites gather the model's masks."""
+        blocks = self.spans.blocks
+        if blocks is not None:  # by cache slot: the slots cached before this call are in no block of its own
+            blocks = plan.gather(blocks[:, -self.embeds.shape[1]:], 1).masked_fill(~plan.valid, -1)
+            if self.base is not None:
+                blocks = torch.cat([blocks.new_full((blocks.shape[0], self.base.length), -1), blocks], 1)
+        padding = self.cache_real(self.kept_real(plan)).long()
+        return engine.family_masks(embeds, padding, cache, from_layer, blocks)
+
     def ledger(self, plan: KeepPlan, pos_delta: torch.Tensor | None = None) -> Ledger:
         """The ledger of a cache that this call (pruned by ``plan``) has just written."""
         return Ledger(plan=self.cols(plan), next_pos=self.next_pos, real=self.cache_real(self.kept_real(plan)),

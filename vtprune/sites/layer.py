@@ -26,6 +26,10 @@ class _InFlight:
     extra: int = 0
     rows: KeepPlan | None = None
     pending: ImageCall | None = None
+    #: the language model got per-layer-type masks (a dict); masks: the family's rebuilt masks of layers >= K
+    #: for the kept tokens (``ModelAdapter.lm_masks``), by mask key
+    dict_masks: bool = False
+    masks: dict[str, Any] | None = None
 
 
 def _hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -75,10 +79,24 @@ class LayerSite(Site):
 
     def images(self, kwargs: dict[str, Any], call: ImageCall) -> None:
         base = None if call.base is None or call.base.is_identity else call.base  # unpruned: nothing to gather
-        self.in_flight = _InFlight(static=call.static, cols=base, extra=call.embeds.shape[1], pending=call)
+        self.in_flight = _InFlight(static=call.static, cols=base, extra=call.embeds.shape[1], pending=call,
+                                   dict_masks=isinstance(kwargs.get("attention_mask"), dict))
 
     def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
         self.in_flight = _InFlight(static=static, cols=ledger.plan, extra=ledger.appended(past, False) + q)
+        if isinstance(kwargs.get("attention_mask"), dict):  # built on layer 0's (full-length) cache: rebuild
+            padding = self._cache_padding(ledger, past, q)
+            self.in_flight.masks = self.engine.family_masks(kwargs["inputs_embeds"], padding,
+                                                            kwargs.get("past_key_values"), self.engine.config.layer)
+
+    def _cache_padding(self, ledger: Ledger, past: int, q: int) -> torch.Tensor:
+        """[b, slots + appended + q] 2-D padding mask over the pruned layers' cache and this call's tokens: the
+        backbone's 2-D mask (over the conversation) gathered to the pruned slots, or the ledger's own."""
+        mask = self.engine.backbone_mask
+        appended = ledger.appended(past, False)
+        if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[-1] == ledger.plan.full_len + appended + q:
+            return ledger.plan.gather_2d_mask(mask)
+        return ledger.physical_mask(appended + q)
 
     # ---- decoder-layer hooks ------------------------------------------------------------------------
     def _make_layer_pre(self, index: int):
@@ -89,6 +107,8 @@ class LayerSite(Site):
             if state.pending is not None and index == self.engine.config.layer:
                 args, kwargs = self._select(args, kwargs, state)
             if state.cols is not None:
+                if state.masks is not None:  # the family's masks, rebuilt for the kept tokens
+                    kwargs["attention_mask"] = state.masks[self.engine.adapter.mask_key(index)]
                 self._gather_layer_kwargs(kwargs, state)
             return args, kwargs
         return hook
@@ -104,6 +124,9 @@ class LayerSite(Site):
             return args, kwargs
         engine.recorder.real = call.kept_real(plan).sum(1)
         state.rows, state.cols, state.extra = plan, call.cols(plan), 0
+        if state.dict_masks:
+            state.masks = call.rebuilt_masks(engine, plan, plan.apply_states(hidden),
+                                             kwargs.get("past_key_values"), engine.config.layer)
         engine.prune_labels(plan)
         cache = kwargs.get("past_key_values")
         if cache is not None:
@@ -124,6 +147,8 @@ class LayerSite(Site):
             if torch.is_tensor(pid) and pid.shape[-1] == rows.full_len:
                 kwargs["position_ids"] = rows.gather(pid, seq_dim=-1, batch_dim=-2)
         mask = kwargs.get("attention_mask")
+        if state.masks is not None:
+            return
         if mask is None:
             if cols.has_padding_slots:  # the model assumed no padding; re-padding added some
                 kwargs["attention_mask"] = self._build_mask(kwargs, state)

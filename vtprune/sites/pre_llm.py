@@ -35,7 +35,8 @@ class PreLLMSite(Site):
         if plan.is_identity:
             return
         mask, given = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        if call.base is None and mask is None and _is_packed(given):
+        own = engine.backbone_mask if isinstance(mask, dict) else mask  # per-layer masks: the backbone's own
+        if call.base is None and own is None and _is_packed(given):
             raise VTPruneError("padding-free (packed) inputs cannot be pruned: transformers finds the sequence "
                                "boundaries from consecutive position ids, which pruning breaks; pass a padded "
                                "batch with an attention mask instead")
@@ -43,7 +44,13 @@ class PreLLMSite(Site):
         engine.recorder.real = kept_real.sum(1)
         kwargs["inputs_embeds"] = plan.apply_states(call.embeds)
         engine.adapter.gather_lm_inputs(kwargs, plan)
-        kwargs["attention_mask"] = self._mask(mask, call, plan, kept_real)
+        rebuilt = None
+        if isinstance(mask, dict):  # per-layer-type masks: the family may rebuild them for the kept tokens
+            rebuilt = call.rebuilt_masks(engine, plan, kwargs["inputs_embeds"], kwargs.get("past_key_values"), 0)
+            if rebuilt is None and call.base is not None:
+                raise VTPruneError("a new image on a cached conversation with per-layer-type masks this family "
+                                   "cannot rebuild")
+        kwargs["attention_mask"] = rebuilt if rebuilt is not None else self._mask(mask, call, plan, kept_real)
         kept_pos = plan.gather(call.pos, seq_dim=-1, batch_dim=-2)
         delta = None
         if engine.config.positions == "compact":  # prefill only: the engine refuses compact later images
@@ -81,7 +88,11 @@ class PreLLMSite(Site):
         return pos[0]
 
     def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
-        kwargs["attention_mask"] = cache_mask(ledger, kwargs.get("attention_mask"), past, q, static)
+        mask, rebuilt = kwargs.get("attention_mask"), None
+        if isinstance(mask, dict):  # built by the backbone from its 2-D mask: the family may rebuild them
+            padding = cache_mask(ledger, self.engine.backbone_mask, past, q, static)
+            rebuilt = self.engine.family_masks(kwargs["inputs_embeds"], padding, kwargs.get("past_key_values"), 0)
+        kwargs["attention_mask"] = rebuilt if rebuilt is not None else cache_mask(ledger, mask, past, q, static)
         pos = kwargs.get("position_ids")
         if ledger.pos_delta is not None and pos is not None:
             kwargs["position_ids"] = self._compact(pos, ledger.pos_delta)
