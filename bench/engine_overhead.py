@@ -84,6 +84,14 @@ MID_SIZE: dict[str, tuple[dict[str, Any], tuple[int, int] | None]] = {
                   "vision_config": {"depth": 3, "hidden_size": 256, "out_hidden_size": 1024, "intermediate_size": 1024,
                                     "num_heads": 4, "deepstack_visual_indexes": [0, 1, 2]}},
                  (672, 672)),  # 576 visual tokens; DeepStack after decoder layers 0-2 (K=2 inside them)
+    "qwen3_5": ({"text_config": {"full_attention_interval": 2, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+                                 "linear_num_key_heads": 8, "linear_num_value_heads": 16,
+                                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                     "partial_rotary_factor": 0.5, "mrope_section": [6, 5, 5],
+                                                     "mrope_interleaved": True}},
+                 "vision_config": {"depth": 3, "hidden_size": 256, "out_hidden_size": 1024, "intermediate_size": 1024,
+                                   "num_heads": 4}},
+                (768, 768)),  # 16-px patches: 576 visual tokens; linear and full layers alternate (K=2 allowed)
 }
 TINY_IMAGE = (112, 56)
 ATOL = RTOL = 1e-5

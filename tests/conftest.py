@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+from vtprune.models import adapter_for
 from vtprune.testing import FAMILIES, TinyVLM, random_image, tiny_vlm
 
 torch.set_num_threads(1)
@@ -36,6 +37,14 @@ def batch_inputs(tv: TinyVLM, samples: list[int], n_images: int = 1) -> dict:
     prompts = [tv.prompt(QUESTIONS[i % len(QUESTIONS)], n_images) for i in samples]
     images = [[image_for(tv.family, i + j) for j in range(n_images)] for i in samples]
     return tv.inputs(prompts, images)
+
+
+def layer_attentions(tv: TinyVLM, inputs: dict, layer: int) -> torch.Tensor:
+    """[b, H, L, L] attention weights of decoder layer ``layer`` (``output_attentions`` lists only the layers that
+    attend: recurrent layers have no attention map)."""
+    recurrent = adapter_for(tv.model).recurrent_layers
+    attentions = tv.model(**inputs, output_attentions=True).attentions
+    return attentions[[i for i in range(layer + 1) if i not in recurrent].index(layer)]
 
 
 @pytest.fixture(params=FAMILIES)

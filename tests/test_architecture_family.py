@@ -88,7 +88,7 @@ def test_an_unregistered_model_class_is_refused_by_name():
 
 
 def test_the_family_list_exists_once():
-    assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_onevision",
+    assert FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "internvl", "qwen3_5", "llava_onevision",
                         "qwen3_vl", "gemma3")
     assert FAMILIES == tuple(models._REGISTRY)
     assert all(family_class(f).family == f for f in FAMILIES)

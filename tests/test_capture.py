@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtprune
-from conftest import batch_inputs, model
+from conftest import batch_inputs, layer_attentions, model
 from vtprune.registry import _REGISTRY
 from vtprune.ops import lattice
 from vtprune.testing import FAMILIES
@@ -62,7 +62,7 @@ def test_llm_qk_reproduces_eager_attention_weights(family, probes):
     with vtprune.apply(tv.model, "_probe_llm", keep=0.5, site="layer", layer=K):
         tv.model(**inputs)
     eager = model(family, "eager")
-    attn = eager.model(**inputs, output_attentions=True).attentions[K - 1]  # [b, H, L, L]
+    attn = layer_attentions(eager, inputs, K - 1)  # [b, H, L, L]
     for view in probe.views:
         real = inputs["attention_mask"][view.sample].bool()
         expected = attn[view.sample, :, -1][:, real].mean(0)

@@ -126,6 +126,8 @@ def test_layer_site_matches_manual_reference(family, attn):
     n = keep.numel()
     causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
     mask = causal if attn == "sdpa" else torch.zeros(1, 1, n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
+
+    recurrent = vtprune.models.adapter_for(tv.model).recurrent_layers
     deepstack = shortened_lm_inputs(lm_kw, keep)  # DeepStack levels still to add after layers K.. (Qwen3-VL)
     levels = deepstack.get("deepstack_visual_embeds", [])
 
@@ -133,8 +135,8 @@ def test_layer_site_matches_manual_reference(family, attn):
         h = hidden_k[:, keep]
         rope_pos = positions[0] if positions.shape[0] == 1 else positions[-3:]
         pe = lm.rotary_emb(h, rope_pos)
-        for i, layer in enumerate(lm.layers[K:], K):
-            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=None)
+        for i, layer in enumerate(lm.layers[K:], K):  # recurrent layers take no 4-D mask (none: no padding)
+            h = layer(h, attention_mask=None if i in recurrent else mask, position_embeddings=pe, position_ids=None)
             if i < len(levels):
                 h = lm._deepstack_process(h, deepstack["visual_pos_masks"], levels[i])
         return tv.model.lm_head(lm.norm(h))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GEN, batch_inputs, model
+from conftest import GEN, batch_inputs, layer_attentions, model
 from torch import nn
 
 import vtprune
@@ -107,7 +107,7 @@ def test_fastv_scores_equal_eager_last_row(family, probe):
     inputs = batch_inputs(tv, [0, 1])
     with vtprune.apply(tv.model, name, keep=0.4):
         tv.model(**inputs)
-    attn = model(family, "eager").model(**inputs, output_attentions=True).attentions[K - 1]
+    attn = layer_attentions(model(family, "eager"), inputs, K - 1)
     assert len(cls.seen) == 2
     for view, k, sel in cls.seen:
         real = inputs["attention_mask"][view.sample].bool()

@@ -94,6 +94,7 @@ def apply(model: nn.Module, pruner: str | PrunerConfig, **options: Any) -> "Prun
     adapter = adapter_for(model)
     instance = build_pruner(config)
     site_class(config.site).check(config, adapter)
+    adapter.check_site(config, frozenset(instance.needs))
     if model in _ACTIVE:
         raise VTPruneError("this model already has vtprune hooks installed; call handle.remove() first")
     engine = Engine(model, adapter, instance, config)

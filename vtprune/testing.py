@@ -47,7 +47,7 @@ def tiny_vlm(family: str, attn_implementation: str = "sdpa", seed: int = 0, num_
     adapter = family_class(family)
     torch.manual_seed(seed)
     config, proc = adapter.tiny_parts(num_layers)
-    model = adapter.model_class()(config)
+    model = adapter.model_class(config)(config)
     adapter.tiny_weights(model)
     tok = proc.tokenizer
     model.eval()

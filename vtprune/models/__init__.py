@@ -18,6 +18,7 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
@@ -75,7 +76,7 @@ def lmms_wrappers() -> list[LmmsWrapper]:
     return list({a.lmms.model_id: a.lmms for a in _REGISTRY.values() if a.lmms is not None}.values())
 
 
-for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, InternVLAdapter,
+for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, InternVLAdapter, Qwen3_5Adapter,
                  LlavaOnevisionAdapter, Qwen3VLAdapter, Gemma3Adapter):
     register_family(_adapter)
 
@@ -83,7 +84,8 @@ for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapt
 FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 
 __all__ = [
-    "FAMILIES", "Gemma3Adapter", "ImageSpans", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "LmmsWrapper", "ModelAdapter",
-    "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class",
-    "lmms_wrappers", "register_family", "registered_families", "supported_models",
+    "FAMILIES", "Gemma3Adapter", "ImageSpans", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter",
+    "LlavaOnevisionAdapter", "LmmsWrapper", "ModelAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3_5Adapter",
+    "Qwen3VLAdapter", "SyntheticImage", "VisionWork", "adapter_for", "family_class", "lmms_wrappers", "register_family",
+    "registered_families", "supported_models",
 ]

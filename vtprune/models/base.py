@@ -157,6 +157,17 @@ class ModelAdapter:
     def attn_implementation(self) -> str:
         return self.language_model.config._attn_implementation or "eager"
 
+    @property
+    def recurrent_layers(self) -> frozenset[int]:
+        """Decoder layers whose token mixer keeps a fixed-size recurrent state instead of per-token keys (linear
+        attention): they take a 2-D padding mask over the call's own tokens, or none, never a 4-D mask, and
+        hold nothing per token in the cache. None by default."""
+        return frozenset()
+
+    def check_site(self, config: Any, needs: frozenset[str]) -> None:
+        """Refuse (VTPruneError) a site configuration ``config`` this family cannot run exactly, for a pruner that
+        reads the signals ``needs``; called at ``apply`` after the site's own check. Accepts all by default."""
+
     def gather_lm_inputs(self, kwargs: dict[str, Any], plan: Any) -> None:
         """Make the language model's per-token keyword inputs other than embeddings, mask and positions (e.g.
         Qwen3-VL's DeepStack ``visual_pos_masks``/``deepstack_visual_embeds``) follow ``plan`` (a

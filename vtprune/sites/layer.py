@@ -100,6 +100,8 @@ class LayerSite(Site):
 
     # ---- decoder-layer hooks ------------------------------------------------------------------------
     def _make_layer_pre(self, index: int):
+        recurrent = index in self.engine.adapter.recurrent_layers
+
         def hook(module, args, kwargs):
             state = self.in_flight
             if state is None:
@@ -109,7 +111,7 @@ class LayerSite(Site):
             if state.cols is not None:
                 if state.masks is not None:  # the family's masks, rebuilt for the kept tokens
                     kwargs["attention_mask"] = state.masks[self.engine.adapter.mask_key(index)]
-                self._gather_layer_kwargs(kwargs, state)
+                self._gather_layer_kwargs(kwargs, state, recurrent)
             return args, kwargs
         return hook
 
@@ -136,8 +138,10 @@ class LayerSite(Site):
         kwargs["hidden_states"] = plan.apply_states(hidden)
         return args, kwargs
 
-    def _gather_layer_kwargs(self, kwargs: dict[str, Any], state: _InFlight) -> None:
-        """Rotary cos/sin, text position ids and the attention mask of a layer >= K, to kept tokens."""
+    def _gather_layer_kwargs(self, kwargs: dict[str, Any], state: _InFlight, recurrent: bool = False) -> None:
+        """Rotary cos/sin, text position ids and the attention mask of a layer >= K, to kept tokens. A recurrent
+        layer (``ModelAdapter.recurrent_layers``) masks only this call's own tokens: its 2-D mask follows the
+        call's kept tokens, and it never gets the cache's columns or a 4-D mask."""
         cols, rows = state.cols, state.rows
         if rows is not None:
             pe = kwargs.get("position_embeddings")
@@ -149,7 +153,15 @@ class LayerSite(Site):
         mask = kwargs.get("attention_mask")
         if state.masks is not None:
             return
-        if mask is None:
+        if recurrent:
+            if rows is not None and (mask is not None or rows.has_padding_slots):
+                if mask is not None and (mask.dim() != 2 or mask.shape[-1] != rows.full_len):
+                    raise VTPruneError(f"unexpected mask of shape {tuple(mask.shape)} in a recurrent decoder layer: "
+                                       f"expected [batch, {rows.full_len}]")
+                if mask is None:  # the model assumed no padding; re-padding added some
+                    mask = torch.ones(rows.valid.shape[0], rows.full_len, dtype=torch.long, device=rows.valid.device)
+                kwargs["attention_mask"] = rows.gather_2d_mask(mask)
+        elif mask is None:
             if cols.has_padding_slots:  # the model assumed no padding; re-padding added some
                 kwargs["attention_mask"] = self._build_mask(kwargs, state)
         elif mask.dim() == 2:

@@ -72,8 +72,9 @@ class PreLLMSite(Site):
         if mask is None:
             real = call.cache_real(kept_real)
             return None if bool(real.all()) else real.long()
-        if isinstance(mask, dict):
-            return {k: None if m is None else cols.gather_4d_mask(m, plan, call.static) for k, m in mask.items()}
+        if isinstance(mask, dict):  # per layer type; a 2-D entry masks only this call's tokens (recurrent layers)
+            return {k: None if m is None else plan.gather_2d_mask(m) if m.dim() == 2 else
+                    cols.gather_4d_mask(m, plan, call.static) for k, m in mask.items()}
         if mask.dim() == 2:
             return cols.gather_2d_mask(mask)
         if mask.dim() == 4:
