@@ -15,7 +15,8 @@ What this family adds:
   hidden states are the pruned ones; K >= levels needs nothing.
 * **Positions**: (t, h, w) ids kept as on the full sequence (``get_rope_index``, which needs ``mm_token_type_ids``);
   ``generate`` passes 4 rows ``[text, t, h, w]``.
-* **LLM q/k** (:meth:`llm_qk`): per-head ``q_norm``/``k_norm`` before RoPE.
+* **LLM q/k**: per-head ``q_norm``/``k_norm`` before RoPE, which the base ``llm_qk`` applies where the attention
+  has them.
 * **No [CLS]**: [CLS]-reading methods use the documented received-attention fallback, as for Qwen2-VL.
 
 A family with the same tower and positions but no DeepStack (Qwen3.5) subclasses this adapter with
@@ -30,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import InputCapture, rotate
 from .base import LmmsWrapper, SyntheticImage
 from .qwen2_vl import CHAT_TEMPLATE, Qwen2VLAdapter
 
@@ -110,18 +110,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             return original(hidden_states, visual_pos_masks, visual_embeds)
 
         return [_InstancePatch(lm, "_deepstack_process", deepstack_process)]
-
-    # ---- LLM q/k: per-head RMSNorm before RoPE -------------------------------------------------------
-    def llm_qk(self, layer: int, capture: InputCapture) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """q_proj/k_proj, then ``q_norm``/``k_norm`` over each head, then (interleaved M-)RoPE."""
-        attn = self.llm_attention(layer)
-        hidden = capture.tensor("hidden_states")
-        cos, sin = capture.tensor("position_embeddings", 1)
-        b, n, _ = hidden.shape
-        q = attn.q_norm(attn.q_proj(hidden).view(b, n, -1, attn.head_dim)).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(hidden).view(b, n, -1, attn.head_dim)).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return rotate(q, cos, sin), rotate(k, cos, sin), float(attn.scaling)
 
     # ---- FLOPs ----------------------------------------------------------------------------------------
     @classmethod
