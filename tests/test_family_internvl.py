@@ -14,6 +14,7 @@ from conftest import batch_inputs, model
 import vtprune
 from vtprune import benchmark as B
 from vtprune import flops as F
+from vtprune.capture import rotate
 from vtprune.models import ModelAdapter, adapter_for
 from vtprune.models.internvl import InternVLAdapter
 from vtprune.ops import cls_attention_scores, graph_of, lattice, pooled, received_attention
@@ -225,6 +226,93 @@ def test_token_map_and_projector_inputs_reproduce_the_visual_tokens(probe):
             assert not torch.allclose(proj(first_view_only), feats, atol=1e-3)
         first += len(views)
     assert first == inputs["pixel_values"].shape[0]
+
+
+# ---- InternVL3.5: the same tower and projector on a Qwen3 decoder (per-head q/k norms) ------------------------
+@pytest.fixture(scope="module")
+def qwen3_internvl():
+    """The tiny InternVL with a Qwen3 decoder (InternVL3.5's LLM), eager attention, and the tiny processor."""
+    from transformers import InternVLForConditionalGeneration
+
+    config, _ = InternVLAdapter.tiny_parts(4)
+    data = config.to_dict()
+    data["text_config"].update(model_type="qwen3", head_dim=16)
+    config = type(config)(**{k: v for k, v in data.items() if k != "model_type"})
+    torch.manual_seed(0)
+    m = InternVLForConditionalGeneration(config).eval()
+    InternVLAdapter.tiny_weights(m)
+    m.set_attn_implementation("eager")
+    tv = model(FAMILY)
+    m.generation_config.suppress_tokens = tv.model.generation_config.suppress_tokens  # never emit placeholders
+    m.generation_config.pad_token_id = tv.model.generation_config.pad_token_id
+    m.generation_config.bos_token_id = m.generation_config.eos_token_id = None
+    return m, tv
+
+
+def test_qwen3_decoder_llm_qk_is_the_eager_attention(qwen3_internvl):
+    """FastV-style scores read layer K-1's q/k: on a Qwen3 decoder they need its per-head q/k norms."""
+    m, tv = qwen3_internvl
+    assert m.model.language_model.layers[0].self_attn.q_norm is not None
+    inputs = batch_inputs(tv, [0, 1])
+    seen = []
+
+    class Probe(vtprune.Pruner):
+        config_class = type("_ivl_llmConfig", (vtprune.UniformConfig,), {"name": "_ivl_llm"})
+        needs = frozenset({"llm_qk"})
+
+        def select(self, view, k):
+            seen.append(view)
+            return lattice(view.num_tokens, k)
+
+    vtprune.register_pruner(Probe)
+    try:
+        with torch.no_grad(), vtprune.apply(m, "_ivl_llm", keep=0.5, site="layer", layer=2):
+            m(**inputs)
+    finally:
+        del _REGISTRY["_ivl_llm"]
+    with torch.no_grad():
+        attn = m(**inputs, output_attentions=True).attentions[1]
+    for view in seen:
+        qk = view.extras["llm_qk"]
+        real = inputs["attention_mask"][view.sample].bool()
+        key = qk.key.repeat_interleave(qk.query.shape[0] // qk.key.shape[0], dim=0)
+        got = ((qk.query[:, -1:] @ key.transpose(-1, -2)).squeeze(1) * qk.scaling).softmax(-1).mean(0)
+        torch.testing.assert_close(got, attn[view.sample, :, -1][:, real].mean(0), atol=1e-6, rtol=1e-5)
+    # negative control: Llama/Qwen2-style q/k (no per-head norms) from the same inputs miss the model's attention
+    layer = m.model.language_model.layers[1].self_attn
+    captured = {}
+    h = layer.register_forward_pre_hook(lambda mod, a, k: captured.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            m(**inputs)
+    finally:
+        h.remove()
+    hidden, (cos, sin) = captured["hidden_states"], captured["position_embeddings"]
+    b, n, _ = hidden.shape
+    with torch.no_grad():
+        q = rotate(layer.q_proj(hidden).view(b, n, -1, layer.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
+        k = rotate(layer.k_proj(hidden).view(b, n, -1, layer.head_dim).transpose(1, 2), cos[:, None], sin[:, None])
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    plain = ((q[:, :, -1:] @ k.transpose(-1, -2)).squeeze(2) * layer.scaling).softmax(-1).mean(1)
+    assert not torch.allclose(plain, attn[:, :, -1].mean(1), atol=1e-3)
+
+
+@pytest.mark.parametrize("site", [{"site": "pre_llm"}, {"site": "layer", "layer": 2}])
+def test_qwen3_decoder_prunes_exactly(qwen3_internvl, site):
+    """Keep-all is bit-identical, and a pruned generation equals its own uncached run, on the Qwen3 decoder."""
+    m, tv = qwen3_internvl
+    inputs = batch_inputs(tv, [0, 1])
+    gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = m(**inputs).logits
+        with vtprune.apply(m, "uniform", keep=1.0, **site):
+            assert torch.equal(m(**inputs).logits, ref)
+        with vtprune.apply(m, "fastv" if site["site"] == "layer" else "visionzip", keep=0.25, **site):
+            cached = m.generate(**inputs, **gen)
+            uncached = m.generate(**inputs, **gen, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ---- FLOPs -------------------------------------------------------------------------------------------------
