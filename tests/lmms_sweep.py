@@ -32,3 +32,14 @@ def lmms_sweep(tmp_path: Path, family: str, keep: int, size: int = 2) -> list[tu
     assert done.returncode == 0, done.stderr[-3000:]
     records = ResultsStore(out / "results.jsonl").records()
     return [(r, json.loads((out / r["lmms_eval"]["results_file"]).read_text())) for r in records]
+
+
+def check_cells(cells: list[tuple[dict[str, Any], dict[str, Any]]], model_id: str, before: int, after: int) -> None:
+    """The two cells of :func:`lmms_sweep` ran ``model_id`` through lmms-eval: both ok, ``before`` visual tokens per
+    question, all of them kept unpruned and ``after`` with the pruner, and the pruned cell's equivalent command."""
+    for (record, results), kept in zip(cells, (before, after)):
+        assert record["status"] == "ok", record.get("error")
+        assert results["config"]["model"] == model_id
+        throughput = results["throughput"]
+        assert throughput["avg_vtprune_visual_before"] == before and throughput["avg_vtprune_visual_after"] == kept
+    assert cells[1][0]["lmms_eval"]["command"].startswith(f"lmms-eval --model {model_id} --model_args pretrained=")

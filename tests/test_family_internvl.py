@@ -408,13 +408,7 @@ def test_lmms_eval_cli_runs_the_pruned_internvl_wrapper(tmp_path):
     """The stock lmms-eval CLI (through a sweep on the lmms_eval backend) runs ``vtprune_internvl_hf``: lmms-eval's
     InternVL-HF chat wrapper with the pruner installed."""
     pytest.importorskip("lmms_eval")
-    from lmms_sweep import lmms_sweep
+    from lmms_sweep import check_cells, lmms_sweep
 
-    (base, base_results), (pruned, pruned_results) = lmms_sweep(tmp_path, FAMILY, keep=4)
     # the shapes task's images are 112 x 112: 2x2 tiles + thumbnail, 5 views of 2x2 tokens
-    for record, results, after in ((base, base_results, 20), (pruned, pruned_results, 4)):
-        assert record["status"] == "ok", record.get("error")
-        assert results["config"]["model"] == "vtprune_internvl_hf"
-        throughput = results["throughput"]
-        assert throughput["avg_vtprune_visual_before"] == 20 and throughput["avg_vtprune_visual_after"] == after
-    assert pruned["lmms_eval"]["command"].startswith("lmms-eval --model vtprune_internvl_hf --model_args pretrained=")
+    check_cells(lmms_sweep(tmp_path, FAMILY, keep=4), "vtprune_internvl_hf", before=20, after=4)
