@@ -233,25 +233,6 @@ def test_real_config_geometry_matches_the_processor_counts():
     assert sum(g.resized for g in geoms) > 30
 
 
-def test_saved_checkpoint_loads_and_prunes(tmp_path):
-    from transformers import AutoProcessor
-
-    tv = model(FAMILY)
-    tv.model.save_pretrained(tmp_path)
-    tv.processor.save_pretrained(tmp_path)
-    loaded = B.build_model(str(tmp_path))
-    processor = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
-    prompt = tv.prompt("how many")
-    inputs = dict(processor(text=[prompt], images=[[random_image(0, (112, 112))]], return_tensors="pt"))
-    assert torch.equal(inputs["input_ids"], _inputs(tv, [random_image(0, (112, 112))], "how many")["input_ids"])
-    with torch.no_grad():
-        with vtprune.apply(loaded, "visionzip", keep=0.25):
-            got = loaded(**inputs).logits
-        with vtprune.apply(tv.model, "visionzip", keep=0.25):
-            want = tv.model(**inputs).logits
-    torch.testing.assert_close(got, want)
-
-
 def test_lmms_eval_cli_runs_the_pruned_wrapper(tmp_path):
     """The stock lmms-eval CLI (through a sweep on the lmms_eval backend) runs ``vtprune_llava_hf`` on a saved tiny
     OneVision model: lmms-eval's llava_hf classes load ``LlavaOnevisionForConditionalGeneration``."""
