@@ -79,6 +79,10 @@ MID_SIZE: dict[str, tuple[dict[str, Any], tuple[int, int] | None]] = {
                                                             "intermediate_size": 1024, "num_hidden_layers": 1,
                                                             "num_attention_heads": 4}},
                  (448, 896)),  # 4 x 2 tiles of 224 px + thumbnail, 16 x 16 patches shuffled to 8 x 8: 576 tokens
+    "llava_onevision": ({"image_grid_pinpoints": [[224, 224]],
+                         "vision_config": {"image_size": 224, "hidden_size": 256, "intermediate_size": 1024,
+                                           "num_hidden_layers": 1, "num_attention_heads": 4}},
+                        (224, 224)),  # base 16 x 16 + one 16 x 16 crop with a newline per row: 528 visual tokens
     "qwen3_vl": ({"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                       "mrope_section": [12, 10, 10], "mrope_interleaved": True}},
                   "vision_config": {"depth": 3, "hidden_size": 256, "out_hidden_size": 1024, "intermediate_size": 1024,
