@@ -11,6 +11,8 @@ from .sites import SITES as SITE_CLASSES
 
 SITES = tuple(SITE_CLASSES)  # the built-in sites; registered ones are checked through SITE_CLASSES
 POSITION_POLICIES = ("original", "compact")
+#: what happens to dropped visual tokens: ``"none"`` drops them; ``"proportional"`` merges them (see vtprune/merge.py)
+MERGE_MODES = ("none", "proportional")
 #: the seeds torch.Generator.manual_seed accepts (negative seeds wrap modulo 2**64)
 SEED_RANGE = (-2**63, 2**64 - 1)
 
@@ -33,6 +35,9 @@ class PrunerConfig:
                Qwen); ``"compact"`` renumbers kept tokens 0..N'-1 (pre-LLM only).
     seed:      seeds every random choice a pruner makes; an int in ``SEED_RANGE`` (what
                ``torch.Generator.manual_seed`` accepts).
+    merge:     ``"none"`` (default) drops unselected visual tokens; ``"proportional"`` merges each into a kept
+               token (size-weighted mean) and adds ``log size`` to every attention logit on that token
+               (ToMe's proportional attention; :mod:`vtprune.merge`). Only at sites with ``supports_merge``.
 
     :func:`vtprune.apply` installs a frozen copy: the hooks and the pruner were built from it, so setting a
     field of ``handle.config`` raises; ``dataclasses.replace(handle.config, keep=...)`` gives a new config.
@@ -44,6 +49,7 @@ class PrunerConfig:
     layer: int | None = None
     positions: str = "original"
     seed: int = 0
+    merge: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +70,11 @@ class PrunerConfig:
         if self.positions not in POSITION_POLICIES:
             raise VTPruneError(f"positions={self.positions!r}: expected one of {POSITION_POLICIES}")
         SITE_CLASSES[self.site].validate_options(self)
+        if not isinstance(self.merge, str) or self.merge not in MERGE_MODES:
+            raise VTPruneError(f"merge={self.merge!r}: expected one of {MERGE_MODES}")
+        if self.merge != "none" and not SITE_CLASSES[self.site].supports_merge:
+            raise VTPruneError(f"merge={self.merge!r} is not supported at site={self.site!r} yet (its cache and "
+                               "masks carry no per-key attention bias); use site='pre_llm'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise VTPruneError(f"seed must be an int, got {self.seed!r}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:

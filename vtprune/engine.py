@@ -30,6 +30,7 @@ from .config import PrunerConfig
 from .errors import VTPruneError
 from .methods.base import Pruner
 from .models import ImageSpans, ModelAdapter
+from .ops import merge_dropped
 from .plan import KeepPlan
 from .sites import ImageCall, site_class
 from .sites.continuation import drop_leading, is_static, ledger_of, refed_tokens
@@ -316,6 +317,8 @@ class Engine:
         plan over the call's tokens."""
         keep = torch.ones_like(real)
         replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        merging = self.config.merge == "proportional"
         image_rows = spans.image_mask(real.shape)
         pruned_any = False
         selections: list[Selection] = []
@@ -334,17 +337,21 @@ class Engine:
                                   sample=row, image=i, extras=spans.extras[i])
                 sel = self.pruner.select(view, k)
                 sel.check(n, k)
+                if merging:
+                    sel = merge_dropped(view.features, sel)
             kept = pos[sel.indices.to(pos.device)]
             keep[row, kept] = True
             if sel.embeddings is not None:
                 replacements.append((row, kept, sel.embeddings))
+            if merging and sel.sizes is not None:
+                sizes.append((row, kept, sel.sizes))
             self.recorder.add_image(row, n, k)
             selections.append(sel)
         if self._prefix is not None and self._in_prefill:
             self._memo = (*self._prefix, selections)
         if pruned_any:  # drop the batch's original padding too; rows are re-padded to the new longest row
             keep &= real
-        return KeepPlan.from_keep_mask(keep, replacements)
+        return KeepPlan.from_keep_mask(keep, replacements, sizes)
 
     # ---- stats --------------------------------------------------------------------------------------
     def _record_layer(self, module, args, kwargs):

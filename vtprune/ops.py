@@ -78,7 +78,9 @@ def adaptive_pool(features: torch.Tensor, layout: ImageLayout, k: int) -> Select
     The budget is split over segments by size; when a pooled grid has more than its share of cells, cells
     are dropped evenly in raster order. Newline tokens (LLaVA-NeXT) are kept only when k exceeds the grid
     tokens: then every grid token stays unpooled and the rest of the budget goes to newline tokens spread
-    evenly in raster order (``lattice``), so every k <= V is met and k = V keeps everything unchanged."""
+    evenly in raster order (``lattice``), so every k <= V is met and k = V keeps everything unchanged. A pooled
+    token's size is its window's token count (``merge="proportional"``; windows of dropped cells and newline
+    tokens are not merged)."""
     grids = layout.grid_tokens()
     grid = torch.cat([idx.reshape(-1) for _, idx in grids])
     if k >= grid.numel():
@@ -88,7 +90,7 @@ def adaptive_pool(features: torch.Tensor, layout: ImageLayout, k: int) -> Select
         extra = newline[lattice(newline.numel(), k - grid.numel()).indices] if k > grid.numel() else newline[:0]
         return Selection(indices=torch.sort(torch.cat([grid, extra])).values.to(features.device))
     shares = split_budget(k, [idx.numel() for _, idx in grids])
-    kept_idx, kept_emb = [], []
+    kept_idx, kept_emb, kept_size = [], [], []
     for (_, idx), share in zip(grids, shares):
         if share == 0:
             continue
@@ -104,9 +106,11 @@ def adaptive_pool(features: torch.Tensor, layout: ImageLayout, k: int) -> Select
             window = idx[r0:r1, c0:c1].reshape(-1).to(features.device)
             kept_idx.append(window[0])
             kept_emb.append(features[window].mean(0))
+            kept_size.append(window.numel())
     indices = torch.stack(kept_idx)
     order = torch.argsort(indices)
-    return Selection(indices=indices[order], embeddings=torch.stack(kept_emb)[order])
+    sizes = torch.tensor(kept_size, dtype=torch.float32, device=features.device)
+    return Selection(indices=indices[order], embeddings=torch.stack(kept_emb)[order], sizes=sizes[order])
 
 
 # ---- greedy diversity -------------------------------------------------------------------------------------
@@ -337,7 +341,37 @@ def best_match(x: torch.Tensor, y: torch.Tensor, budget: int = CHUNK_ELEMENTS) -
     return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
+def size_weighted_merge(states: torch.Tensor, sizes: torch.Tensor, sources: torch.Tensor, target: torch.Tensor,
+                        source_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's weighted average: ``sources`` [m, D] (sizes ``source_sizes``, default 1) merged into ``states``
+    [k, D] of ``sizes`` [k] by ``target`` [m] -> (size-weighted mean states [k, D] in the states' dtype, summed
+    sizes [k] float32). Accumulates in float32."""
+    w = torch.ones(target.numel(), device=states.device) if source_sizes is None else source_sizes.float()
+    total_size = sizes.float().index_add(0, target, w)
+    total = (states.float() * sizes.float()[:, None]).index_add(0, target, sources.float() * w[:, None])
+    return (total / total_size[:, None]).to(states.dtype), total_size
+
+
+def merge_dropped(features: torch.Tensor, sel: Selection) -> Selection:
+    """``sel`` with every dropped token of ``features`` [V, D] merged into its most cosine-similar kept token
+    (lowest index on ties): size-weighted mean states, summed sizes. A selection that already carries sizes
+    (its pruner merged the tokens itself, e.g. VisionZip's contextual tokens) is returned as it is."""
+    if sel.sizes is not None:
+        return sel
+    kept = sel.indices.to(features.device)
+    states = features[kept] if sel.embeddings is None else sel.embeddings
+    ones = torch.ones(kept.numel(), device=features.device)
+    dropped = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    dropped[kept] = False
+    if not bool(dropped.any()):
+        return Selection(indices=sel.indices, embeddings=sel.embeddings, sizes=ones)
+    target = best_match(features[dropped], features[kept])[1]
+    merged, sizes = size_weighted_merge(states, ones, features[dropped], target)
+    return Selection(indices=sel.indices, embeddings=merged, sizes=sizes)
+
+
 # ---- node scores -------------------------------------------------------------------------------------------
+
 def cls_attention(g: AttentionGraph) -> torch.Tensor:
     """Head-mean attention the [CLS] query pays every node (the [CLS] node's own entry included): [N]."""
     return attention_rows(g.query[:, :1], g.key, g.scaling)[:, 0].mean(0)

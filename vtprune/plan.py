@@ -14,13 +14,15 @@ import torch
 @dataclass
 class KeepPlan:
     """index: [b, Lk] full-sequence index per slot; valid: [b, Lk]; full_len: L before pruning;
-    replace_mask/replace_values: slots whose state is replaced (merged tokens) and their new states."""
+    replace_mask/replace_values: slots whose state is replaced (merged tokens) and their new states;
+    bias: [b, Lk] float ``log size`` per slot (``merge="proportional"``: the key bias of merged tokens), or None."""
 
     index: torch.Tensor
     valid: torch.Tensor
     full_len: int
     replace_mask: torch.Tensor | None = None
     replace_values: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -33,7 +35,8 @@ class KeepPlan:
     @property
     def is_identity(self) -> bool:
         """True when the plan keeps every token in place with no merged states: applying it changes nothing."""
-        return (self.length == self.full_len and self.replace_mask is None and not self.has_padding_slots
+        return (self.length == self.full_len and self.replace_mask is None and self.bias is None
+                and not self.has_padding_slots
                 and bool((self.index == torch.arange(self.full_len, device=self.index.device)).all()))
 
     @classmethod
@@ -47,15 +50,22 @@ class KeepPlan:
         return self.concat(KeepPlan.identity(self.index.shape[0], n, self.index.device))
 
     def concat(self, other: "KeepPlan") -> "KeepPlan":
-        """This plan followed by ``other``, whose indices count from this plan's end (a later pruned chunk)."""
+        """This plan followed by ``other``, whose indices count from this plan's end (a later pruned chunk);
+        key biases follow their slots (0 where a part has none)."""
+        bias = None
+        if self.bias is not None or other.bias is not None:
+            bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.valid.shape, device=p.valid.device)
+                              for p in (self, other)], 1)
         return KeepPlan(index=torch.cat([self.index, other.index + self.full_len], 1),
-                        valid=torch.cat([self.valid, other.valid], 1), full_len=self.full_len + other.full_len)
+                        valid=torch.cat([self.valid, other.valid], 1), full_len=self.full_len + other.full_len,
+                        bias=bias)
 
     @classmethod
-    def from_keep_mask(cls, keep: torch.Tensor,
-                       replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = ()) -> "KeepPlan":
-        """Build from a [b, L] bool mask of surviving tokens and optional merged states given as
-        ``(row, sequence positions [k], states [k, D])``."""
+    def from_keep_mask(cls, keep: torch.Tensor, replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = (),
+                       sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = ()) -> "KeepPlan":
+        """Build from a [b, L] bool mask of surviving tokens, optional merged states given as
+        ``(row, sequence positions [k], states [k, D])`` and optional token counts ``(row, positions [k],
+        sizes [k])`` (the plan's ``bias`` is their log; none when every size is 1)."""
         b, full_len = keep.shape
         counts = keep.sum(1)
         lk = int(counts.max())
@@ -65,10 +75,14 @@ class KeepPlan:
         first = order.gather(1, (lk - counts).clamp(max=lk - 1)[:, None])
         index = torch.where(valid, order, first)  # padding slots copy the row's first kept token
         plan = cls(index=index, valid=valid, full_len=full_len)
+        slot_of = torch.full((b, full_len), -1, dtype=torch.long, device=keep.device)
+        rows_v, slots_v = valid.nonzero(as_tuple=True)
+        slot_of[rows_v, index[rows_v, slots_v]] = slots_v
+        if any(bool((s > 1).any()) for _, _, s in sizes):
+            plan.bias = torch.zeros(b, lk, device=keep.device)
+            for row, pos, size in sizes:
+                plan.bias[row, slot_of[row, pos]] = size.to(plan.bias).log()
         if replacements:
-            slot_of = torch.full((b, full_len), -1, dtype=torch.long, device=keep.device)
-            rows_v, slots_v = valid.nonzero(as_tuple=True)
-            slot_of[rows_v, index[rows_v, slots_v]] = slots_v
             dim = replacements[0][2].shape[-1]
             values = torch.zeros(b, lk, dim, dtype=replacements[0][2].dtype, device=keep.device)
             mask = torch.zeros(b, lk, dtype=torch.bool, device=keep.device)

@@ -138,6 +138,9 @@ def apply_timm(model: nn.Module, config: PrunerConfig) -> TimmPruneHandle:
     if not isinstance(config, ZeroTPruneConfig):
         raise VTPruneError(f"pruner {config.name!r} does not support timm ViTs; "
                            "use 'zero_tprune' (alias 'pagerank')")
+    if config.merge != "none":
+        raise VTPruneError(f"merge={config.merge!r} is not supported on timm ViTs (their blocks take no attention "
+                           "bias); prune with merge='none'")
     depth = len(model.blocks)
     blocks = config.vit_blocks or default_blocks(depth)
     if blocks[-1] >= depth:

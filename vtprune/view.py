@@ -104,10 +104,13 @@ class VisualView:
 @dataclass
 class Selection:
     """A pruner's answer for one image: ``indices`` (sorted, unique, into 0..V-1) of the tokens kept, and
-    optionally ``embeddings`` [k, D] replacing their states (merging methods such as pooling)."""
+    optionally ``embeddings`` [k, D] replacing their states (merging methods such as pooling) and ``sizes`` [k]
+    how many of the image's tokens each kept token stands for (read only with ``merge="proportional"``, which
+    then merges no further)."""
 
     indices: torch.Tensor
     embeddings: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
 
     def check(self, num_tokens: int, k: int) -> None:
         """Fail loudly if a pruner broke the contract."""
@@ -118,6 +121,9 @@ class Selection:
             raise RuntimeError("pruner indices must be sorted, unique and within the image's tokens")
         if self.embeddings is not None and self.embeddings.shape[0] != k:
             raise RuntimeError(f"pruner returned {self.embeddings.shape[0]} embeddings for {k} indices")
+        if self.sizes is not None and (self.sizes.shape != (k,) or bool((self.sizes < 1).any())):
+            raise RuntimeError(f"pruner returned sizes of shape {tuple(self.sizes.shape)} for {k} indices; "
+                               "expected one size >= 1 per kept token")
 
 
 def budget(keep: float | int, num_tokens: int) -> int:

@@ -39,9 +39,10 @@ def contextual_targets(rest: torch.Tensor, n_ctx: int) -> torch.Tensor:
 
 
 def merge_groups(inputs: torch.Tensor, targets: torch.Tensor, others: torch.Tensor, assign: torch.Tensor,
-                 mode: str) -> torch.Tensor:
-    """Projector inputs [n_ctx, g, d_v] of the contextual tokens. ``reference``: target + mean(assigned)
-    (+ 0 without assignees); ``clean``: the mean over the target and its assignees."""
+                 mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projector inputs [n_ctx, g, d_v] of the contextual tokens and their group sizes [n_ctx] (the target and
+    its assignees). ``reference``: target + mean(assigned) (+ 0 without assignees); ``clean``: the mean over
+    the target and its assignees."""
     x = inputs.float()
     total = torch.zeros(targets.numel(), *x.shape[1:], device=x.device).index_add_(0, assign, x[others])
     count = torch.bincount(assign, minlength=targets.numel()).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
@@ -49,7 +50,7 @@ def merge_groups(inputs: torch.Tensor, targets: torch.Tensor, others: torch.Tens
         merged = x[targets] + total / count.clamp(min=1)
     else:
         merged = (x[targets] + total) / (count + 1)
-    return merged.to(inputs.dtype)
+    return merged.to(inputs.dtype), count.flatten() + 1
 
 
 @register_pruner
@@ -66,7 +67,9 @@ class VisionZipPruner(ReadsEncoderAttention, Pruner):
     ``mode="reference"`` merges as the reference does (target + mean of assignees, which doubles a group's
     scale); ``mode="clean"`` (default) takes the plain mean of the group. LLaVA-NeXT views are compressed
     together with one global ranking (the reference gives every view the same counts); newline tokens are
-    never merged and rank last. With fewer kept tokens than tokens with encoder features, ``n_ctx = 0``.
+    never merged and rank last. With more kept tokens than tokens with encoder features, ``n_ctx = 0``.
+    Every selection carries sizes (1 for dominant tokens, the group's token count for a contextual one), so with
+    ``merge="proportional"`` a contextual token's keys get ``+log(group size)`` and nothing else is merged.
     See docs/algorithms.md, section ``visionzip``."""
 
     reads_cls = "always"
@@ -79,22 +82,25 @@ class VisionZipPruner(ReadsEncoderAttention, Pruner):
         n_ctx = round(self.config.contextual * k) if k <= int(proj.valid.sum()) else 0
         scores = cls_attention_scores(view).masked_fill(~proj.valid, float("-inf"))
         dominant = top_k(scores, k - n_ctx).indices
+        ones = torch.ones(k, device=view.features.device)
         if n_ctx == 0:
-            return Selection(indices=dominant)
+            return Selection(indices=dominant, sizes=ones)
         rest_mask = proj.valid.clone()
         rest_mask[dominant] = False
         rest = rest_mask.nonzero().flatten()
         targets = contextual_targets(rest, n_ctx)
         others = rest[~torch.isin(rest, targets)]
         if others.numel() == 0:  # k = every token with encoder features: nothing left to merge
-            return Selection(indices=torch.sort(torch.cat([dominant, targets])).values)
+            return Selection(indices=torch.sort(torch.cat([dominant, targets])).values, sizes=ones)
         keys = token_keys(reading_graphs(view), view.num_tokens)
         assign = best_match(keys[others], keys[targets])[1]
-        merged = proj.project(merge_groups(proj.inputs, targets, others, assign, self.config.mode))
+        groups, group_sizes = merge_groups(proj.inputs, targets, others, assign, self.config.mode)
+        merged = proj.project(groups)
         indices = torch.cat([dominant, targets])
         states = torch.cat([view.features[dominant], merged.to(view.features.dtype)])
+        sizes = torch.cat([ones[:dominant.numel()], group_sizes.to(ones)])
         order = torch.argsort(indices)
-        return Selection(indices=indices[order], embeddings=states[order])
+        return Selection(indices=indices[order], embeddings=states[order], sizes=sizes[order])
 
     @classmethod
     def overhead_flops(cls, before: int, kept: int, dim: int) -> None:

@@ -56,8 +56,9 @@ class ImageCall:
 
     def ledger(self, plan: KeepPlan, pos_delta: torch.Tensor | None = None) -> Ledger:
         """The ledger of a cache that this call (pruned by ``plan``) has just written."""
-        return Ledger(plan=self.cols(plan), next_pos=self.next_pos, real=self.cache_real(self.kept_real(plan)),
-                      pos_delta=pos_delta)
+        cols = self.cols(plan)
+        return Ledger(plan=cols, next_pos=self.next_pos, real=self.cache_real(self.kept_real(plan)),
+                      pos_delta=pos_delta, bias=cols.bias)
 
 
 class Site:
@@ -72,6 +73,8 @@ class Site:
     #: whether the cache length transformers reports is the pruned one (pre-LLM) or the full one (in-LLM,
     #: where layer 0 keeps every token)
     shortens_cache: bool = True
+    #: whether ``merge="proportional"`` works here: its masks carry the per-key ``log size`` bias (vtprune/merge.py)
+    supports_merge: bool = False
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine  # the vtprune.engine.Engine that calls this site (untyped: the engine imports sites)

@@ -24,12 +24,15 @@ class Ledger:
     """plan: pruned layers' slot -> conversation index, up to the last call that pruned (``plan.full_len``
     tokens); next_pos: [A, b] next position after them (original coordinates); real: [b, plan.length]
     slots holding real tokens; ids: [b, n] every token id fed so far (pre-LLM site, to recognise re-fed
-    tokens), ``None`` once a call came without ids; pos_delta: original minus compact next position."""
+    tokens), ``None`` once a call came without ids; pos_delta: original minus compact next position;
+    bias: [b, plan.length] ``log size`` of every cached slot that stands for merged tokens (``merge=
+    "proportional"``), added to each attention logit on that key at every later call; ``None``: no merging."""
 
     plan: KeepPlan
     next_pos: torch.Tensor
     real: torch.Tensor
     pos_delta: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def appended(self, past: int, pruned_length: bool) -> int:
         """Tokens cached since ``plan`` was made, given the cache length ``past`` the model reports (the

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import VTPruneError
+from ..merge import biased_mask, check_merge_support
 from ..plan import KeepPlan
 from .base import ImageCall, Site
 from .continuation import Ledger, attach, cache_mask
@@ -28,6 +29,12 @@ class PreLLMSite(Site):
     name = "pre_llm"
     title = "pre-LLM"
     shortens_cache = True
+    supports_merge = True
+
+    @classmethod
+    def check(cls, config: Any, adapter: Any) -> None:
+        if config.merge != "none":
+            check_merge_support(adapter)
 
     def images(self, kwargs: dict[str, Any], call: ImageCall) -> None:
         engine = self.engine
@@ -51,6 +58,9 @@ class PreLLMSite(Site):
                 raise VTPruneError("a new image on a cached conversation with per-layer-type masks this family "
                                    "cannot rebuild")
         kwargs["attention_mask"] = rebuilt if rebuilt is not None else self._mask(mask, call, plan, kept_real)
+        cols = call.cols(plan)
+        if cols.bias is not None:
+            self._bias(kwargs, cols.bias, plan.length, cols.length, call.static)
         kept_pos = plan.gather(call.pos, seq_dim=-1, batch_dim=-2)
         delta = None
         if engine.config.positions == "compact":  # prefill only: the engine refuses compact later images
@@ -69,9 +79,9 @@ class PreLLMSite(Site):
         cols = call.cols(plan)
         if isinstance(mask, dict) and all(m is None for m in mask.values()):
             mask = None  # ``generate``'s static-cache masks of a batch without padding: the model builds them
-        if mask is None:
-            real = call.cache_real(kept_real)
-            return None if bool(real.all()) else real.long()
+        if mask is None:  # a 2-D mask even without padding: transformers reads the kept tokens' position gaps as
+            real = call.cache_real(kept_real)  # packed sequences in a call with neither mask nor cache
+            return None if bool(real.all()) and call.static else real.long()
         if isinstance(mask, dict):  # per layer type; a 2-D entry masks only this call's tokens (recurrent layers)
             return {k: None if m is None else plan.gather_2d_mask(m) if m.dim() == 2 else
                     cols.gather_4d_mask(m, plan, call.static) for k, m in mask.items()}
@@ -81,6 +91,14 @@ class PreLLMSite(Site):
             return cols.gather_4d_mask(mask, plan, call.static)
         raise VTPruneError(f"unexpected attention mask of shape {tuple(mask.shape)}: expected [batch, seq] or "
                            "[batch, heads, query, key]")
+
+    def _bias(self, kwargs: dict[str, Any], bias: torch.Tensor, q: int, kv: int, static: bool) -> None:
+        """Carry merged tokens' ``log size`` key bias (``merge="proportional"``) in the call's attention mask."""
+        if static:
+            raise VTPruneError("merge='proportional' with a static cache: its fixed-width masks are built by "
+                               "generate and cannot carry the key bias; use a dynamic cache")
+        kwargs["attention_mask"] = biased_mask(kwargs["attention_mask"], bias, q, kv,
+                                               self.engine.adapter.attn_implementation, kwargs["inputs_embeds"].dtype)
 
     def _model_positions(self, pos: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
         """[A, b, L] back to the layout the model was given (2D for LLaVA; 3 or 4 rows for Qwen)."""
@@ -94,6 +112,8 @@ class PreLLMSite(Site):
             padding = cache_mask(ledger, self.engine.backbone_mask, past, q, static)
             rebuilt = self.engine.family_masks(kwargs["inputs_embeds"], padding, kwargs.get("past_key_values"), 0)
         kwargs["attention_mask"] = rebuilt if rebuilt is not None else cache_mask(ledger, mask, past, q, static)
+        if ledger.bias is not None:
+            self._bias(kwargs, ledger.bias, q, past + q, static)
         pos = kwargs.get("position_ids")
         if ledger.pos_delta is not None and pos is not None:
             kwargs["position_ids"] = self._compact(pos, ledger.pos_delta)
