@@ -25,7 +25,8 @@ VISION_QK = "vision_qk"  # q/k of vision-encoder attention layers (``Pruner.visi
 PROJECTOR = "projector"  # the projector's inputs per visual token, and the projector itself
 FINAL_NORM = "final_norm"  # the language model's final norm (DART compares final-normed hidden states)
 HINTS = "hints"  # per-sample values the caller passes with ``PruneHandle.set_hints`` (informed references)
-NEEDS = (LLM_QK, VISION_QK, PROJECTOR, FINAL_NORM, HINTS)
+LAYER_QK = "layer_qk"  # post-RoPE q/k that decoder layer K itself would compute on its input (PyramidDrop)
+NEEDS = (LLM_QK, VISION_QK, PROJECTOR, FINAL_NORM, HINTS, LAYER_QK)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class Signals:
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise VTPruneError(f"pruner {name!r} needs unknown signals {sorted(unknown)}; known: {NEEDS}")
-        if LLM_QK in self.needs and self.config.site != "layer":
+        if self.needs & {LLM_QK, LAYER_QK} and self.config.site != "layer":
             raise VTPruneError(f"pruner {name!r} reads decoder-layer attention, so it needs site='layer'")
 
     def install(self, hook_pre: HookFn) -> None:
@@ -223,10 +224,16 @@ class Signals:
         if self.llm is None:
             return
         q, k, scaling = self.adapter.llm_qk(self.config.layer - 1, self.llm)
-        rank = real.long().cumsum(1) - 1
-        text = real & ~spans.image_mask(real.shape)
-        for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
-            idx = real[row].nonzero().flatten()
-            ex["llm_qk"] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos],
-                                 text=rank[row, text[row]], scaling=scaling,
-                                 window=self.adapter.llm_window(self.config.layer - 1))
+        add_qk_extras(LLM_QK, q, k, scaling, self.adapter.llm_window(self.config.layer - 1), spans, real)
+
+
+def add_qk_extras(key: str, q: torch.Tensor, k: torch.Tensor, scaling: float, window: int | None, spans: Any,
+                  real: torch.Tensor) -> None:
+    """Attach post-RoPE q [b, H, L, hd] / k [b, H_kv, L, hd] of a call's L tokens (``real`` [b, L]) to each image's
+    extras under ``key``, as :class:`LLMQK` over its sample's real tokens."""
+    rank = real.long().cumsum(1) - 1
+    text = real & ~spans.image_mask(real.shape)
+    for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
+        idx = real[row].nonzero().flatten()
+        ex[key] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos], text=rank[row, text[row]],
+                        scaling=scaling, window=window)

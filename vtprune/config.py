@@ -35,6 +35,9 @@ class PrunerConfig:
                Qwen); ``"compact"`` renumbers kept tokens 0..N'-1 (pre-LLM only).
     seed:      seeds every random choice a pruner makes; an int in ``SEED_RANGE`` (what
                ``torch.Generator.manual_seed`` accepts).
+    schedule:  several in-LLM cuts in one prefill (``site="layer"``): ``((layer, keep), ...)`` with increasing layers
+               and decreasing keeps, each keep counted on the image's full V (``keep`` and ``layer`` become the
+               first cut's); see :class:`vtprune.sites.layer.LayerSite`.
     merge:     ``"none"`` (default) drops unselected visual tokens; ``"proportional"`` merges each into a kept
                token (size-weighted mean) and adds ``log size`` to every attention logit on that token
                (ToMe's proportional attention; :mod:`vtprune.merge`). Only at sites with ``supports_merge``.
@@ -49,6 +52,7 @@ class PrunerConfig:
     layer: int | None = None
     positions: str = "original"
     seed: int = 0
+    schedule: tuple[tuple[int, float | int], ...] | None = None
     merge: str = "none"
 
     def __post_init__(self) -> None:
@@ -80,6 +84,11 @@ class PrunerConfig:
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise VTPruneError(f"seed={self.seed}: expected an int in [-2**63, 2**64 - 1], the range "
                                "torch.Generator.manual_seed accepts")
+
+    def default_schedule(self, num_layers: int) -> tuple[tuple[int, float | int], ...] | None:
+        """The in-LLM cuts this pruner makes on a ``num_layers``-layer decoder when ``schedule`` is not given
+        (e.g. PyramidDrop's); ``None``: one cut at ``layer``."""
+        return None
 
     def freeze(self) -> None:
         """Refuse every later field assignment (the config of installed hooks must not drift from them)."""

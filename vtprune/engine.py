@@ -92,9 +92,10 @@ class Engine:
         # refed_tokens); it also derives positions from the pruned cache's length, so the ledger's replace them
         self._refeed: int | None = None
         # within one generate call: the last prefill's LM inputs and per-image selections
-        self._memo: tuple[torch.Tensor, torch.Tensor, list[Selection]] | None = None
+        # (selections by stage: a multi-stage schedule selects once per cut)
+        self._memo: tuple[torch.Tensor, torch.Tensor, dict[int, list[Selection]]] | None = None
         self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._reuse: list[Selection] | None = None
+        self._reuse: dict[int, list[Selection]] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -298,7 +299,7 @@ class Engine:
         return cache
 
     # ---- selection ----------------------------------------------------------------------------------
-    def _reusable_selections(self, embeds: torch.Tensor, real: torch.Tensor) -> list[Selection] | None:
+    def _reusable_selections(self, embeds: torch.Tensor, real: torch.Tensor) -> dict[int, list[Selection]] | None:
         """Within one ``generate`` call, the last prefill's selections if this prefill only appends tokens to
         it (uncached generation re-runs the growing prompt): the images were already pruned for that prompt,
         so the choice stands even for pruners that read the last prompt token. Never across calls."""
@@ -312,9 +313,13 @@ class Engine:
             return None
         return selections
 
-    def select(self, states: torch.Tensor, spans: ImageSpans, real: torch.Tensor) -> KeepPlan:
+    def select(self, states: torch.Tensor, spans: ImageSpans, real: torch.Tensor, stage: int = 0,
+               pruner: Pruner | None = None, counts: list[int] | None = None) -> KeepPlan:
         """Ask the pruner about every image of a call (its tokens' ``states``) and turn the answers into a keep
-        plan over the call's tokens."""
+        plan over the call's tokens. A later cut of a multi-stage schedule (``stage`` > 0, in-LLM) passes its own
+        ``pruner`` and the tokens to keep per image (``counts``, from each image's full layout)."""
+        pruner = self.pruner if pruner is None else pruner
+        reuse = None if self._reuse is None else self._reuse.get(stage)
         keep = torch.ones_like(real)
         replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -324,18 +329,18 @@ class Engine:
         selections: list[Selection] = []
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):
             n = pos.numel()
-            k = min(self.pruner.count(layout), n)
+            k = min(pruner.count(layout) if counts is None else counts[i], n)
             keep[row, pos] = False
             pruned_any |= k < n
-            if k >= n and isinstance(self.config.keep, float):  # keep=1.0: nothing to choose, no pruner runs
+            if k >= n and isinstance(pruner.config.keep, float):  # keep=1.0: nothing to choose, no pruner runs
                 sel = Selection(indices=torch.arange(n, device=pos.device))
-            elif self._reuse is not None and i < len(self._reuse):
-                sel = self._reuse[i]
+            elif reuse is not None and i < len(reuse):
+                sel = reuse[i]
             else:
                 view = VisualView(features=states[row, pos], text=states[row, real[row] & ~image_rows[row]],
-                                  layout=layout, site=self.config.site, layer=self.config.layer,
+                                  layout=layout, site=self.config.site, layer=pruner.config.layer,
                                   sample=row, image=i, extras=spans.extras[i])
-                sel = self.pruner.select(view, k)
+                sel = pruner.select(view, k)
                 sel.check(n, k)
                 if merging:
                     sel = merge_dropped(view.features, sel)
@@ -345,10 +350,16 @@ class Engine:
                 replacements.append((row, kept, sel.embeddings))
             if merging and sel.sizes is not None:
                 sizes.append((row, kept, sel.sizes))
-            self.recorder.add_image(row, n, k)
+            if stage == 0:
+                self.recorder.add_image(row, n, k)
+            else:
+                self.recorder.restage(i, k)
             selections.append(sel)
+        self.recorder.stage += 1
         if self._prefix is not None and self._in_prefill:
-            self._memo = (*self._prefix, selections)
+            if stage == 0 or self._memo is None:
+                self._memo = (*self._prefix, {})
+            self._memo[2][stage] = selections
         if pruned_any:  # drop the batch's original padding too; rows are re-padded to the new longest row
             keep &= real
         return KeepPlan.from_keep_mask(keep, replacements, sizes)

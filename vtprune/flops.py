@@ -132,6 +132,46 @@ def fastv_flops(model_or_config: Any, layer_seq_lens: Sequence[int]) -> int:
     return sum(fastv_layer_flops(n, dims.hidden, dims.intermediate) for n in layer_seq_lens)
 
 
+def pdrop_layer_flops(n: int, d: int, m: int) -> int:
+    """PyramidDrop's per-layer cost ``4nd² + 2n²d + 3ndm`` (gated FFN) of ``n`` tokens; its tables count visual
+    tokens only (``n`` = the layer's visual tokens)."""
+    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+
+def pdrop_flops(layer_visual: Sequence[int], d: int, m: int) -> int:
+    """PyramidDrop-convention prefill cost of one sample whose decoder layer ``l`` processed ``layer_visual[l]``
+    visual tokens (``SampleStats.layer_visual``): LLaVA-1.5-7B gives 3.82 T unpruned, 1.78 T for cuts at 8/16/24
+    with λ = 0.5 (its paper's table)."""
+    return sum(pdrop_layer_flops(n, d, m) for n in layer_visual)
+
+
+def stage_flops(model_or_config: Any, stats: PruneStats, causal: bool = False) -> list[dict[str, Any]]:
+    """The last prefill's LLM FLOPs per stage of a (multi-stage) schedule, summed over the batch's real tokens: one
+    entry per run of decoder layers whose visual token counts are the same for every sample, with ``layers``
+    (first, end), ``visual`` (per sample), the exact ``llm_linear``/``llm_attention`` (as :func:`count_flops`),
+    and the ``fastv`` and ``pdrop`` conventions."""
+    if not stats.samples:
+        raise VTPruneError("these stats hold no prefill yet: run the model once with the handle installed")
+    dims = LLMDims.from_config(model_or_config)
+    cost = layer_cost(model_or_config, causal)
+    per_layer = [tuple(s.layer_visual[layer] for s in stats.samples) for layer in range(dims.layers)]
+    starts = [0] + [layer for layer in range(1, dims.layers) if per_layer[layer] != per_layer[layer - 1]]
+    out = []
+    for start, end in zip(starts, starts[1:] + [dims.layers]):
+        entry: dict[str, Any] = {"layers": (start, end), "visual": list(per_layer[start]), "llm_linear": 0,
+                                 "llm_attention": 0, "fastv": 0, "pdrop": 0}
+        for s in stats.samples:
+            for layer in range(start, end):
+                n = s.layer_seq_lens[layer]
+                linear, mixing = cost(layer, n, n)
+                entry["llm_linear"] += linear
+                entry["llm_attention"] += mixing
+                entry["fastv"] += fastv_layer_flops(n, dims.hidden, dims.intermediate)
+                entry["pdrop"] += pdrop_layer_flops(s.layer_visual[layer], dims.hidden, dims.intermediate)
+        out.append(entry)
+    return out
+
+
 # ---- vision side (each family's formula: vtprune.models) ----------------------------------------------
 def _family_of(cfg: Any) -> type:
     """The registered family of a VLM config, by its ``model_type``."""
@@ -346,5 +386,6 @@ def measured_flops(fn: Callable[[], Any]) -> int:
 __all__ = [
     "DECODE_PARTS", "PREFILL_PARTS", "FlopsReport", "LLMDims", "VisionWork", "count_flops", "fastv_flops",
     "fastv_layer_flops", "flop_counter", "flops_from_stats", "flops_unpruned", "layer_cost", "measured_flops",
-    "pruner_overhead_flops", "register_overhead_flops", "vision_flops", "vision_work",
+    "pdrop_flops", "pdrop_layer_flops", "pruner_overhead_flops", "register_overhead_flops", "stage_flops",
+    "vision_flops", "vision_work",
 ]

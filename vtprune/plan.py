@@ -60,6 +60,12 @@ class KeepPlan:
                         valid=torch.cat([self.valid, other.valid], 1), full_len=self.full_len + other.full_len,
                         bias=bias)
 
+    def then(self, inner: "KeepPlan") -> "KeepPlan":
+        """This plan followed by ``inner``, a plan over this plan's slots (a later cut of a multi-stage schedule):
+        each of ``inner``'s slots mapped back to this plan's sequence indices (slots only, as :meth:`extend`)."""
+        return KeepPlan(index=self.index.gather(1, inner.index),
+                        valid=inner.valid & self.valid.gather(1, inner.index), full_len=self.full_len)
+
     @classmethod
     def from_keep_mask(cls, keep: torch.Tensor, replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = (),
                        sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = ()) -> "KeepPlan":

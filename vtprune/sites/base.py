@@ -85,6 +85,9 @@ class Site:
         if config.layer is not None:
             raise VTPruneError(f"layer={config.layer!r} is only meaningful with site='layer' (site is "
                                f"{config.site!r})")
+        if config.schedule is not None:
+            raise VTPruneError(f"schedule={config.schedule!r}: a multi-stage schedule cuts inside the LLM, so it needs "
+                               f"site='layer' (site is {config.site!r})")
 
     @classmethod
     def check(cls, config: Any, adapter: Any) -> None:

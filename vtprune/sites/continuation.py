@@ -32,6 +32,16 @@ class Ledger:
     next_pos: torch.Tensor
     real: torch.Tensor
     pos_delta: torch.Tensor | None = None
+    #: a multi-stage schedule's later layer groups (in-LLM site): (first decoder layer, slot -> conversation index,
+    #: real slots) of each, whose layers cache fewer slots than ``plan``'s; ``plan``/``real`` are the first group's
+    later: tuple[tuple[int, KeepPlan, torch.Tensor], ...] = ()
+
+    def group(self, index: int) -> "Ledger":
+        """The ledger of layer group ``index`` (0 = the first cut's layers, 1.. = :attr:`later`)."""
+        if index == 0:
+            return self
+        _, plan, real = self.later[index - 1]
+        return Ledger(plan=plan, next_pos=self.next_pos, real=real, pos_delta=self.pos_delta)
     bias: torch.Tensor | None = None
 
     def appended(self, past: int, pruned_length: bool) -> int:

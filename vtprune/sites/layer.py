@@ -1,33 +1,62 @@
 """The in-LLM site (FastV/DART style): layers < K see the whole prompt; layer K selects visual tokens from
 its input hidden states, and every layer >= K runs on the kept tokens (prefill) or attends only to them
-(decode), with rotary cos/sin, position ids and attention masks gathered to match."""
+(decode), with rotary cos/sin, position ids and attention masks gathered to match.
+
+A multi-stage schedule (``config.schedule``, PyramidDrop style) cuts again at later layers: each cut selects among
+the visual tokens still present, so layer group ``[b_s, b_{s+1})`` runs on fewer tokens than the one before it and
+caches fewer slots; the cache's :class:`~vtprune.sites.continuation.Ledger` keeps one slot -> conversation map per
+group, so decode steps and later turns continue every group exactly.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from ..errors import VTPruneError
 from ..plan import KeepPlan
+from ..view import ImageLayout, Segment
 from .base import ImageCall, Site
-from .continuation import Ledger, attach
+from .continuation import Ledger, attach, ledger_of
+
+#: a schedule as validated: ((layer, keep), ...)
+Schedule = tuple[tuple[int, "float | int"], ...]
+
+
+@dataclass
+class _Stage:
+    """One cut: its decoder layer, the pruner that selects there (its config's ``keep`` is the cut's budget, counted
+    on each image's full V) and the signals that capture layer-1's attention inputs for it."""
+
+    layer: int
+    pruner: Any
+    signals: Any
 
 
 @dataclass
 class _InFlight:
-    """What layers >= K need about the forward in flight. cols: slot -> conversation index of the pruned
-    layers' keys, up to ``cols.full_len``; extra: key columns beyond it in this call's masks; rows: the plan
-    of this call's own tokens once layer K pruned them; pending: the images layer K must select from."""
+    """What layers >= K need about the forward in flight. cols: slot -> conversation index of the current layer
+    group's keys, up to ``cols.full_len``; extra: key columns beyond it in this call's masks; rows: the plan of
+    this call's own tokens once the cuts so far pruned them; call: a call with images (cuts pending); calls: per
+    cut, that call with its layer group's cache slots as base; groups: a continuation's (cols, masks) per cut."""
 
     static: bool
     cols: KeepPlan | None = None
     extra: int = 0
     rows: KeepPlan | None = None
-    pending: ImageCall | None = None
-    #: the language model got per-layer-type masks (a dict); masks: the family's rebuilt masks of layers >= K
-    #: for the kept tokens (``ModelAdapter.lm_masks``), by mask key
+    call: ImageCall | None = None
+    calls: list[ImageCall] = field(default_factory=list)
+    #: rows after each cut made so far (``None``: nothing pruned yet)
+    stage_rows: list[KeepPlan | None] = field(default_factory=list)
+    groups: list[tuple[KeepPlan, dict[str, Any] | None]] = field(default_factory=list)
+    #: the first decoder layer of the current group (static caches size their masks on it)
+    layer: int = 0
+    #: the language model got per-layer-type masks (a dict); masks: the family's rebuilt masks of the current
+    #: group for the kept tokens (``ModelAdapter.lm_masks``), by mask key
     dict_masks: bool = False
     masks: dict[str, Any] | None = None
 
@@ -36,8 +65,89 @@ def _hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _keep_error(keep: Any) -> str | None:
+    """Why ``keep`` is not a budget (float in (0, 1] or int >= 1), or ``None``."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        return "expected a float in (0, 1] or an int >= 1"
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        return "a float keep is a fraction of the image's visual tokens and must be in (0, 1]"
+    if isinstance(keep, int) and keep < 1:
+        return "an int keep is a token count and must be >= 1"
+    return None
+
+
+def checked_schedule(schedule: Any) -> Schedule:
+    """``schedule`` as a tuple of ``(layer, keep)`` pairs, or a VTPruneError naming the offending entry: layers are
+    ints >= 1, strictly increasing; keeps are all fractions or all token counts, strictly decreasing."""
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, (list, tuple)) or not schedule:
+        raise VTPruneError(f"schedule={schedule!r}: expected a non-empty list of (layer, keep) pairs, e.g. "
+                           "[(8, 0.5), (16, 0.25), (24, 0.125)]")
+    out = []
+    for i, entry in enumerate(schedule):
+        if isinstance(entry, (str, bytes)) or not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise VTPruneError(f"schedule[{i}]={entry!r}: expected a (layer, keep) pair")
+        layer, keep = entry
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise VTPruneError(f"schedule[{i}]: layer={layer!r} must be an int >= 1")
+        error = _keep_error(keep)
+        if error:
+            raise VTPruneError(f"schedule[{i}]: keep={keep!r}: {error}")
+        if out:
+            last_layer, last_keep = out[-1]
+            if layer <= last_layer:
+                raise VTPruneError(f"schedule[{i}]: layer {layer} after layer {last_layer}: the cut layers must "
+                                   "strictly increase")
+            if type(keep) is not type(last_keep):
+                raise VTPruneError(f"schedule[{i}]: keep={keep!r} after keep={last_keep!r}: give every cut's keep "
+                                   "as a fraction (float) or every one as a token count (int)")
+            if keep >= last_keep:
+                raise VTPruneError(f"schedule[{i}]: keep={keep!r} after keep={last_keep!r}: each cut keeps fewer "
+                                   "visual tokens than the one before (keeps strictly decrease)")
+        out.append((layer, keep))
+    return tuple(out)
+
+
+def _restrict(spans: Any, rows: KeepPlan) -> Any:
+    """The images of a call that earlier cuts pruned by ``rows``: each image's surviving tokens as slots of the
+    shortened sequence, its layout one row of them in original order (the survivors no longer tile a grid), and
+    its per-token signals (vision q/k patch maps, projector inputs) restricted to the survivors."""
+    b = rows.index.shape[0]
+    slot_of = torch.full((b, rows.full_len), -1, dtype=torch.long, device=rows.index.device)
+    r, s = rows.valid.nonzero(as_tuple=True)
+    slot_of[r, rows.index[r, s]] = s
+    positions, layouts, extras = [], [], []
+    for row, pos, ex in zip(spans.rows, spans.positions, spans.extras):
+        slots = slot_of[row, pos]
+        kept = (slots >= 0).nonzero().flatten()
+        positions.append(slots[kept])
+        layouts.append(ImageLayout((Segment(1, kept.numel()),)))
+        extras.append(_restrict_extras(ex, kept, pos.numel()))
+    return dataclasses.replace(spans, positions=positions, layouts=layouts, extras=extras)
+
+
+def _restrict_extras(extras: dict[str, Any], kept: torch.Tensor, n: int) -> dict[str, Any]:
+    """One image's extras for its tokens ``kept`` (indices into its ``n`` original tokens); the decoder q/k are
+    recomputed by the cut itself."""
+    out = {k: v for k, v in extras.items() if k not in ("llm_qk", "layer_qk")}
+    if "vision_qk" in extras:
+        new_index = torch.full((n,), -1, dtype=torch.long, device=kept.device)
+        new_index[kept] = torch.arange(kept.numel(), device=kept.device)
+
+        def remap(view: Any) -> Any:
+            tokens = view.token_of_patch
+            moved = new_index.to(tokens.device)[tokens.clamp(min=0)]
+            return dataclasses.replace(view, token_of_patch=torch.where(tokens >= 0, moved, -1))
+        out["vision_qk"] = {layer: [remap(v) for v in views] for layer, views in extras["vision_qk"].items()}
+    proj = extras.get("projector")
+    if proj is not None:
+        idx = kept.to(proj.inputs.device)
+        out["projector"] = dataclasses.replace(proj, inputs=proj.inputs[idx], valid=proj.valid[idx],
+                                               exact=None if proj.exact is None else proj.exact[idx])
+    return out
+
+
 class LayerSite(Site):
-    """Prunes from decoder layer K on (``config.layer``)."""
+    """Prunes from decoder layer K on (``config.layer``), and again at each later cut of ``config.schedule``."""
 
     name = "layer"
     title = "in-LLM"
@@ -47,9 +157,23 @@ class LayerSite(Site):
     def __init__(self, engine) -> None:
         super().__init__(engine)
         self.in_flight: _InFlight | None = None
+        self.stages = self._build_stages()
+        self._stage_at = {st.layer: i for i, st in enumerate(self.stages)}
 
     @classmethod
     def validate_options(cls, config: Any) -> None:
+        if config.schedule is not None:
+            config.schedule = checked_schedule(config.schedule)
+            first_layer, first_keep = config.schedule[0]
+            if config.layer is not None and config.layer != first_layer:
+                raise VTPruneError(f"layer={config.layer!r} and schedule={config.schedule!r}: the first cut is at "
+                                   f"layer {first_layer}; give the cut layers in the schedule only")
+            default = next(f.default for f in dataclasses.fields(config) if f.name == "keep")
+            given = (type(config.keep), config.keep)
+            if given not in ((type(default), default), (type(first_keep), first_keep)):
+                raise VTPruneError(f"keep={config.keep!r} and schedule={config.schedule!r}: the first cut keeps "
+                                   f"{first_keep!r}; give the budgets in the schedule only")
+            config.layer, config.keep = first_layer, first_keep
         if config.layer is None:
             config.layer = 2
         if isinstance(config.layer, bool) or not isinstance(config.layer, int) or config.layer < 1:
@@ -62,32 +186,92 @@ class LayerSite(Site):
 
     @classmethod
     def check(cls, config: Any, adapter: Any) -> None:
-        if not 1 <= config.layer < adapter.num_layers:
-            raise VTPruneError(f"layer={config.layer} is out of range: this model has {adapter.num_layers} decoder "
-                               f"layers, so K must be in [1, {adapter.num_layers - 1}]")
+        n = adapter.num_layers
+        if config.schedule is None:
+            default = config.default_schedule(n)
+            if default is not None:  # the pruner's own schedule for this depth: complete the installed config
+                default = checked_schedule(default)
+                for name, value in (("schedule", default), ("layer", default[0][0]), ("keep", default[0][1])):
+                    object.__setattr__(config, name, value)
+        for i, (layer, _) in enumerate(config.schedule or ((config.layer, config.keep),)):
+            if not 1 <= layer < n:
+                where = f"schedule[{i}]: layer" if config.schedule is not None else "layer"
+                raise VTPruneError(f"{where}={layer} is out of range: this model has {n} decoder layers, so K must "
+                                   f"be in [1, {n - 1}]")
+
+    def _build_stages(self) -> list[_Stage]:
+        """The cuts: the engine's pruner and signals at the first; at each later one a pruner of the same config with
+        that cut's layer and keep, and its own capture of layer-1's attention inputs when the pruner reads them."""
+        from ..capture import LLM_QK, Signals
+
+        engine, config = self.engine, self.engine.config
+        stages = [_Stage(config.layer, engine.pruner, engine.signals)]
+        needs = frozenset(engine.pruner.needs)
+        for layer, keep in (config.schedule or ())[1:]:
+            stage_config = dataclasses.replace(config, layer=layer, keep=keep, schedule=None)
+            engine.adapter.check_site(stage_config, needs)
+            signals = Signals(engine.adapter, SimpleNamespace(needs=needs & {LLM_QK}), stage_config)
+            stages.append(_Stage(layer, type(engine.pruner)(stage_config), signals))
+        return stages
 
     def install(self) -> None:
+        from ..capture import LAYER_QK
+
         adapter = self.engine.adapter
-        for i in range(self.engine.config.layer, adapter.num_layers):
+        if LAYER_QK in self.engine.pruner.needs:
+            flat = [st.layer for st in self.stages if st.layer in adapter.recurrent_layers]
+            if flat:
+                raise VTPruneError(f"pruner {self.engine.config.name!r} reads the attention decoder layer K itself "
+                                   f"computes, but layer(s) {flat} are linear-attention layers with no attention map; "
+                                   "cut at full-attention layers")
+        for st in self.stages[1:]:
+            st.signals.install(self.engine.hook_pre)
+        for i in range(self.stages[0].layer, adapter.num_layers):
             self.engine.hook_pre(adapter.layers[i], self._make_layer_pre(i))
-        rows = lambda: None if self.in_flight is None else self.in_flight.rows  # noqa: E731
-        for handle in adapter.follow_layer_plan(self.engine.config.layer, rows):
+        rows = lambda: None if self.in_flight is None else self.in_flight.rows
+        for handle in adapter.follow_layer_plan(self.stages[0].layer, rows):
             self.engine.track(handle)
 
     def reset(self) -> None:
         self.in_flight = None
+        for st in self.stages[1:]:
+            st.signals.end_prefill()
+
+    def _check_ledger(self, ledger: Ledger) -> None:
+        """Refuse a cache whose layer groups another schedule made (its slots would be read by the wrong layers)."""
+        theirs = tuple(layer for layer, _, _ in ledger.later)
+        ours = tuple(st.layer for st in self.stages[1:])
+        if theirs != ours:
+            raise VTPruneError(f"this cache was pruned with later in-LLM cuts at layers {list(theirs)}, this handle "
+                               f"cuts at {list(ours)}: continue a pruned cache with the schedule that wrote it")
 
     def images(self, kwargs: dict[str, Any], call: ImageCall) -> None:
+        ledger = ledger_of(kwargs.get("past_key_values")) if call.base is not None else None
+        calls = [call] * len(self.stages)
+        if ledger is not None:  # a later turn: each layer group continues its own cached slots
+            self._check_ledger(ledger)
+            t = call.base.full_len - ledger.plan.full_len
+            calls = [dataclasses.replace(call, base=g.plan.extend(t), base_real=g.physical_mask(t).bool())
+                     for g in map(ledger.group, range(len(self.stages)))]
         base = None if call.base is None or call.base.is_identity else call.base  # unpruned: nothing to gather
-        self.in_flight = _InFlight(static=call.static, cols=base, extra=call.embeds.shape[1], pending=call,
+        self.in_flight = _InFlight(static=call.static, cols=base, extra=call.embeds.shape[1], call=call, calls=calls,
+                                   layer=self.stages[0].layer,
                                    dict_masks=isinstance(kwargs.get("attention_mask"), dict))
+        for st in self.stages[1:]:
+            st.signals.begin_prefill()
 
     def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
-        self.in_flight = _InFlight(static=static, cols=ledger.plan, extra=ledger.appended(past, False) + q)
-        if isinstance(kwargs.get("attention_mask"), dict):  # built on layer 0's (full-length) cache: rebuild
-            padding = self._cache_padding(ledger, past, q)
-            self.in_flight.masks = self.engine.family_masks(kwargs["inputs_embeds"], padding,
-                                                            kwargs.get("past_key_values"), self.engine.config.layer)
+        self._check_ledger(ledger)
+        groups = []
+        for i, st in enumerate(self.stages):
+            group = ledger.group(i)
+            masks = None
+            if isinstance(kwargs.get("attention_mask"), dict):  # built on layer 0's (full-length) cache: rebuild
+                masks = self.engine.family_masks(kwargs["inputs_embeds"], self._cache_padding(group, past, q),
+                                                 kwargs.get("past_key_values"), st.layer)
+            groups.append((group.plan, masks))
+        self.in_flight = _InFlight(static=static, cols=groups[0][0], extra=ledger.appended(past, False) + q,
+                                   masks=groups[0][1], groups=groups, layer=self.stages[0].layer)
 
     def _cache_padding(self, ledger: Ledger, past: int, q: int) -> torch.Tensor:
         """[b, slots + appended + q] 2-D padding mask over the pruned layers' cache and this call's tokens: the
@@ -101,13 +285,17 @@ class LayerSite(Site):
     # ---- decoder-layer hooks ------------------------------------------------------------------------
     def _make_layer_pre(self, index: int):
         recurrent = index in self.engine.adapter.recurrent_layers
+        stage = self._stage_at.get(index)
 
         def hook(module, args, kwargs):
             state = self.in_flight
             if state is None:
                 return None
-            if state.pending is not None and index == self.engine.config.layer:
-                args, kwargs = self._select(args, kwargs, state)
+            if stage is not None and state.call is not None:
+                args, kwargs = self._cut(args, kwargs, state, stage)
+            elif stage is not None and state.groups:  # a continuation enters the next layer group
+                state.cols, state.masks = state.groups[stage]
+                state.layer = index
             if state.cols is not None:
                 if state.masks is not None:  # the family's masks, rebuilt for the kept tokens
                     kwargs["attention_mask"] = state.masks[self.engine.adapter.mask_key(index)]
@@ -115,28 +303,78 @@ class LayerSite(Site):
             return args, kwargs
         return hook
 
-    def _select(self, args: tuple, kwargs: dict[str, Any], state: _InFlight):
-        """Layer K of a call with images: select, then shorten this call's tokens from here on."""
-        call, state.pending = state.pending, None
-        engine = self.engine
+    def _cut(self, args: tuple, kwargs: dict[str, Any], state: _InFlight, index: int):
+        """Cut ``index`` of a call with images: select among the visual tokens still present, then shorten this
+        call's tokens from here on and enter the cut's layer group."""
+        engine, stage, call = self.engine, self.stages[index], state.call
         hidden = _hidden(args, kwargs)
-        engine.signals.add_llm_extras(call.spans, call.real)
-        plan = engine.select(hidden, call.spans, call.real)
+        prev = state.rows
+        spans, real = (call.spans, call.real) if prev is None else (_restrict(call.spans, prev), call.kept_real(prev))
+        self._add_layer_qk(stage, hidden, kwargs, prev, spans, real)
+        stage.signals.add_llm_extras(spans, real)
+        counts = None
+        if index > 0:
+            stage.signals.end_prefill()
+            counts = [stage.pruner.count(layout) for layout in call.spans.layouts]
+        plan = engine.select(hidden, spans, real, stage=index, pruner=stage.pruner, counts=counts)
+        if not plan.is_identity:
+            state.rows = plan if prev is None else prev.then(plan)
+            engine.recorder.real = call.kept_real(state.rows).sum(1)
+            engine.prune_labels(plan)
+            hidden = plan.apply_states(hidden)
+        state.stage_rows.append(state.rows)
+        self._enter(state, index, hidden, kwargs.get("past_key_values"))
+        if state.rows is not None and kwargs.get("past_key_values") is not None:
+            attach(kwargs["past_key_values"], self._ledger(state))
         if plan.is_identity:
             return args, kwargs
-        engine.recorder.real = call.kept_real(plan).sum(1)
-        state.rows, state.cols, state.extra = plan, call.cols(plan), 0
-        if state.dict_masks:
-            state.masks = call.rebuilt_masks(engine, plan, plan.apply_states(hidden),
-                                             kwargs.get("past_key_values"), engine.config.layer)
-        engine.prune_labels(plan)
-        cache = kwargs.get("past_key_values")
-        if cache is not None:
-            attach(cache, call.ledger(plan))
         if args:
-            return (plan.apply_states(hidden),) + tuple(args[1:]), kwargs
-        kwargs["hidden_states"] = plan.apply_states(hidden)
+            return (hidden,) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _enter(self, state: _InFlight, index: int, hidden: torch.Tensor, cache: Any) -> None:
+        """Point the layers of cut ``index``'s group at their keys: the group's cached slots and this call's tokens
+        kept so far (masks rebuilt where the family builds per-layer-type ones)."""
+        call, rows, layer = state.calls[index], state.rows, self.stages[index].layer
+        state.layer = layer
+        if rows is None:  # nothing of this call pruned yet: its cache slots only
+            state.cols = None if call.base is None or call.base.is_identity else call.base
+            state.extra = call.embeds.shape[1]
+            return
+        state.cols, state.extra = call.cols(rows), 0
+        if state.dict_masks:
+            state.masks = call.rebuilt_masks(self.engine, rows, hidden, cache, layer)
+
+    def _ledger(self, state: _InFlight) -> Ledger:
+        """The ledger of the cache this call writes: one slot map per layer group (cuts still ahead keep the rows
+        of the cuts made so far)."""
+        call = state.call
+        identity = KeepPlan.identity(call.real.shape[0], call.real.shape[1], call.real.device)
+        groups = []
+        for i in range(len(self.stages)):
+            rows = state.stage_rows[i] if i < len(state.stage_rows) else state.rows
+            groups.append(state.calls[i].ledger(identity if rows is None else rows))
+        later = tuple((st.layer, g.plan, g.real) for st, g in zip(self.stages[1:], groups[1:]))
+        return dataclasses.replace(groups[0], later=later)
+
+    def _add_layer_qk(self, stage: _Stage, hidden: torch.Tensor, kwargs: dict[str, Any], rows: KeepPlan | None,
+                      spans: Any, real: torch.Tensor) -> None:
+        """For pruners that read ``layer_qk``: the post-RoPE q/k decoder layer K would compute on its input (its
+        ``input_layernorm``, projections and RoPE on the output of layer K-1), recomputed here outside the layer."""
+        from ..capture import LAYER_QK, InputCapture, add_qk_extras
+
+        if LAYER_QK not in stage.pruner.needs:
+            return
+        adapter = self.engine.adapter
+        pe = kwargs["position_embeddings"]
+        if rows is not None:
+            pe = tuple(rows.gather(t, seq_dim=-2, batch_dim=0) for t in pe)
+        capture = InputCapture(armed=True)
+        capture(None, (), {"hidden_states": adapter.layers[stage.layer].input_layernorm(hidden),
+                           "position_embeddings": pe})
+        q, k, scaling = adapter.llm_qk(stage.layer, capture)
+        add_qk_extras(LAYER_QK, q, k, scaling, adapter.llm_window(stage.layer), spans, real)
 
     def _gather_layer_kwargs(self, kwargs: dict[str, Any], state: _InFlight, recurrent: bool = False) -> None:
         """Rotary cos/sin, text position ids and the attention mask of a layer >= K, to kept tokens. A recurrent
@@ -182,5 +420,5 @@ class LayerSite(Site):
         dtype = next(self.engine.adapter.language_model.parameters()).dtype
         cache = kwargs.get("past_key_values")
         # a static cache's keys span its whole length, the unused slots masked
-        width = cache.get_mask_sizes(q, self.engine.config.layer)[0] if state.static and cache is not None else None
+        width = cache.get_mask_sizes(q, state.layer)[0] if state.static and cache is not None else None
         return cols.causal_mask(q, state.extra, "additive" if impl == "eager" else "bool", dtype, width)
