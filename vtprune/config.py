@@ -52,8 +52,8 @@ class PrunerConfig:
     layer: int | None = None
     positions: str = "original"
     seed: int = 0
-    schedule: tuple[tuple[int, float | int], ...] | None = None
     merge: str = "none"
+    schedule: tuple[tuple[int, float | int], ...] | None = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -32,6 +32,7 @@ class Ledger:
     next_pos: torch.Tensor
     real: torch.Tensor
     pos_delta: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
     #: a multi-stage schedule's later layer groups (in-LLM site): (first decoder layer, slot -> conversation index,
     #: real slots) of each, whose layers cache fewer slots than ``plan``'s; ``plan``/``real`` are the first group's
     later: tuple[tuple[int, KeepPlan, torch.Tensor], ...] = ()
@@ -42,7 +43,6 @@ class Ledger:
             return self
         _, plan, real = self.later[index - 1]
         return Ledger(plan=plan, next_pos=self.next_pos, real=real, pos_delta=self.pos_delta)
-    bias: torch.Tensor | None = None
 
     def appended(self, past: int, pruned_length: bool) -> int:
         """Tokens cached since ``plan`` was made, given the cache length ``past`` the model reports (the
