@@ -13,6 +13,9 @@ its *oracle*: the same model, unhooked, fed by hand the input that pruning shoul
 Both sides are timed whole (vision + LLM): the vision work is identical and small (a 1–2 layer tower of width
 256), so what differs — the engine's hooks, selection, gathers and position/mask rebuilding — is what the ratio
 shows. Before timing, the pruned logits (all positions) must equal the oracle's (``assert_close`` 1e-5).
+``--decode N`` also times N greedy decode steps on the pruned cache against the unhooked model decoding from a copy
+of the same cache (what the short prompt's prefill writes, as the prefill check proves) with the next positions
+given by hand; the logits of every step must match first. tokens/s = N ÷ the time of the N steps.
 Timed call = ``use_cache=True``, logits of the last position only; warm-up, then repeats with the two sides
 interleaved (order alternated: AB, BA, ...), medians. ratio = oracle time ÷ pruned time (≥ 0.97: the engine adds
 ≤ 3 %). ``--hooks N`` then runs N more pruned prefills per cell with every hook vtprune installed wrapped in a
@@ -25,6 +28,7 @@ timer and a ``record_function`` range: the time inside the engine's own code, pe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -273,6 +277,9 @@ class Cell:
     pruned_s: list[float] = field(default_factory=list)
     oracle_s: list[float] = field(default_factory=list)
     hooks_s: dict[str, list[float]] = field(default_factory=dict)  # per hook name, per profiled prefill
+    decode: "DecodeStart | None" = None  # --decode: the state both sides decode from
+    decode_pruned_s: list[float] = field(default_factory=list)  # time of the N decode steps, per repeat
+    decode_oracle_s: list[float] = field(default_factory=list)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -302,7 +309,20 @@ class Cell:
                 "pruned_ms": 1e3 * median(self.pruned_s), "oracle_ms": 1e3 * median(self.oracle_s),
                 "ratio": self.ratio, "paired_ratio": self.paired_ratio,
                 "pruned_ms_all": [1e3 * s for s in self.pruned_s], "oracle_ms_all": [1e3 * s for s in self.oracle_s],
-                "hooks_ms": {name: 1e3 * median(s) for name, s in self.hooks_s.items()}}
+                "hooks_ms": {name: 1e3 * median(s) for name, s in self.hooks_s.items()}} | self._decode_dict()
+
+    def _decode_dict(self) -> dict[str, Any]:
+        if self.decode is None or not self.decode_pruned_s:
+            return {}
+        steps = self.decode.steps
+        return {"decode_steps": steps, "decode_max_abs_diff": self.decode.max_abs_diff,
+                "decode_pruned_tok_s": steps / median(self.decode_pruned_s),
+                "decode_oracle_tok_s": steps / median(self.decode_oracle_s), "decode_ratio": self.decode_ratio}
+
+    @property
+    def decode_ratio(self) -> float:
+        """Median oracle decode time ÷ median pruned decode time (= pruned tokens/s ÷ oracle tokens/s)."""
+        return median(self.decode_oracle_s) / median(self.decode_pruned_s)
 
     @property
     def hooks_ms(self) -> float | None:
@@ -389,6 +409,75 @@ def time_cells(model: nn.Module, inputs: dict[str, torch.Tensor], cells: list[Ce
                     (cell.pruned_s if side == "pruned" else cell.oracle_s).append(t)
 
 
+# ---- decoding on the pruned cache ----------------------------------------------------------------------
+@dataclass
+class DecodeStart:
+    """The cache right after the pruned prefill (its ledger attached), the first generated token, and the
+    position [A, b] of the next token in original coordinates (from the ledger)."""
+
+    cache: Any
+    token: torch.Tensor
+    next_pos: torch.Tensor
+    steps: int
+    max_abs_diff: float = 0.0
+
+
+def decode_steps(model: nn.Module, cache: Any, token: torch.Tensor, steps: int,
+                 next_pos: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``steps`` greedy decode forwards from ``cache``; the positions are the engine's (``next_pos`` None, hooked
+    model) or given by hand from ``next_pos`` (the unhooked oracle)."""
+    out = []
+    for step in range(steps):
+        kw = {}
+        if next_pos is not None:
+            pos = (next_pos + step)[..., None]
+            kw["position_ids"] = pos[0] if pos.shape[0] == 1 else pos
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw).logits
+        token = logits[:, -1:].argmax(-1)
+        out.append(logits)
+    return out
+
+
+@torch.inference_mode()
+def check_decode(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell, steps: int) -> None:
+    """Prefill pruned, keep a copy of the cache, decode ``steps`` tokens hooked; the unhooked model decoding from
+    the copy with positions by hand must give the same logits at every step (else :class:`OracleMismatch`)."""
+    from vtprune.sites.continuation import ledger_of
+
+    with vtprune.apply(model, cell.pruner, **cell.options):
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        start = DecodeStart(copy.deepcopy(out.past_key_values), out.logits[:, -1:].argmax(-1),
+                            ledger_of(out.past_key_values).next_pos, steps)
+        pruned = decode_steps(model, out.past_key_values, start.token, steps)
+    expected = decode_steps(model, copy.deepcopy(start.cache), start.token, steps, start.next_pos)
+    for i, (got, want) in enumerate(zip(pruned, expected)):
+        try:
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+        except AssertionError as e:
+            raise OracleMismatch(f"{cell.family} {cell.label} keep={cell.keep}: decode step {i} != oracle: {e}") from e
+        start.max_abs_diff = max(start.max_abs_diff, float((got - want).abs().max()))
+    cell.decode = start
+
+
+def time_decode(model: nn.Module, cells: list[Cell], repeats: int, warmup: int) -> None:
+    """Like :func:`time_cells` for the decode steps: each side decodes from its own copy of the post-prefill
+    cache (copied untimed; the hooked side's copy carries the ledger, as deep copies do)."""
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for cell in cells:
+                start = cell.decode
+                sides = ("pruned", "oracle") if i % 2 == 0 else ("oracle", "pruned")
+                for side in sides:
+                    cache = copy.deepcopy(start.cache)
+                    if side == "pruned":
+                        with vtprune.apply(model, cell.pruner, **cell.options):
+                            t = _seconds(decode_steps, model, cache, start.token, start.steps)
+                    else:
+                        t = _seconds(decode_steps, model, cache, start.token, start.steps, start.next_pos)
+                    if i >= warmup:
+                        (cell.decode_pruned_s if side == "pruned" else cell.decode_oracle_s).append(t)
+
+
 # ---- where the pruned side's time goes ----------------------------------------------------------------
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
 
@@ -444,9 +533,10 @@ def profile_hooks(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell,
 
 
 def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], layer: int, repeats: int,
-        warmup: int, tiny: bool, hook_runs: int = 0, progress: bool = False) -> tuple[list[Cell], dict[str, Any]]:
-    """Check and time every family × site × keep (then, with ``hook_runs``, time the hooks); returns the cells
-    and the environment."""
+        warmup: int, tiny: bool, hook_runs: int = 0, progress: bool = False, decode: int = 0
+        ) -> tuple[list[Cell], dict[str, Any]]:
+    """Check and time every family × site × keep (then, with ``hook_runs``, time the hooks; with ``decode``,
+    check and time that many decode steps); returns the cells and the environment."""
     cells: list[Cell] = []
     env: dict[str, Any] = {}
     with torch.inference_mode():
@@ -459,18 +549,23 @@ def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], l
             time_cells(model, inputs, mine, repeats, warmup)
             for cell in mine if hook_runs else ():
                 profile_hooks(model, inputs, cell, hook_runs)
+            if decode:
+                for cell in mine:
+                    check_decode(model, inputs, cell, decode)
+                time_decode(model, mine, repeats, warmup)
             if progress:
                 for cell in mine:
                     hooks = "" if cell.hooks_ms is None else f", {cell.hooks_ms:.1f} ms in hooks"
+                    dec = f", decode ratio {cell.decode_ratio:.3f}" if cell.decode_pruned_s else ""
                     print(f"  {family:10s} {cell.label:7s} keep={cell.keep:<4} ratio {cell.ratio:.3f} "
-                          f"(paired {cell.paired_ratio:.3f}){hooks}", flush=True)
+                          f"(paired {cell.paired_ratio:.3f}){hooks}{dec}", flush=True)
             cells += mine
             del model
     return cells, env
 
 
 def markdown(cells: Sequence[Cell]) -> str:
-    """One row per family × site × keep."""
+    """One row per family × site × keep (and a decode table when decode steps were timed)."""
     hooks = any(c.hooks_s for c in cells)
     lines = [("| family | site | keep | tokens (kept / full) | pruned ms | oracle ms | ratio | paired ratio "
               f"| max abs Δ logits |{' in hooks ms |' if hooks else ''}"), "|" + "---|" * (9 + hooks)]
@@ -478,6 +573,15 @@ def markdown(cells: Sequence[Cell]) -> str:
         lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} / {c.tokens} | {1e3 * median(c.pruned_s):.1f} "
                      f"| {1e3 * median(c.oracle_s):.1f} | **{c.ratio:.3f}** | {c.paired_ratio:.3f} "
                      f"| {c.max_abs_diff:.1e} |" + (f" {c.hooks_ms:.2f} |" if hooks else ""))
+    decoded = [c for c in cells if c.decode_pruned_s]
+    if decoded:
+        lines += ["", "| family | site | keep | cache slots (layers >= K) | steps | pruned tok/s | oracle tok/s | ratio "
+                  "| max abs Δ logits |", "|" + "---|" * 9]
+        for c in decoded:
+            d = c._decode_dict()
+            lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} | {d['decode_steps']} "
+                         f"| {d['decode_pruned_tok_s']:.1f} | {d['decode_oracle_tok_s']:.1f} | **{c.decode_ratio:.3f}** "
+                         f"| {d['decode_max_abs_diff']:.1e} |")
     return "\n".join(lines)
 
 
@@ -513,19 +617,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--hooks", type=int, default=0, metavar="N",
                         help="after timing, N pruned prefills per cell with the time inside vtprune's hooks recorded")
+    parser.add_argument("--decode", type=int, default=0, metavar="N",
+                        help="also check and time N greedy decode steps on the pruned cache against the oracle")
     parser.add_argument("--tiny", action="store_true", help="tiny test models: checks the plumbing in seconds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.hooks < 0:
-        raise BenchSetupError(f"need repeats >= 1, warmup >= 0, hooks >= 0 (got {args.repeats}, {args.warmup}, "
-                              f"{args.hooks})")
+    if args.repeats < 1 or args.warmup < 0 or args.hooks < 0 or args.decode < 0:
+        raise BenchSetupError(f"need repeats >= 1, warmup >= 0, hooks >= 0, decode >= 0 (got {args.repeats}, "
+                              f"{args.warmup}, {args.hooks}, {args.decode})")
     families = _csv(args.families, str, FAMILIES)
     sites, keeps = _csv(args.sites, str, SITES), _csv(args.keeps, float)
     torch.set_num_threads(args.threads)
     before = _provenance()
     cells, env = run(families, sites, keeps, args.layer, args.repeats, args.warmup, args.tiny, args.hooks,
-                     progress=True)
+                     progress=True, decode=args.decode)
     print(f"{env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} thread(s), torch {env['torch']}, "
           f"transformers {env['transformers']}; vtprune from {before['vtprune']} at {before['commit']}; "
           f"load average {before['loadavg'][0]:.2f} before, {os.getloadavg()[0]:.2f} after; median of "

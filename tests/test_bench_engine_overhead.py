@@ -1,5 +1,5 @@
 """bench/engine_overhead.py on tiny models: the oracle check runs, can fail, and the report has a row for every
-family × site × keep. Only the plumbing: timings are never asserted."""
+family × site × keep, prefill and decode. Only the plumbing: timings are never asserted."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def bench() -> Iterator[ModuleType]:
 
 def test_tiny_run_checks_and_reports_every_cell(bench, tmp_path, capsys):
     out = tmp_path / "engine_overhead.json"
-    bench.main(["--tiny", "--repeats", "2", "--warmup", "0", "--hooks", "1", "--out", str(out), "--markdown"])
+    bench.main(["--tiny", "--repeats", "2", "--warmup", "0", "--hooks", "1", "--decode", "2", "--out", str(out),
+                "--markdown"])
     rows = json.loads(out.read_text())["results"]
     cells = [(f, s, k) for f in FAMILIES for s in bench.SITES for k in bench.KEEPS]
     assert [(r["family"], r["site"], r["keep"]) for r in rows] == cells
@@ -33,8 +34,9 @@ def test_tiny_run_checks_and_reports_every_cell(bench, tmp_path, capsys):
         assert len(r["pruned_ms_all"]) == len(r["oracle_ms_all"]) == 2 and r["ratio"] > 0
         assert r["layer"] == (2 if r["site"] == "layer" else None)
         assert any(name.endswith("_lm_pre") for name in r["hooks_ms"]), r["hooks_ms"]  # the engine's hooks were timed
+        assert r["decode_steps"] == 2 and r["decode_max_abs_diff"] <= bench.ATOL and r["decode_ratio"] > 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(cells)
+    assert len(table) == 2 * (1 + len(cells))  # the prefill table, then the decode table
 
 
 def test_the_check_tells_a_wrong_oracle_apart(bench, monkeypatch):
@@ -52,7 +54,23 @@ def test_the_check_tells_a_wrong_oracle_apart(bench, monkeypatch):
         bench.check(model, inputs, cell)
 
 
-@pytest.mark.parametrize("argv", [["--families", "llava,nope"], ["--sites", "middle"], ["--repeats", "0"], ["--hooks", "-1"]])
+def test_the_decode_check_tells_a_wrong_position_apart(bench, monkeypatch):
+    """Negative control: an oracle decoding one position too early (as if the cache were renumbered) is refused."""
+    model, inputs = bench.build("qwen2_vl", tiny=True)
+    cell = bench.Cell("qwen2_vl", "pre_llm", 0.25, layer=2)
+    right = bench.decode_steps
+    bench.check_decode(model, inputs, cell, 2)
+
+    def early(model, cache, token, steps, next_pos=None):
+        return right(model, cache, token, steps, None if next_pos is None else next_pos - 1)
+
+    monkeypatch.setattr(bench, "decode_steps", early)
+    with pytest.raises(bench.OracleMismatch, match="qwen2_vl pre_llm keep=0.25: decode step 0"):
+        bench.check_decode(model, inputs, cell, 2)
+
+
+@pytest.mark.parametrize("argv", [["--families", "llava,nope"], ["--sites", "middle"], ["--repeats", "0"], ["--hooks", "-1"],
+                                  ["--decode", "-1"]])
 def test_bad_options_are_named_errors(bench, argv):
     with pytest.raises(bench.BenchSetupError):
         bench.main(["--tiny", *argv])
