@@ -7,6 +7,7 @@ one-layer LLaVA whose copies share a position id (prefill logits and decode step
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import GEN, batch_inputs, model
+from test_multiturn import STEP, _conversation, _tokens_only, _turn_one
 from transformers.cache_utils import StaticCache
 
 import vtprune
@@ -158,6 +160,22 @@ def test_merged_run_cached_uncached_batch_single(family, attn):
         assert torch.equal(seq_b[row, -n_new:], seq_s[0, -n_new:])
         torch.testing.assert_close(step_b[row], step_s[0], atol=1e-5, rtol=1e-5)
     assert (step_b - step_plain).abs().max() > 1e-3  # merging changed something
+
+
+@pytest.mark.parametrize("second_image", [False, True], ids=["text-turn", "image-turn"])
+def test_merged_conversation_continues_like_one_pass(second_image):
+    """A later turn on a merged cache (text only, or a new image merged with its own sizes) == the whole
+    conversation in one pass: the ledger's bias covers the old slots, the new plan's the new ones."""
+    tv = model("llava")
+    with vtprune.apply(tv.model, "random", keep=0.3, merge="proportional"):
+        first, out = _turn_one(tv, {}, batch=1 if second_image else 2)
+        assert ledger_of(out.past_key_values).bias is not None
+        whole, extra = _conversation(tv, first, out.sequences, second_image=second_image)
+        cont = tv.model.generate(**_tokens_only(whole), **extra, past_key_values=copy.deepcopy(out.past_key_values),
+                                 max_new_tokens=3, **STEP)
+        fresh = tv.model.generate(**whole, max_new_tokens=3, **STEP)
+    assert torch.equal(cont.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(cont.logits, 1), torch.stack(fresh.logits, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_merge_with_nothing_dropped_is_the_unpruned_model():
