@@ -167,6 +167,23 @@ def test_low_rank_projector():
             torch.testing.assert_close(mlp(x), expect, rtol=1e-5, atol=1e-5)
 
 
+def test_rank_truncates_a_black_box_projector_in_clean_mode():
+    """A projector without the MLP structure (Qwen's PatchMerger): ``rank`` truncates every layer in clean mode
+    too, as in the reference mode; it used to be ignored there (the sensitivity stayed full-rank)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 10))
+    proj = ProjectorInput(inputs=torch.randn(9, 1, 8), valid=torch.ones(9, dtype=torch.bool),
+                          project=lambda t: mlp(t[:, 0]))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.no_grad():
+        full = zoo.ZOScorer(zoo.ZOOptions())({"projector": proj}, g())
+        low = zoo.ZOScorer(zoo.ZOOptions(rank=3))({"projector": proj}, g())
+        with zoo.LowRankLinears(3):
+            expect = zoo.projector_sensitivity(proj, zoo.unit_directions(64, 8, g()), 0.01)
+    torch.testing.assert_close(low, expect)
+    assert not torch.allclose(low, full, rtol=1e-3, atol=0)  # negative control: truncation changes the values
+
+
 def _truncated(w: torch.Tensor, r: int) -> torch.Tensor:
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return (u[:, :r] * s[:r]) @ vh[:r]

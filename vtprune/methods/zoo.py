@@ -186,13 +186,14 @@ class ZOScorer:
     LLaVA), black-box central differences, ``rank`` = truncated SVD of every projector layer. Otherwise
     directions are drawn in float32 (the draw does not depend on the model's dtype) and MLP projectors use
     the structured estimator :func:`mlp_sensitivity` (same value at full rank, several times cheaper; with
-    ``rank`` only the last layer is truncated). Set :attr:`directions` ([m, g·d_v]) to inject the exact
+    ``rank`` only the last layer is truncated); other projectors (Qwen's PatchMerger, InternVL's) stay black
+    boxes, every layer truncated to ``rank`` as in the reference mode. Set :attr:`directions` ([m, g·d_v]) to inject the exact
     direction bank of a reference run."""
 
     def __init__(self, options: ZOOptions, reference: bool = False) -> None:
         self.options = options
         self.reference = reference
-        self.lowrank = LowRankLinears(options.rank) if options.rank is not None and reference else None
+        self.lowrank = LowRankLinears(options.rank) if options.rank is not None else None
         self.directions: torch.Tensor | None = None
         self._factors = WeakTensorKeyDictionary()  # last-layer weight -> (version, Σ Vᵀ)
 
@@ -217,8 +218,9 @@ class ZOScorer:
             u = unit_directions(self.options.directions, g * d, generator, dtype)
         elif u.dim() != 2 or u.shape[1] != g * d:
             raise VTPruneError(f"injected directions have shape {tuple(u.shape)}, expected [m, {g * d}]")
-        return projector_sensitivity(proj, u.to(proj.inputs.device), self.options.step, self.lowrank,
-                                     self._out_factor(proj))
+        black_box = self.reference or proj.mlp is None  # rank truncates every layer; else only the last
+        return projector_sensitivity(proj, u.to(proj.inputs.device), self.options.step,
+                                     self.lowrank if black_box else None, self._out_factor(proj))
 
 
 # ---- the method -------------------------------------------------------------------------------------------
