@@ -23,7 +23,7 @@ from vtprune.errors import VTPruneError
 from vtprune.merge import biased_mask, check_merge_support
 from vtprune.ops import merge_dropped
 from vtprune.sites.continuation import ledger_of
-from vtprune.testing import tiny_vlm
+from vtprune.testing import FAMILIES, tiny_vlm
 from vtprune.view import Selection
 
 COPIES = 4  # a power of two: the merged state of identical copies is then bit-exact in float32
@@ -178,6 +178,21 @@ def test_merged_conversation_continues_like_one_pass(second_image):
     torch.testing.assert_close(torch.stack(cont.logits, 1), torch.stack(fresh.logits, 1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_merges_cached_equal_uncached_or_refuses(family):
+    tv = model(family)
+    inputs = batch_inputs(tv, [0, 1])
+    if family in ("qwen3_5", "gemma3"):  # linear-attention / sliding-window layers take no shared key bias
+        with pytest.raises(VTPruneError, match="merge='proportional' is not supported on"):
+            vtprune.apply(tv.model, "random", keep=0.3, merge="proportional")
+        return
+    with vtprune.apply(tv.model, "random", keep=0.3, merge="proportional"):
+        seq_c, step_c = _generate(tv, inputs)
+        seq_u, step_u = _generate(tv, inputs, use_cache=False)
+    assert torch.equal(seq_c, seq_u)
+    torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_with_nothing_dropped_is_the_unpruned_model():
     tv = model("llava")
     inputs = batch_inputs(tv, [0, 1])
@@ -224,8 +239,6 @@ def test_refusals():
     hybrid = SimpleNamespace(config=SimpleNamespace(layer_types=["linear_attention", "full_attention"]))
     with pytest.raises(VTPruneError, match="linear_attention"):
         check_merge_support(SimpleNamespace(attn_implementation="sdpa", language_model=hybrid))
-    with pytest.raises(VTPruneError, match="merge='proportional' is not supported on"):
-        vtprune.apply(model("qwen3_5").model, "random", keep=0.5, merge="proportional")
     tv = model("llava")
     inputs = batch_inputs(tv, [0])
     with vtprune.apply(tv.model, "random", keep=0.5, merge="proportional"):
