@@ -193,6 +193,20 @@ def test_every_family_merges_cached_equal_uncached_or_refuses(family):
     torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("merge", ["none", "proportional"])
+def test_unpadded_row_generates_the_same_uncached(merge):
+    """One row without padding: uncached generation passes positions but no mask, and transformers must not read
+    the kept tokens' position gaps as packed sequences (the site passes a 2-D mask; this failed before)."""
+    tv = model("llava")
+    inputs = batch_inputs(tv, [0])
+    assert bool(inputs["attention_mask"].all())
+    with vtprune.apply(tv.model, "random", keep=0.25, merge=merge):
+        seq_c, step_c = _generate(tv, inputs)
+        seq_u, step_u = _generate(tv, inputs, use_cache=False)
+    assert torch.equal(seq_c, seq_u)
+    torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_with_nothing_dropped_is_the_unpruned_model():
     tv = model("llava")
     inputs = batch_inputs(tv, [0, 1])

@@ -79,8 +79,10 @@ class PreLLMSite(Site):
         cols = call.cols(plan)
         if isinstance(mask, dict) and all(m is None for m in mask.values()):
             mask = None  # ``generate``'s static-cache masks of a batch without padding: the model builds them
-        if mask is None:  # a 2-D mask even without padding: transformers reads the kept tokens' position gaps as
-            real = call.cache_real(kept_real)  # packed sequences in a call with neither mask nor cache
+        if mask is None:
+            # a 2-D mask even without padding: in a call with neither mask nor cache (uncached generation),
+            # transformers would read the kept tokens' position gaps as packed sequences
+            real = call.cache_real(kept_real)
             return None if bool(real.all()) and call.static else real.long()
         if isinstance(mask, dict):  # per layer type; a 2-D entry masks only this call's tokens (recurrent layers)
             return {k: None if m is None else plan.gather_2d_mask(m) if m.dim() == 2 else
