@@ -1,0 +1,21 @@
+"""bench/zoo_rank_overlap.py on tiny models and one testbed question each: the plumbing, and that the overlap it
+reports can fall below 1 (a rank that truncates). Values are not asserted beyond their range."""
+
+from __future__ import annotations
+
+from bench_scripts import bench_script
+
+
+def test_tiny_run_reports_every_view_and_rank(tmp_path):
+    with bench_script("zoo_rank_overlap") as bench:
+        record = bench.main(["--tiny", "--models", "llava-1.5-7b", "--testbed-items", "1", "--testbed-rank", "2",
+                              "--json", str(tmp_path / "o.json")])
+    rows = record["rows"]
+    assert rows[0]["views"].startswith("llava-1.5-7b") and rows[0]["rank"] == 128
+    assert [(r["views"], r["rank"], r["n"]) for r in rows[1:]] == [
+        ("testbed llava", 128, 1), ("testbed llava", 2, 1), ("testbed qwen2_vl", 128, 1), ("testbed qwen2_vl", 2, 1)]
+    for r in rows:
+        for keep in ("0.25", "0.11"):
+            assert 0 <= r["overlap"][keep]["rank"] <= 1 and 0 <= r["overlap"][keep]["other_seed"] <= 1
+    assert rows[1]["overlap"]["0.25"]["rank"] == 1.0  # rank 128 is the full rank of the 128-wide testbed
+    assert min(r["overlap"][k]["rank"] for r in rows[2::2] for k in ("0.25", "0.11")) < 1.0  # rank 2 truncates
