@@ -277,7 +277,7 @@ class Cell:
     pruned_s: list[float] = field(default_factory=list)
     oracle_s: list[float] = field(default_factory=list)
     hooks_s: dict[str, list[float]] = field(default_factory=dict)  # per hook name, per profiled prefill
-    decode: "DecodeStart | None" = None  # --decode: the state both sides decode from
+    decode: DecodeStart | None = None  # --decode: the state both sides decode from
     decode_pruned_s: list[float] = field(default_factory=list)  # time of the N decode steps, per repeat
     decode_oracle_s: list[float] = field(default_factory=list)
 
@@ -575,8 +575,8 @@ def markdown(cells: Sequence[Cell]) -> str:
                      f"| {c.max_abs_diff:.1e} |" + (f" {c.hooks_ms:.2f} |" if hooks else ""))
     decoded = [c for c in cells if c.decode_pruned_s]
     if decoded:
-        lines += ["", "| family | site | keep | cache slots (layers >= K) | steps | pruned tok/s | oracle tok/s | ratio "
-                  "| max abs Δ logits |", "|" + "---|" * 9]
+        lines += ["", ("| family | site | keep | cache slots (layers >= K) | steps | pruned tok/s | oracle tok/s "
+                       "| ratio | max abs Δ logits |"), "|" + "---|" * 9]
         for c in decoded:
             d = c._decode_dict()
             lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} | {d['decode_steps']} "
