@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 import pytest
 import torch
+from conftest import GEN, batch_inputs, model
+from test_core_reference import _capture
 
 import vtprune
-from conftest import GEN, batch_inputs, model
 from vtprune import flops as F
 from vtprune.sites.continuation import ledger_of
 from vtprune.testing import shortened_lm_inputs
@@ -25,18 +27,6 @@ FAMS = ["llava", "qwen2_vl", "gemma3", "qwen3_vl"]
 def _generate(tv, inputs, **kw):
     out = tv.model.generate(**inputs, **{**GEN, **kw})
     return out.sequences, torch.stack(out.logits, 1)
-
-
-def _capture(module: torch.nn.Module, run) -> tuple[tuple, dict]:
-    """Run ``run()`` and return the (args, kwargs) ``module`` was first called with."""
-    seen: list = []
-    h = module.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k))) if not seen else None,
-                                         with_kwargs=True)
-    try:
-        run()
-    finally:
-        h.remove()
-    return seen[0]
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
@@ -52,13 +42,15 @@ def test_keep_all_stages_are_bit_identical(family):
     assert torch.equal(seq, ref_seq) and torch.equal(step, ref_step)
 
 
-@pytest.mark.parametrize("family", FAMS)
+@pytest.mark.parametrize("family", [*FAMS, "qwen3_5"])
 def test_cached_equals_uncached_and_batch_equals_single(family):
     """Decode from the layered cache (layers 1, 2, 3 each cache fewer slots) == uncached generation, and each row
-    of a ragged left-padded batch == that sample alone; ``stats`` shows the visual tokens of every layer."""
+    of a ragged left-padded batch == that sample alone; ``stats`` shows the visual tokens of every layer. Qwen3.5
+    (cuts after its first full-attention layer 1): a linear-attention layer group, then a full-attention one."""
     tv = model(family)
     samples = [0, 1]
-    with vtprune.apply(tv.model, "random", site="layer", schedule=SCHEDULE) as handle:
+    schedule = SCHEDULE if family != "qwen3_5" else SCHEDULE[1:]
+    with vtprune.apply(tv.model, "random", site="layer", schedule=schedule) as handle:
         seq_c, step_c = _generate(tv, batch_inputs(tv, samples))
         stats = handle.stats
         seq_u, step_u = _generate(tv, batch_inputs(tv, samples), use_cache=False)
@@ -72,10 +64,10 @@ def test_cached_equals_uncached_and_batch_equals_single(family):
     assert stats.decode_steps == GEN["max_new_tokens"] - 1
     for s in stats.samples:
         (v, after), = s.images
-        expected = [v] + [max(1, int(keep * v + 0.5)) for _, keep in SCHEDULE]
+        expected = [v] * (4 - len(schedule)) + [max(1, int(keep * v + 0.5)) for _, keep in schedule]
         assert s.layer_visual == expected and after == expected[-1]
-        assert [a - b for a, b in zip(s.layer_seq_lens, s.layer_seq_lens[1:])] == \
-               [a - b for a, b in zip(expected, expected[1:])]
+        assert [a - b for a, b in itertools.pairwise(s.layer_seq_lens)] == \
+               [a - b for a, b in itertools.pairwise(expected)]
 
 
 @pytest.mark.parametrize("family", FAMS)
@@ -147,7 +139,7 @@ def test_matches_hand_shortened_layers(family, attn):
         index = index[plan.index[0]]
         kept.append(index)
     assert [k.numel() for k in kept] == [hidden.shape[1] - v + int(keep * v + 0.5) for _, keep in SCHEDULE]
-    assert all(bool(torch.isin(b, a).all()) for a, b in zip(kept, kept[1:]))
+    assert all(bool(torch.isin(b, a).all()) for a, b in itertools.pairwise(kept))
 
     def run(ungathered: bool) -> torch.Tensor:
         h, prev = hidden, None
@@ -194,10 +186,7 @@ def test_every_method_at_every_stage_keeps_its_budget(name):
     """Any in-LLM method runs at later cuts, on the tokens still present (restricted layout and signals)."""
     tv = model("llava")
     inputs = batch_inputs(tv, [0, 1])
-    options = {"site": "layer", "schedule": ((1, 0.5), (2, 0.25), (3, 0.125))}
-    if name == "pyramiddrop":
-        options = {"keep": 0.5}
-    with vtprune.apply(tv.model, name, **options) as handle:
+    with vtprune.apply(tv.model, name, site="layer", schedule=SCHEDULE) as handle:
         tv.model(**inputs)
         assert [s.layer_visual for s in handle.stats.samples] == [[16, 8, 4, 2]] * 2
 
@@ -243,6 +232,8 @@ def test_schedule_conflicts_and_ranges_are_refused():
         vtprune.apply(tv.model, "random", site="layer", schedule=[(1, 0.5), (2, 0.25)], layer=3)
     with pytest.raises(vtprune.VTPruneError, match="site='layer'"):
         vtprune.apply(tv.model, "random", site="pre_llm", schedule=[(1, 0.5)])
+    with pytest.raises(vtprune.VTPruneError, match="use one cut"):
+        vtprune.apply(tv.model, "informed", site="layer", schedule=[(1, 0.5), (2, 0.25)])
     with pytest.raises(vtprune.VTPruneError, match="first full-attention layer"):
         vtprune.apply(model("qwen3_5").model, "random", site="layer", schedule=[(1, 0.5), (3, 0.25)])
 
@@ -257,3 +248,40 @@ def test_a_cache_of_another_schedule_is_refused():
     with vtprune.apply(tv.model, "random", keep=0.5, site="layer", layer=1), \
             pytest.raises(vtprune.VTPruneError, match="same schedule|schedule that wrote it"):
         tv.model(**step)
+
+
+def test_yaml_form(tmp_path):
+    """A sweep entry gives a schedule as an option (keep = the first cut's); a bad one fails at its field."""
+    from vtprune.harness.cells import settings_of
+    from vtprune.harness.schema import ConfigError, load_config
+
+    base = "models: [{tiny: llava}]\ntasks: [{synthetic: shapes, size: 4}]\npruners:\n"
+    path = tmp_path / "ok.yaml"
+    path.write_text(base + "  - {name: fastv, keep: 0.5, options: {schedule: [[1, 0.5], [2, 0.25], [3, 0.125]]}}\n"
+                           "  - {name: pyramiddrop, keep: [0.25, 0.125], options: {layers: [1, 3]}}\n")
+    fastv, pdrop = (settings_of(spec) for spec in load_config(path).pruners)
+    assert fastv[0].method.startswith("fastv K=1 schedule=") and fastv[0].pruner_config(0).schedule == SCHEDULE
+    assert [s.method for s in pdrop] == ["pyramiddrop layers=[1, 3]"] * 2
+    path.write_text(base + "  - {name: fastv, keep: 0.5, options: {schedule: [[1, 0.5], [1, 0.25]]}}\n"
+                           "  - {name: fastv, keep: 0.3, options: {schedule: [[1, 0.5], [2, 0.25]]}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "pruners[0].options.schedule: schedule[1]: layer 1 after layer 1" in str(e.value)
+    assert "pruners[1].keep: keep=0.3 and schedule=" in str(e.value)
+
+
+def test_later_cuts_read_layer_k_minus_1_of_the_survivors():
+    """FastV at cut 2 (layer 2) reads layer 1's q/k over the tokens cut 1 kept: one key per surviving real token,
+    the image columns where the survivors sit."""
+    tv = model("llava")
+    inputs = batch_inputs(tv, [0])
+    with vtprune.apply(tv.model, "fastv", schedule=SCHEDULE[:2]) as handle:
+        seen = []
+        stage = handle._engine.site.stages[1]
+        original = stage.pruner.select
+        stage.pruner.select = lambda view, k: seen.append(view) or original(view, k)
+        tv.model(**inputs)
+    qk = seen[0].extras["llm_qk"]
+    n = inputs["input_ids"].shape[1] - 16 + 8
+    assert qk.key.shape[-2] == qk.query.shape[-2] == n and seen[0].num_tokens == 8
+    assert qk.image.tolist() == list(range(int(qk.image[0]), int(qk.image[0]) + 8))  # the survivors, contiguous

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -218,6 +219,36 @@ class Signals:
             for ex, proj in zip(extras, per_image):
                 ex["projector"] = proj
         return extras
+
+    def for_cut(self, config: PrunerConfig) -> Signals:
+        """The signals of a later cut of a multi-stage schedule (at ``config.layer``): decoder q/k only (the other
+        signals are the call's, restricted to the survivors). Hints come per token of the whole image, which a later
+        cut cannot index, so a pruner that reads them is refused."""
+        if HINTS in self.needs:
+            raise VTPruneError(f"pruner {self.config.name!r} reads caller hints given per token of the whole image, "
+                               "which later cuts of a schedule (seeing only the surviving tokens) cannot index; "
+                               "use one cut")
+        return Signals(self.adapter, SimpleNamespace(needs=self.needs & {LLM_QK, LAYER_QK}), config)
+
+    def check_cut(self, layer: int) -> None:
+        """Refuse a cut at decoder ``layer`` whose own attention the pruner reads (``LAYER_QK``) when that layer has
+        none (a linear-attention layer)."""
+        if LAYER_QK in self.needs and layer in self.adapter.recurrent_layers:
+            raise VTPruneError(f"pruner {self.config.name!r} reads the attention decoder layer K itself computes, but "
+                               f"layer {layer} is a linear-attention layer with no attention map; cut at "
+                               "full-attention layers")
+
+    def add_layer_qk(self, layer: int, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                     spans: Any, real: torch.Tensor) -> None:
+        """For ``LAYER_QK`` pruners: the post-RoPE q/k decoder ``layer`` would compute on its input ``hidden`` (its
+        ``input_layernorm``, projections and RoPE at ``position_embeddings``), recomputed outside the layer."""
+        if LAYER_QK not in self.needs:
+            return
+        capture = InputCapture(armed=True)
+        capture(None, (), {"hidden_states": self.adapter.layers[layer].input_layernorm(hidden),
+                           "position_embeddings": position_embeddings})
+        q, k, scaling = self.adapter.llm_qk(layer, capture)
+        add_qk_extras(LAYER_QK, q, k, scaling, self.adapter.llm_window(layer), spans, real)
 
     def add_llm_extras(self, spans: Any, real: torch.Tensor) -> None:
         """Attach layer K-1's post-RoPE q/k (the sample's real tokens) to each image's extras."""

@@ -85,9 +85,10 @@ class PrunerConfig:
             raise VTPruneError(f"seed={self.seed}: expected an int in [-2**63, 2**64 - 1], the range "
                                "torch.Generator.manual_seed accepts")
 
-    def default_schedule(self, num_layers: int) -> tuple[tuple[int, float | int], ...] | None:
+    def default_schedule(self, num_layers: int, allowed: list[int]) -> tuple[tuple[int, float | int], ...] | None:
         """The in-LLM cuts this pruner makes on a ``num_layers``-layer decoder when ``schedule`` is not given
-        (e.g. PyramidDrop's); ``None``: one cut at ``layer``."""
+        (e.g. PyramidDrop's), at layers among ``allowed`` (those the model's family can cut at for this pruner);
+        ``None``: one cut at ``layer``."""
         return None
 
     def freeze(self) -> None:

@@ -44,7 +44,7 @@ class Setting:
         if self.label:
             return self.label
         parts = [self.pruner]
-        if self.site == "layer":
+        if self.site == "layer" and self.layer is not None:  # None: the pruner picks its cuts per model (pyramiddrop)
             parts.append(f"K={self.layer}")
         if self.positions == "compact":
             parts.append("compact")

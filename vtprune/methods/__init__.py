@@ -10,6 +10,7 @@ from .informed import InformedConfig
 from .kcenter import KCenterConfig
 from .mmr import MMRConfig
 from .pool import PoolConfig
+from .pyramiddrop import PyramidDropConfig
 from .random import RandomConfig
 from .uniform import UniformConfig
 from .visionzip import VisionZipConfig
@@ -20,6 +21,6 @@ from .zoo import ZooConfig
 
 __all__ = [
     "CDPrunerConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig",
-    "PagerankConfig", "PoolConfig", "Pruner", "RandomConfig", "ScorerPruner", "UniformConfig", "VTCCLSConfig",
+    "PagerankConfig", "PoolConfig", "Pruner", "PyramidDropConfig", "RandomConfig", "ScorerPruner", "UniformConfig", "VTCCLSConfig",
     "VisPrunerConfig", "VisionZipConfig", "ZeroTPruneConfig", "ZooConfig",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -188,7 +187,7 @@ class LayerSite(Site):
     def check(cls, config: Any, adapter: Any) -> None:
         n = adapter.num_layers
         if config.schedule is None:
-            default = config.default_schedule(n)
+            default = config.default_schedule(n, cls._allowed_layers(config, adapter))
             if default is not None:  # the pruner's own schedule for this depth: complete the installed config
                 default = checked_schedule(default)
                 for name, value in (("schedule", default), ("layer", default[0][0]), ("keep", default[0][1])):
@@ -199,31 +198,37 @@ class LayerSite(Site):
                 raise VTPruneError(f"{where}={layer} is out of range: this model has {n} decoder layers, so K must "
                                    f"be in [1, {n - 1}]")
 
+    @staticmethod
+    def _allowed_layers(config: Any, adapter: Any) -> list[int]:
+        """The attention layers K (not linear-attention ones) the family lets this config cut at
+        (``ModelAdapter.check_site``)."""
+        allowed = []
+        for layer in range(1, adapter.num_layers):
+            if layer in adapter.recurrent_layers:
+                continue
+            try:
+                adapter.check_site(dataclasses.replace(config, layer=layer), frozenset())
+            except VTPruneError:
+                continue
+            allowed.append(layer)
+        return allowed
+
     def _build_stages(self) -> list[_Stage]:
         """The cuts: the engine's pruner and signals at the first; at each later one a pruner of the same config with
         that cut's layer and keep, and its own capture of layer-1's attention inputs when the pruner reads them."""
-        from ..capture import LLM_QK, Signals
-
         engine, config = self.engine, self.engine.config
         stages = [_Stage(config.layer, engine.pruner, engine.signals)]
         needs = frozenset(engine.pruner.needs)
         for layer, keep in (config.schedule or ())[1:]:
             stage_config = dataclasses.replace(config, layer=layer, keep=keep, schedule=None)
             engine.adapter.check_site(stage_config, needs)
-            signals = Signals(engine.adapter, SimpleNamespace(needs=needs & {LLM_QK}), stage_config)
-            stages.append(_Stage(layer, type(engine.pruner)(stage_config), signals))
+            stages.append(_Stage(layer, type(engine.pruner)(stage_config), engine.signals.for_cut(stage_config)))
+        for stage in stages:
+            stage.signals.check_cut(stage.layer)
         return stages
 
     def install(self) -> None:
-        from ..capture import LAYER_QK
-
         adapter = self.engine.adapter
-        if LAYER_QK in self.engine.pruner.needs:
-            flat = [st.layer for st in self.stages if st.layer in adapter.recurrent_layers]
-            if flat:
-                raise VTPruneError(f"pruner {self.engine.config.name!r} reads the attention decoder layer K itself "
-                                   f"computes, but layer(s) {flat} are linear-attention layers with no attention map; "
-                                   "cut at full-attention layers")
         for st in self.stages[1:]:
             st.signals.install(self.engine.hook_pre)
         for i in range(self.stages[0].layer, adapter.num_layers):
@@ -310,7 +315,10 @@ class LayerSite(Site):
         hidden = _hidden(args, kwargs)
         prev = state.rows
         spans, real = (call.spans, call.real) if prev is None else (_restrict(call.spans, prev), call.kept_real(prev))
-        self._add_layer_qk(stage, hidden, kwargs, prev, spans, real)
+        pe = kwargs.get("position_embeddings")
+        if pe is not None and prev is not None:  # the layer's own gather runs after the cut: the survivors' rows
+            pe = tuple(prev.gather(t, seq_dim=-2, batch_dim=0) for t in pe)
+        stage.signals.add_layer_qk(stage.layer, hidden, pe, spans, real)
         stage.signals.add_llm_extras(spans, real)
         counts = None
         if index > 0:
@@ -357,24 +365,6 @@ class LayerSite(Site):
             groups.append(state.calls[i].ledger(identity if rows is None else rows))
         later = tuple((st.layer, g.plan, g.real) for st, g in zip(self.stages[1:], groups[1:]))
         return dataclasses.replace(groups[0], later=later)
-
-    def _add_layer_qk(self, stage: _Stage, hidden: torch.Tensor, kwargs: dict[str, Any], rows: KeepPlan | None,
-                      spans: Any, real: torch.Tensor) -> None:
-        """For pruners that read ``layer_qk``: the post-RoPE q/k decoder layer K would compute on its input (its
-        ``input_layernorm``, projections and RoPE on the output of layer K-1), recomputed here outside the layer."""
-        from ..capture import LAYER_QK, InputCapture, add_qk_extras
-
-        if LAYER_QK not in stage.pruner.needs:
-            return
-        adapter = self.engine.adapter
-        pe = kwargs["position_embeddings"]
-        if rows is not None:
-            pe = tuple(rows.gather(t, seq_dim=-2, batch_dim=0) for t in pe)
-        capture = InputCapture(armed=True)
-        capture(None, (), {"hidden_states": adapter.layers[stage.layer].input_layernorm(hidden),
-                           "position_embeddings": pe})
-        q, k, scaling = adapter.llm_qk(stage.layer, capture)
-        add_qk_extras(LAYER_QK, q, k, scaling, adapter.llm_window(stage.layer), spans, real)
 
     def _gather_layer_kwargs(self, kwargs: dict[str, Any], state: _InFlight, recurrent: bool = False) -> None:
         """Rotary cos/sin, text position ids and the attention mask of a layer >= K, to kept tokens. A recurrent
