@@ -285,3 +285,35 @@ def test_later_cuts_read_layer_k_minus_1_of_the_survivors():
     n = inputs["input_ids"].shape[1] - 16 + 8
     assert qk.key.shape[-2] == qk.query.shape[-2] == n and seen[0].num_tokens == 8
     assert qk.image.tolist() == list(range(int(qk.image[0]), int(qk.image[0]) + 8))  # the survivors, contiguous
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_later_turn_with_a_new_image_on_the_layered_cache(family):
+    """A later turn brings a new image into the layered cache: each layer group appends its own cut of it to its
+    own slots; == the whole conversation with both images in one hooked pass (``random`` draws per token count,
+    so each image gets the same tokens at each cut either way)."""
+    from test_multiturn import STEP, _conversation, _tokens_only, _turn_one
+
+    tv = model(family)
+    with vtprune.apply(tv.model, "random", site="layer", schedule=SCHEDULE) as handle:
+        first, out = _turn_one(tv, {}, batch=1)
+        whole, extra = _conversation(tv, first, out.sequences, second_image=True)
+        cache = copy.deepcopy(out.past_key_values)
+        cont = tv.model.generate(**_tokens_only(whole), **extra, past_key_values=cache, max_new_tokens=3, **STEP)
+        (v, after), = handle.stats.samples[0].images
+        assert handle.stats.samples[0].layer_visual[1:] == [int(k * v + 0.5) for _, k in SCHEDULE]
+        fresh = tv.model.generate(**whole, max_new_tokens=3, **STEP)
+    assert torch.equal(cont.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(cont.logits, 1), torch.stack(fresh.logits, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:vtprune. static-cache")
+def test_static_cache_equals_dynamic():
+    """A fixed-length cache (every layer group writes its own slots into the same-size cache) decodes the same."""
+    tv = model("qwen2_vl")
+    inputs = batch_inputs(tv, [0, 1])
+    with vtprune.apply(tv.model, "random", site="layer", schedule=SCHEDULE):
+        seq_d, step_d = _generate(tv, inputs)
+        seq_s, step_s = _generate(tv, inputs, cache_implementation="static")
+    assert torch.equal(seq_d, seq_s)
+    torch.testing.assert_close(step_d, step_s, atol=1e-5, rtol=1e-5)
