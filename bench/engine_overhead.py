@@ -280,6 +280,7 @@ class Cell:
     decode: DecodeStart | None = None  # --decode: the state both sides decode from
     decode_pruned_s: list[float] = field(default_factory=list)  # time of the N decode steps, per repeat
     decode_oracle_s: list[float] = field(default_factory=list)
+    decode_hooks_s: list[float] = field(default_factory=list)  # --hooks: time in vtprune's hooks per decode step
 
     @property
     def options(self) -> dict[str, Any]:
@@ -317,7 +318,8 @@ class Cell:
         steps = self.decode.steps
         return {"decode_steps": steps, "decode_max_abs_diff": self.decode.max_abs_diff,
                 "decode_pruned_tok_s": steps / median(self.decode_pruned_s),
-                "decode_oracle_tok_s": steps / median(self.decode_oracle_s), "decode_ratio": self.decode_ratio}
+                "decode_oracle_tok_s": steps / median(self.decode_oracle_s), "decode_ratio": self.decode_ratio,
+                "decode_hooks_ms_per_step": 1e3 * median(self.decode_hooks_s) if self.decode_hooks_s else None}
 
     @property
     def decode_ratio(self) -> float:
@@ -530,6 +532,10 @@ def profile_hooks(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell,
             pruned_logits(model, inputs, True)
             for name, seconds in spent.items():
                 cell.hooks_s.setdefault(name, []).append(seconds)
+        for _ in range(runs if cell.decode is not None else 0):  # the same for decode steps, per step
+            spent.clear()
+            decode_steps(model, copy.deepcopy(cell.decode.cache), cell.decode.token, cell.decode.steps)
+            cell.decode_hooks_s.append(sum(spent.values()) / cell.decode.steps)
 
 
 def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], layer: int, repeats: int,
@@ -547,12 +553,12 @@ def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], l
             for cell in mine:
                 check(model, inputs, cell)
             time_cells(model, inputs, mine, repeats, warmup)
-            for cell in mine if hook_runs else ():
-                profile_hooks(model, inputs, cell, hook_runs)
             if decode:
                 for cell in mine:
                     check_decode(model, inputs, cell, decode)
                 time_decode(model, mine, repeats, warmup)
+            for cell in mine if hook_runs else ():
+                profile_hooks(model, inputs, cell, hook_runs)
             if progress:
                 for cell in mine:
                     hooks = "" if cell.hooks_ms is None else f", {cell.hooks_ms:.1f} ms in hooks"
@@ -576,12 +582,12 @@ def markdown(cells: Sequence[Cell]) -> str:
     decoded = [c for c in cells if c.decode_pruned_s]
     if decoded:
         lines += ["", ("| family | site | keep | cache slots (layers >= K) | steps | pruned tok/s | oracle tok/s "
-                       "| ratio | max abs Δ logits |"), "|" + "---|" * 9]
+                       f"| ratio | max abs Δ logits |{' in hooks ms/step |' if hooks else ''}"), "|" + "---|" * (9 + hooks)]
         for c in decoded:
             d = c._decode_dict()
             lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} | {d['decode_steps']} "
                          f"| {d['decode_pruned_tok_s']:.1f} | {d['decode_oracle_tok_s']:.1f} | **{c.decode_ratio:.3f}** "
-                         f"| {d['decode_max_abs_diff']:.1e} |")
+                         f"| {d['decode_max_abs_diff']:.1e} |" + (f" {d['decode_hooks_ms_per_step']:.3f} |" if hooks else ""))
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ def test_tiny_run_checks_and_reports_every_cell(bench, tmp_path, capsys):
         assert r["layer"] == (2 if r["site"] == "layer" else None)
         assert any(name.endswith("_lm_pre") for name in r["hooks_ms"]), r["hooks_ms"]  # the engine's hooks were timed
         assert r["decode_steps"] == 2 and r["decode_max_abs_diff"] <= bench.ATOL and r["decode_ratio"] > 0
+        assert r["decode_hooks_ms_per_step"] > 0  # the engine's hooks were timed on decode steps too
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 2 * (1 + len(cells))  # the prefill table, then the decode table
 
