@@ -300,7 +300,7 @@ def test_later_turn_with_a_new_image_on_the_layered_cache(family):
         whole, extra = _conversation(tv, first, out.sequences, second_image=True)
         cache = copy.deepcopy(out.past_key_values)
         cont = tv.model.generate(**_tokens_only(whole), **extra, past_key_values=cache, max_new_tokens=3, **STEP)
-        (v, after), = handle.stats.samples[0].images
+        (v, _), = handle.stats.samples[0].images
         assert handle.stats.samples[0].layer_visual[1:] == [int(k * v + 0.5) for _, k in SCHEDULE]
         fresh = tv.model.generate(**whole, max_new_tokens=3, **STEP)
     assert torch.equal(cont.sequences, fresh.sequences)

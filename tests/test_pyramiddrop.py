@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import batch_inputs, model
+from test_core_reference import _capture
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 import vtprune
@@ -108,3 +109,45 @@ def test_rank_matches_a_hand_computation():
         fastv_like = _hand_scores(lm, b, outputs[b], index, image, b - 1)
         assert (fastv_like - scores).abs().max() > 1e-4
         index = index[kept_here]
+
+
+def test_reference_mode_renumbers_each_group_exactly():
+    """mode='reference': each layer group runs on its survivors numbered 0..N-1 (== the unhooked layers by hand with
+    those positions; negative control: the original positions differ), decodes from its own cache length (cached ==
+    uncached) and a padded batch row == the sample alone. Qwen's M-RoPE cannot be renumbered so: refused."""
+    tv = model("llava")
+    inputs = batch_inputs(tv, [1])
+    lm = tv.model.model.language_model
+    (hidden,), _ = _capture(lm.layers[1], lambda: tv.model(**inputs))
+    with vtprune.apply(tv.model, "pyramiddrop", keep=0.125, mode="reference") as handle:
+        plans, select = [], handle._engine.select
+        handle._engine.select = lambda *a, **k: plans.append(select(*a, **k)) or plans[-1]
+        hooked = tv.model(**inputs).logits
+
+    def run(renumber: bool) -> torch.Tensor:
+        h, index = hidden, torch.arange(hidden.shape[1])
+        for layer, plan in zip((1, 2, 3), plans):
+            h, index = h[:, plan.index[0]], index[plan.index[0]]
+            pos = torch.arange(index.numel()) if renumber else index
+            h = lm.layers[layer](h, attention_mask=None, position_embeddings=lm.rotary_emb(h, pos[None]))
+        return tv.model.lm_head(lm.norm(h))
+
+    torch.testing.assert_close(hooked, run(True), atol=1e-5, rtol=1e-5)
+    assert (run(False) - hooked).abs().max() > 1e-3
+    batch = batch_inputs(tv, [0, 1])
+    gen = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with vtprune.apply(tv.model, "pyramiddrop", keep=0.125, mode="reference"):
+        cached = tv.model.generate(**batch, **gen)
+        uncached = tv.model.generate(**batch, **gen, use_cache=False)
+        single = tv.model.generate(**batch_inputs(tv, [1]), **gen)
+    torch.testing.assert_close(torch.stack(cached.logits, 1), torch.stack(uncached.logits, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(cached.logits, 1)[1], torch.stack(single.logits, 1)[0], atol=1e-5,
+                               rtol=1e-5)
+    reference = tv.model.generate(**batch, **gen)
+    with vtprune.apply(tv.model, "pyramiddrop", keep=1.0, mode="reference"):  # nothing dropped: nothing renumbered
+        assert torch.equal(torch.stack(tv.model.generate(**batch, **gen).logits, 1), torch.stack(reference.logits, 1))
+    with vtprune.apply(tv.model, "pyramiddrop", keep=0.125):  # clean: the original positions, so it differs
+        clean = tv.model.generate(**batch, **gen)
+    assert (torch.stack(clean.logits, 1) - torch.stack(cached.logits, 1)).abs().max() > 1e-3
+    with pytest.raises(vtprune.VTPruneError, match="renumbers"):
+        vtprune.apply(model("qwen2_vl").model, "pyramiddrop", mode="reference")

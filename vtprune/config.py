@@ -91,6 +91,13 @@ class PrunerConfig:
         ``None``: one cut at ``layer``."""
         return None
 
+    @property
+    def compact_stages(self) -> bool:
+        """Whether the in-LLM site renumbers each layer group's tokens 0..N-1 from the first cut on and continues
+        each group from its own cache length at decode (PyramidDrop's reference code); ``False`` (default): the
+        original positions everywhere."""
+        return False
+
     def freeze(self) -> None:
         """Refuse every later field assignment (the config of installed hooks must not drift from them)."""
         object.__setattr__(self, "_frozen", True)

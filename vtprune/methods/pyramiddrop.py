@@ -41,9 +41,10 @@ class PyramidDropConfig(PrunerConfig, ModeOption):
     layers: the cut layers (strictly increasing; default: the reference's 8/16/24 scaled to shallower decoders and
             snapped to layers the family can cut at, :func:`default_layers`). ``schedule=`` overrides both; ``layer=K``
             makes a single cut at K.
-    mode:   ``"clean"`` counts ``⌊keep_s·V + 1/2⌋`` per cut (the last one is exactly ``keep``'s budget);
-            ``"reference"`` truncates ``int(V·λ^s)`` as the reference does (at least 1). Positions stay the original
-            ones in both (the reference renumbers them per stage: docs/algorithms.md)."""
+    mode:   ``"clean"`` counts ``⌊keep_s·V + 1/2⌋`` per cut (the last one is exactly ``keep``'s budget) and keeps the
+            original positions; ``"reference"`` truncates ``int(V·λ^s)`` as the reference does (at least 1) and
+            renumbers each layer group's tokens 0..N-1 from the first cut on, every group decoding from its own cache
+            length (1-D RoPE decoders only: LLaVA-1.5/NeXT/OneVision, InternVL; docs/algorithms.md)."""
 
     name = "pyramiddrop"
     site: str = "layer"
@@ -65,6 +66,12 @@ class PyramidDropConfig(PrunerConfig, ModeOption):
             self.layers = tuple(layers)
         if deferred:
             self.layer = None
+
+    @property
+    def compact_stages(self) -> bool:
+        """``mode="reference"`` renumbers every layer group's tokens 0..N-1 and decodes each group from its own cache
+        length, as the reference code does."""
+        return self.reference
 
     def default_schedule(self, num_layers: int, allowed: list[int]) -> tuple[tuple[int, float | int], ...] | None:
         if self.layer is not None:  # a single cut at ``layer``

@@ -51,13 +51,16 @@ class _InFlight:
     calls: list[ImageCall] = field(default_factory=list)
     #: rows after each cut made so far (``None``: nothing pruned yet)
     stage_rows: list[KeepPlan | None] = field(default_factory=list)
-    groups: list[tuple[KeepPlan, dict[str, Any] | None]] = field(default_factory=list)
+    groups: list[tuple[KeepPlan, dict[str, Any] | None, Any]] = field(default_factory=list)
     #: the first decoder layer of the current group (static caches size their masks on it)
     layer: int = 0
     #: the language model got per-layer-type masks (a dict); masks: the family's rebuilt masks of the current
     #: group for the kept tokens (``ModelAdapter.lm_masks``), by mask key
     dict_masks: bool = False
     masks: dict[str, Any] | None = None
+    #: ``config.compact_stages``: the current group's positions [b, q] and rotary (cos, sin) for this call's tokens
+    pos: torch.Tensor | None = None
+    pe: Any = None
 
 
 def _hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -192,11 +195,28 @@ class LayerSite(Site):
                 default = checked_schedule(default)
                 for name, value in (("schedule", default), ("layer", default[0][0]), ("keep", default[0][1])):
                     object.__setattr__(config, name, value)
+        if config.compact_stages and not cls._renumbers(adapter):
+            raise VTPruneError(f"pruner {config.name!r} with mode='reference' renumbers each layer group's positions "
+                               "as the LLaVA reference code does, which needs a decoder with one 1-D rotary table, full "
+                               "attention everywhere and no recurrent layers (not this model's); use mode='clean'")
         for i, (layer, _) in enumerate(config.schedule or ((config.layer, config.keep),)):
             if not 1 <= layer < n:
                 where = f"schedule[{i}]: layer" if config.schedule is not None else "layer"
                 raise VTPruneError(f"{where}={layer} is out of range: this model has {n} decoder layers, so K must "
                                    f"be in [1, {n - 1}]")
+
+    @staticmethod
+    def _renumbers(adapter: Any) -> bool:
+        """Whether per-group renumbering (``config.compact_stages``) is exact on this model: 1-D positions, one rotary
+        table (``language_model.rotary_emb``), no sliding windows or per-layer-type masks, no recurrent layers."""
+        n = adapter.num_layers
+        return (adapter.position_axes == 1 and callable(getattr(adapter.language_model, "rotary_emb", None))
+                and not adapter.recurrent_layers and all(adapter.llm_window(i) is None for i in range(n))
+                and all(adapter.mask_key(i) == "full_attention" for i in range(n)))
+
+    def _renumbered(self, embeds: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``(pos, rotary cos/sin)`` of a layer group's renumbered positions ``pos`` [b, q]."""
+        return pos, self.engine.adapter.language_model.rotary_emb(embeds, pos)
 
     @staticmethod
     def _allowed_layers(config: Any, adapter: Any) -> list[int]:
@@ -251,6 +271,10 @@ class LayerSite(Site):
                                f"cuts at {list(ours)}: continue a pruned cache with the schedule that wrote it")
 
     def images(self, kwargs: dict[str, Any], call: ImageCall) -> None:
+        if call.base is not None and self.engine.config.compact_stages:
+            raise VTPruneError(f"pruner {self.engine.config.name!r} with mode='reference' renumbers each layer group's "
+                               "cached tokens, so a later turn cannot bring a new image into that cache; use "
+                               "mode='clean'")
         ledger = ledger_of(kwargs.get("past_key_values")) if call.base is not None else None
         calls = [call] * len(self.stages)
         if ledger is not None:  # a later turn: each layer group continues its own cached slots
@@ -274,9 +298,15 @@ class LayerSite(Site):
             if isinstance(kwargs.get("attention_mask"), dict):  # built on layer 0's (full-length) cache: rebuild
                 masks = self.engine.family_masks(kwargs["inputs_embeds"], self._cache_padding(group, past, q),
                                                  kwargs.get("past_key_values"), st.layer)
-            groups.append((group.plan, masks))
+            renumbered = None
+            if self.engine.config.compact_stages and not group.plan.is_identity:  # from its own real cache length
+                appended = ledger.appended(past, False)
+                start = group.real.sum(1, keepdim=True) + appended
+                renumbered = self._renumbered(kwargs["inputs_embeds"], start + torch.arange(q, device=start.device))
+            groups.append((group.plan, masks, renumbered))
         self.in_flight = _InFlight(static=static, cols=groups[0][0], extra=ledger.appended(past, False) + q,
                                    masks=groups[0][1], groups=groups, layer=self.stages[0].layer)
+        self.in_flight.pos, self.in_flight.pe = groups[0][2] or (None, None)
 
     def _cache_padding(self, ledger: Ledger, past: int, q: int) -> torch.Tensor:
         """[b, slots + appended + q] 2-D padding mask over the pruned layers' cache and this call's tokens: the
@@ -299,12 +329,17 @@ class LayerSite(Site):
             if stage is not None and state.call is not None:
                 args, kwargs = self._cut(args, kwargs, state, stage)
             elif stage is not None and state.groups:  # a continuation enters the next layer group
-                state.cols, state.masks = state.groups[stage]
+                state.cols, state.masks, renumbered = state.groups[stage]
+                state.pos, state.pe = renumbered or (None, None)
                 state.layer = index
             if state.cols is not None:
                 if state.masks is not None:  # the family's masks, rebuilt for the kept tokens
                     kwargs["attention_mask"] = state.masks[self.engine.adapter.mask_key(index)]
                 self._gather_layer_kwargs(kwargs, state, recurrent)
+            if state.pe is not None:  # config.compact_stages: the group's own numbering
+                kwargs["position_embeddings"] = state.pe
+                if torch.is_tensor(kwargs.get("position_ids")):
+                    kwargs["position_ids"] = state.pos
             return args, kwargs
         return hook
 
@@ -315,8 +350,8 @@ class LayerSite(Site):
         hidden = _hidden(args, kwargs)
         prev = state.rows
         spans, real = (call.spans, call.real) if prev is None else (_restrict(call.spans, prev), call.kept_real(prev))
-        pe = kwargs.get("position_embeddings")
-        if pe is not None and prev is not None:  # the layer's own gather runs after the cut: the survivors' rows
+        pe = kwargs.get("position_embeddings") if state.pe is None else state.pe
+        if pe is not None and prev is not None and state.pe is None:  # the layer's gather runs after the cut
             pe = tuple(prev.gather(t, seq_dim=-2, batch_dim=0) for t in pe)
         stage.signals.add_layer_qk(stage.layer, hidden, pe, spans, real)
         stage.signals.add_llm_extras(spans, real)
@@ -346,7 +381,10 @@ class LayerSite(Site):
         kept so far (masks rebuilt where the family builds per-layer-type ones)."""
         call, rows, layer = state.calls[index], state.rows, self.stages[index].layer
         state.layer = layer
-        if rows is None:  # nothing of this call pruned yet: its cache slots only
+        if self.engine.config.compact_stages and rows is not None:  # prefills only (no new image joins such a cache)
+            rank = (call.kept_real(rows).long().cumsum(1) - 1).clamp(min=0)
+            state.pos, state.pe = self._renumbered(hidden, rank)
+        if rows is None:  # nothing of this call pruned yet: its cache slots only, original numbering
             state.cols = None if call.base is None or call.base.is_identity else call.base
             state.extra = call.embeds.shape[1]
             return
