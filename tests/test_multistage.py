@@ -205,6 +205,17 @@ def test_flops_per_stage_match_flop_counter():
     assert [s["visual"] for s in stages] == [[16], [8], [4], [2]]
 
 
+def test_selection_overhead_counts_every_cut():
+    """FastV's ``2·V·D`` per image and cut, each on the tokens the cut saw (16, 8, 4)."""
+    tv = model("llava")
+    inputs = batch_inputs(tv, [0])
+    with vtprune.apply(tv.model, "fastv", schedule=SCHEDULE) as handle:
+        tv.model(**inputs)
+        report = F.flops_from_stats(tv.model, handle.stats, pruner="fastv")
+        assert handle.stats.samples[0].image_cuts == [[16, 8, 4, 2]]
+    assert report.overhead == 2 * (16 + 8 + 4) * F.LLMDims.from_config(tv.model).hidden
+
+
 def test_pdrop_flops_reproduce_the_paper_table():
     """PDrop's table formula on LLaVA-1.5-7B: 3.82 T vanilla, 1.78 T for layers 8/16/24 with λ = 0.5."""
     d, m = 4096, 11008

@@ -323,7 +323,8 @@ def flops_from_stats(model_or_config: Any, stats: PruneStats, *, inputs: Mapping
     inputs:  the model's keyword inputs; needed to count the vision encoder and projector (else left out).
     padded:  count what the kernels ran on (padded lengths × batch, as ``FlopCounterMode`` sees a padded batch)
              instead of each sample's real tokens. The FastV number always uses real tokens.
-    pruner:  registered pruner name, to add its selection overhead (``handle.config.name``).
+    pruner:  registered pruner name, to add its selection overhead (``handle.config.name``): one selection per
+             image per cut of a multi-stage schedule, each on the tokens the cut saw.
     """
     if not stats.samples:
         raise VTPruneError("these stats hold no prefill yet: run the model once with the handle installed")
@@ -331,7 +332,8 @@ def flops_from_stats(model_or_config: Any, stats: PruneStats, *, inputs: Mapping
     lens = [stats.padded_layer_seq_lens] * len(real) if padded else real
     overhead = 0
     if pruner is not None:
-        images = [im for s in stats.samples for im in s.images]
+        cuts = [cut for s in stats.samples for cut in (s.image_cuts or [list(im) for im in s.images])]
+        images = [(cut[i], cut[i + 1]) for cut in cuts for i in range(len(cut) - 1)]
         overhead = pruner_overhead_flops(pruner, images, LLMDims.from_config(model_or_config).hidden)
     return count_flops(model_or_config, lens, fastv_lens=real,
                        vision=None if inputs is None else vision_work(model_or_config, inputs),

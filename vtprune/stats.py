@@ -18,11 +18,14 @@ class SampleStats:
     layer_seq_lens: real (non-padding) tokens each decoder layer processed during prefill.
     layer_visual: visual tokens each decoder layer processed during prefill (a multi-stage schedule shows its
     steps here).
+    image_cuts: per image, its visual tokens before the first cut and after each cut.
     """
 
     images: list[tuple[int, int]]
     layer_seq_lens: list[int]
     layer_visual: list[int] = field(default_factory=list)
+    #: per image: its visual tokens before the first cut and after each cut (one cut: ``[before, after]``)
+    image_cuts: list[list[int]] = field(default_factory=list)
 
     @property
     def visual_before(self) -> int:
@@ -104,7 +107,7 @@ class StatsRecorder:
             per_layer = torch.stack([r for _, r, _ in self._layers], 1).tolist()
             self.stats.padded_layer_seq_lens = [p for p, _, _ in self._layers]
             self.stats.samples = [
-                SampleStats(images=[(c[0], c[-1]) for c in imgs], layer_seq_lens=lens,
+                SampleStats(images=[(c[0], c[-1]) for c in imgs], layer_seq_lens=lens, image_cuts=[list(c) for c in imgs],
                             layer_visual=[sum(c[min(stage, len(c) - 1)] for c in imgs) for _, _, stage in self._layers])
                 for imgs, lens in zip(self._images, per_layer)]
             self._layers = []
