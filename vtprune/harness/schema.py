@@ -105,7 +105,8 @@ def _as_list(value: Any) -> Any:
 class PrunerSpec(_Strict):
     """One pruner and its grid: every combination of ``keep`` × ``site`` × ``layer`` × ``positions`` is a setting;
     ``options`` are the pruner's own options (validated by its config class). A ``site`` of ``None`` (the default)
-    is the pruner's own default site, e.g. ``layer`` for FastV and DART."""
+    is the pruner's own default site, e.g. ``layer`` for FastV and DART. A multi-stage schedule is the option
+    ``schedule: [[layer, keep], ...]`` with ``keep`` the first cut's (docs/harness.md)."""
 
     name: str
     keep: list[StrictFloat | StrictInt] = Field(min_length=1)
