@@ -49,6 +49,8 @@ from vtprune.testing import FAMILIES, shortened_lm_inputs, tiny_vlm
 
 KEEPS = (0.5, 0.25, 0.11)
 SITES = ("pre_llm", "layer")
+#: ``--sites schedule``: one multi-stage cell per family, cutting the 8-layer LLM three times (PyramidDrop style)
+SCHEDULE = ((2, 0.5), (4, 0.25), (6, 0.11))
 PRUNER = "uniform"
 #: bench-small's LLM (configs/models/bench-small.json), for every family
 TEXT = {"vocab_size": 32064, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
@@ -203,9 +205,12 @@ def _layers(layers: Sequence[nn.Module], hidden: torch.Tensor, pe: tuple, cache:
 
 
 def oracle(model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, site: str, layer: int,
-           last_only: bool) -> torch.Tensor:
+           last_only: bool, stages: Sequence[tuple[int, torch.Tensor]] = ()) -> torch.Tensor:
     """Logits of the unhooked model on the hand-shortened input: the kept rows ``keep`` at their original
-    positions, from the LM input on (pre-LLM) or from decoder layer ``layer`` on (in-LLM)."""
+    positions, from the LM input on (pre-LLM) or from decoder layer ``layer`` on (in-LLM). ``stages``: a
+    multi-stage schedule instead, (cut layer, rows kept from there on) per cut (plain decoders only)."""
+    if stages:
+        return _staged_oracle(model, inputs, stages, last_only)
     from transformers import DynamicCache
 
     kw = lm_inputs(model, inputs)
@@ -227,6 +232,27 @@ def oracle(model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor
                          shortened_lm_inputs(kw, every))[:, keep]
         hidden = lm.norm(_layers(lm.layers[layer:], hidden, _rotary(lm, hidden, pos[..., keep]), cache, lm, layer,
                                  shortened_lm_inputs(kw, keep)))
+    return model.lm_head(hidden[:, -1:] if last_only else hidden)
+
+
+def _staged_oracle(model: nn.Module, inputs: dict[str, torch.Tensor], stages: Sequence[tuple[int, torch.Tensor]],
+                   last_only: bool) -> torch.Tensor:
+    """:func:`oracle` of a multi-stage schedule: layers before the first cut on the whole prompt, then each layer
+    group on the rows its cut kept (original positions), causal SDPA, one cache."""
+    from transformers import DynamicCache
+
+    kw = lm_inputs(model, inputs)
+    if isinstance(kw.get("attention_mask"), dict) or kw.get("deepstack_visual_embeds") is not None:
+        raise BenchSetupError("the multi-stage oracle covers plain decoders (no per-layer-type masks, no DeepStack)")
+    lm = language_model(model)
+    hidden = kw["inputs_embeds"]
+    pos = full_positions(kw, hidden.shape[1], hidden.device)
+    cache, rows, first = DynamicCache(config=lm.config), torch.arange(hidden.shape[1], device=hidden.device), 0
+    for cut, kept in [*stages, (len(lm.layers), None)]:
+        hidden = _layers(lm.layers[first:cut], hidden, _rotary(lm, hidden, pos[..., rows]), cache, lm, first)
+        if kept is not None:  # the rows of this group that the cut keeps
+            hidden, rows, first = hidden[:, torch.searchsorted(rows, kept)], kept, cut
+    hidden = lm.norm(hidden)
     return model.lm_head(hidden[:, -1:] if last_only else hidden)
 
 
@@ -274,6 +300,8 @@ class Cell:
     visual: tuple[int, int] = (0, 0)
     max_abs_diff: float = 0.0
     keep_index: torch.Tensor | None = None
+    schedule: tuple[tuple[int, float], ...] = ()  # a multi-stage cell: (cut layer, keep) per cut
+    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # per cut: (layer, rows kept from there)
     pruned_s: list[float] = field(default_factory=list)
     oracle_s: list[float] = field(default_factory=list)
     hooks_s: dict[str, list[float]] = field(default_factory=dict)  # per hook name, per profiled prefill
@@ -285,10 +313,14 @@ class Cell:
     @property
     def options(self) -> dict[str, Any]:
         """The ``vtprune.apply`` options of this cell."""
+        if self.schedule:
+            return {"site": "layer", "schedule": self.schedule}
         return {"keep": self.keep, "site": self.site} | ({"layer": self.layer} if self.site == "layer" else {})
 
     @property
     def label(self) -> str:
+        if self.schedule:
+            return "K=" + "/".join(str(layer) for layer, _ in self.schedule)
         return "pre_llm" if self.site == "pre_llm" else f"K={self.layer}"
 
     @property
@@ -304,7 +336,7 @@ class Cell:
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly record."""
         return {"family": self.family, "pruner": self.pruner, "site": self.site,
-                "layer": self.layer if self.site == "layer" else None,
+                "layer": self.layer if self.site == "layer" else None, "schedule": self.schedule or None,
                 "keep": self.keep, "tokens": self.tokens, "kept": self.kept, "visual_before": self.visual[0],
                 "visual_after": self.visual[1], "max_abs_diff": self.max_abs_diff,
                 "pruned_ms": 1e3 * median(self.pruned_s), "oracle_ms": 1e3 * median(self.oracle_s),
@@ -344,23 +376,40 @@ def kept_rows(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> 
     (and the token counts) in ``cell``; return the pruned logits at every position."""
     chosen: list[tuple[int, torch.Tensor]] = []
     with vtprune.apply(model, cell.pruner, **cell.options) as handle:
-        select = handle.pruner.select
+        cls = type(handle.pruner)  # the class: a multi-stage schedule has one pruner object per cut
+        select, own = cls.select, "select" in vars(cls)
 
-        def spy(view: Any, k: int) -> Any:
-            out = select(view, k)
+        def spy(self: Any, view: Any, k: int) -> Any:
+            out = select(self, view, k)
             chosen.append((view.num_tokens, out.indices))
             return out
 
-        handle.pruner.select = spy
-        logits = pruned_logits(model, inputs, last_only=False)
+        cls.select = spy
+        try:
+            logits = pruned_logits(model, inputs, last_only=False)
+        finally:
+            if own:
+                cls.select = select
+            else:
+                del cls.select  # inherited: leave the class as it was
     ids = inputs["input_ids"][0]
     image = (ids == model.config.image_token_id).nonzero().flatten()
-    kept = ids != model.config.image_token_id
-    start = 0
-    for n, idx in chosen:
-        kept[image[start:start + n][idx]] = True
-        start += n
-    cell.keep_index = kept.nonzero().flatten()
+    text = ids != model.config.image_token_id
+    if cell.schedule:  # one image, one selection per cut among the tokens the earlier cuts kept (sequence order)
+        cell.stages, remaining = [], image
+        for (layer, _), (n, idx) in zip(cell.schedule, chosen, strict=True):
+            remaining = remaining[idx.sort().values]
+            kept = text.clone()
+            kept[remaining] = True
+            cell.stages.append((layer, kept.nonzero().flatten()))
+        cell.keep_index = cell.stages[-1][1]
+        chosen = chosen[-1:]
+    else:
+        kept, start = text.clone(), 0
+        for n, idx in chosen:
+            kept[image[start:start + n][idx]] = True
+            start += n
+        cell.keep_index = kept.nonzero().flatten()
     cell.tokens, cell.kept = ids.numel(), cell.keep_index.numel()
     cell.visual = (image.numel(), sum(idx.numel() for _, idx in chosen))
     return logits
@@ -371,7 +420,7 @@ def check(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> None
     """:func:`kept_rows`, then the pruned logits must equal the oracle's on those rows (else
     :class:`OracleMismatch`)."""
     logits = kept_rows(model, inputs, cell)
-    expected = oracle(model, inputs, cell.keep_index, cell.site, cell.layer, last_only=False)
+    expected = oracle(model, inputs, cell.keep_index, cell.site, cell.layer, False, cell.stages)
     try:
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
     except AssertionError as e:
@@ -406,7 +455,7 @@ def time_cells(model: nn.Module, inputs: dict[str, torch.Tensor], cells: list[Ce
                     with vtprune.apply(model, cell.pruner, **cell.options):
                         t = _seconds(pruned_logits, model, inputs, True)
                 else:
-                    t = _seconds(oracle, model, inputs, cell.keep_index, cell.site, cell.layer, True)
+                    t = _seconds(oracle, model, inputs, cell.keep_index, cell.site, cell.layer, True, cell.stages)
                 if i >= warmup:
                     (cell.pruned_s if side == "pruned" else cell.oracle_s).append(t)
 
@@ -539,17 +588,20 @@ def profile_hooks(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell,
 
 
 def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], layer: int, repeats: int,
-        warmup: int, tiny: bool, hook_runs: int = 0, progress: bool = False, decode: int = 0
-        ) -> tuple[list[Cell], dict[str, Any]]:
-    """Check and time every family × site × keep (then, with ``hook_runs``, time the hooks; with ``decode``,
-    check and time that many decode steps); returns the cells and the environment."""
+        warmup: int, tiny: bool, hook_runs: int = 0, progress: bool = False, decode: int = 0,
+        schedule: tuple[tuple[int, float], ...] = SCHEDULE) -> tuple[list[Cell], dict[str, Any]]:
+    """Check and time every family × site × keep, and the ``schedule`` cell where ``sites`` has "schedule" (then,
+    with ``hook_runs``, time the hooks; with ``decode``, check and time that many decode steps); returns the cells
+    and the environment."""
     cells: list[Cell] = []
     env: dict[str, Any] = {}
     with torch.inference_mode():
         for family in families:
             model, inputs = build(family, tiny)
             env = env or environment(model)
-            mine = [Cell(family, site, keep, layer) for site in sites for keep in keeps]
+            mine = [Cell(family, site, keep, layer) for site in sites if site in SITES for keep in keeps]
+            if "schedule" in sites:
+                mine.append(Cell(family, "layer", schedule[-1][1], schedule[0][0], schedule=schedule))
             for cell in mine:
                 check(model, inputs, cell)
             time_cells(model, inputs, mine, repeats, warmup)
@@ -615,7 +667,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse options, check and time every cell, print the table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--sites", default=",".join(SITES))
+    parser.add_argument("--sites", default=",".join(SITES),
+                        help=f"subset of {','.join(SITES)},schedule (schedule: one multi-stage cell per family)")
+    parser.add_argument("--schedule", default=",".join(f"{k}:{v}" for k, v in SCHEDULE),
+                        help="the multi-stage cell's cuts, layer:keep,...")
     parser.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     parser.add_argument("--layer", type=int, default=2, help="K of the in-LLM site")
     parser.add_argument("--repeats", type=int, default=9)
@@ -633,11 +688,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise BenchSetupError(f"need repeats >= 1, warmup >= 0, hooks >= 0, decode >= 0 (got {args.repeats}, "
                               f"{args.warmup}, {args.hooks}, {args.decode})")
     families = _csv(args.families, str, FAMILIES)
-    sites, keeps = _csv(args.sites, str, SITES), _csv(args.keeps, float)
+    sites, keeps = _csv(args.sites, str, (*SITES, "schedule")), _csv(args.keeps, float)
+    try:
+        schedule = tuple((int(a), float(b)) for a, b in (item.split(":") for item in args.schedule.split(",")))
+    except ValueError as e:
+        raise BenchSetupError(f"--schedule {args.schedule!r}: expected layer:keep,layer:keep,...") from e
     torch.set_num_threads(args.threads)
     before = _provenance()
     cells, env = run(families, sites, keeps, args.layer, args.repeats, args.warmup, args.tiny, args.hooks,
-                     progress=True, decode=args.decode)
+                     progress=True, decode=args.decode, schedule=schedule)
     print(f"{env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} thread(s), torch {env['torch']}, "
           f"transformers {env['transformers']}; vtprune from {before['vtprune']} at {before['commit']}; "
           f"load average {before['loadavg'][0]:.2f} before, {os.getloadavg()[0]:.2f} after; median of "

@@ -70,8 +70,34 @@ def test_the_decode_check_tells_a_wrong_position_apart(bench, monkeypatch):
         bench.check_decode(model, inputs, cell, 2)
 
 
+def test_multi_stage_cells_check_against_a_staged_oracle(bench, tmp_path, monkeypatch):
+    """``--sites schedule``: one cell per family with three cuts (the tiny LLMs have 4 layers); its prefill and
+    decode match the oracle that runs each layer group on the rows its cut kept, and an oracle whose second cut
+    comes one layer late is refused (negative control)."""
+    out = tmp_path / "staged.json"
+    bench.main(["--tiny", "--families", "llava,qwen2_vl", "--sites", "schedule", "--schedule", "1:0.5,2:0.25,3:0.11",
+                "--repeats", "1", "--warmup", "0", "--decode", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["family"], r["schedule"]) for r in rows] == [(f, [[1, 0.5], [2, 0.25], [3, 0.11]])
+                                                            for f in ("llava", "qwen2_vl")]
+    for r in rows:
+        assert r["max_abs_diff"] <= bench.ATOL and r["decode_max_abs_diff"] <= bench.ATOL
+        assert r["kept"] == r["tokens"] - r["visual_before"] + r["visual_after"]
+    model, inputs = bench.build("llava", tiny=True)
+    cell = bench.Cell("llava", "layer", 0.11, 1, schedule=((1, 0.5), (2, 0.25), (3, 0.11)))
+    bench.check(model, inputs, cell)
+    right = bench._staged_oracle
+
+    def late(model, inputs, stages, last_only):
+        return right(model, inputs, [(layer + (i == 1), rows) for i, (layer, rows) in enumerate(stages)], last_only)
+
+    monkeypatch.setattr(bench, "_staged_oracle", late)
+    with pytest.raises(bench.OracleMismatch, match="llava K=1/2/3"):
+        bench.check(model, inputs, cell)
+
+
 @pytest.mark.parametrize("argv", [["--families", "llava,nope"], ["--sites", "middle"], ["--repeats", "0"], ["--hooks", "-1"],
-                                  ["--decode", "-1"]])
+                                  ["--decode", "-1"], ["--schedule", "2-0.5"]])
 def test_bad_options_are_named_errors(bench, argv):
     with pytest.raises(bench.BenchSetupError):
         bench.main(["--tiny", *argv])
