@@ -328,3 +328,19 @@ def test_static_cache_equals_dynamic():
         seq_s, step_s = _generate(tv, inputs, cache_implementation="static")
     assert torch.equal(seq_d, seq_s)
     torch.testing.assert_close(step_d, step_s, atol=1e-5, rtol=1e-5)
+
+
+def test_labels_follow_every_cut():
+    """The model's own loss runs on the labels of the tokens the last cut kept (image labels -100)."""
+    tv = model("llava")
+    inputs = batch_inputs(tv, [0])
+    ids = inputs["input_ids"]
+    image = ids == tv.model.config.image_token_id
+    labels = ids.masked_fill(image, -100)
+    with vtprune.apply(tv.model, "random", site="layer", schedule=SCHEDULE):
+        out = tv.model(**inputs, labels=labels)
+    first = int(image[0].nonzero()[0])
+    kept = torch.cat([labels[0, :first], torch.full((2,), -100), labels[0, first + 16:]])  # 16 -> 8 -> 4 -> 2
+    assert out.logits.shape[1] == kept.numel()
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), kept[1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
