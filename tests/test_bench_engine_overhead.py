@@ -47,8 +47,8 @@ def test_the_check_tells_a_wrong_oracle_apart(bench, monkeypatch):
     right = bench.oracle
     bench.check(model, inputs, cell)
 
-    def one_layer_late(model, inputs, keep, site, layer, last_only):
-        return right(model, inputs, keep, site, layer + 1, last_only)
+    def one_layer_late(model, inputs, keep, site, layer, last_only, stages=()):
+        return right(model, inputs, keep, site, layer + 1, last_only, stages)
 
     monkeypatch.setattr(bench, "oracle", one_layer_late)
     with pytest.raises(bench.OracleMismatch, match="llava K=2 keep=0.25"):
