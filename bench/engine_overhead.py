@@ -309,6 +309,7 @@ class Cell:
     decode_pruned_s: list[float] = field(default_factory=list)  # time of the N decode steps, per repeat
     decode_oracle_s: list[float] = field(default_factory=list)
     decode_hooks_s: list[float] = field(default_factory=list)  # --hooks: time in vtprune's hooks per decode step
+    decode_error: str | None = None  # why the decode oracle could not run (reported in the table, not raised)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -345,6 +346,8 @@ class Cell:
                 "hooks_ms": {name: 1e3 * median(s) for name, s in self.hooks_s.items()}} | self._decode_dict()
 
     def _decode_dict(self) -> dict[str, Any]:
+        if self.decode_error is not None:
+            return {"decode_error": self.decode_error}
         if self.decode is None or not self.decode_pruned_s:
             return {}
         steps = self.decode.steps
@@ -607,8 +610,13 @@ def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], l
             time_cells(model, inputs, mine, repeats, warmup)
             if decode:
                 for cell in mine:
-                    check_decode(model, inputs, cell, decode)
-                time_decode(model, mine, repeats, warmup)
+                    try:
+                        check_decode(model, inputs, cell, decode)
+                    except (OracleMismatch, RuntimeError) as e:  # reported per cell; the other cells still run
+                        cell.decode_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        print(f"  {family:10s} {cell.label:7s} keep={cell.keep:<4} decode: {cell.decode_error}",
+                              flush=True)
+                time_decode(model, [c for c in mine if c.decode is not None], repeats, warmup)
             for cell in mine if hook_runs else ():
                 profile_hooks(model, inputs, cell, hook_runs)
             if progress:
@@ -631,12 +639,16 @@ def markdown(cells: Sequence[Cell]) -> str:
         lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} / {c.tokens} | {1e3 * median(c.pruned_s):.1f} "
                      f"| {1e3 * median(c.oracle_s):.1f} | **{c.ratio:.3f}** | {c.paired_ratio:.3f} "
                      f"| {c.max_abs_diff:.1e} |" + (f" {c.hooks_ms:.2f} |" if hooks else ""))
-    decoded = [c for c in cells if c.decode_pruned_s]
+    decoded = [c for c in cells if c.decode_pruned_s or c.decode_error]
     if decoded:
         lines += ["", ("| family | site | keep | cache slots (layers >= K) | steps | pruned tok/s | oracle tok/s "
                        f"| ratio | max abs Δ logits |{' in hooks ms/step |' if hooks else ''}"), "|" + "---|" * (9 + hooks)]
         for c in decoded:
             d = c._decode_dict()
+            if c.decode_error:
+                lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} | – | – | – | n/a | {c.decode_error} |"
+                             + (" – |" if hooks else ""))
+                continue
             lines.append(f"| {c.family} | {c.label} | {c.keep} | {c.kept} | {d['decode_steps']} "
                          f"| {d['decode_pruned_tok_s']:.1f} | {d['decode_oracle_tok_s']:.1f} | **{c.decode_ratio:.3f}** "
                          f"| {d['decode_max_abs_diff']:.1e} |" + (f" {d['decode_hooks_ms_per_step']:.3f} |" if hooks else ""))

@@ -70,6 +70,24 @@ def test_the_decode_check_tells_a_wrong_position_apart(bench, monkeypatch):
         bench.check_decode(model, inputs, cell, 2)
 
 
+def test_a_decode_oracle_that_cannot_run_is_reported_not_raised(bench, monkeypatch):
+    """A family whose decode the oracle cannot reproduce (Gemma 3's sliding windows over per-layer cache lengths
+    at mid size) gets ``decode_error`` and an n/a row; its prefill cell and the other cells still count."""
+    right = bench.decode_steps
+
+    def failing(model, cache, token, steps, next_pos=None):
+        if next_pos is not None:
+            raise RuntimeError("The size of tensor a (354) must match the size of tensor b (512)")
+        return right(model, cache, token, steps)
+
+    monkeypatch.setattr(bench, "decode_steps", failing)
+    cells, _ = bench.run(["llava"], ["pre_llm"], [0.25], 2, 1, 0, tiny=True, decode=2)
+    (cell,) = cells
+    assert cell.decode_error.startswith("RuntimeError: The size") and not cell.decode_pruned_s
+    assert cell.as_dict()["decode_error"] == cell.decode_error and cell.pruned_s
+    assert "| n/a | RuntimeError" in bench.markdown(cells)
+
+
 def test_multi_stage_cells_check_against_a_staged_oracle(bench, tmp_path, monkeypatch):
     """``--sites schedule``: one cell per family with three cuts (the tiny LLMs have 4 layers); its prefill and
     decode match the oracle that runs each layer group on the rows its cut kept, and an oracle whose second cut
