@@ -13,8 +13,8 @@ from .errors import VTPruneError
 from .flops import FlopsReport, flops_from_stats, register_overhead_flops
 from .methods import (
     CDPrunerConfig, DARTConfig, DivPruneConfig, FastVConfig, InformedConfig, KCenterConfig, MMRConfig, PagerankConfig,
-    PoolConfig, Pruner, PyramidDropConfig, RandomConfig, ScorerPruner, UniformConfig, VisionZipConfig, VisPrunerConfig,
-    VTCCLSConfig, ZeroTPruneConfig, ZooConfig,
+    PoolConfig, Pruner, PyramidDropConfig, RandomConfig, ScorerPruner, SparseVLMConfig, UniformConfig, VisionZipConfig,
+    VisPrunerConfig, VTCCLSConfig, ZeroTPruneConfig, ZooConfig,
 )
 from .registry import list_pruners, pruner_aliases, register_pruner
 from .stats import PruneStats, SampleStats
@@ -34,7 +34,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CDPrunerConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig",
     "PagerankConfig", "ScorerPruner", "VTCCLSConfig", "VisPrunerConfig", "VisionZipConfig", "ZeroTPruneConfig",
-    "PyramidDropConfig", "ZooConfig",
+    "PyramidDropConfig", "SparseVLMConfig", "ZooConfig",
     "FlopsReport", "ImageLayout", "PoolConfig", "PruneHandle", "PruneStats", "Pruner", "PrunerConfig", "RandomConfig",
     "SampleStats", "Segment", "Selection", "UniformConfig", "VTPruneError", "VisualView", "apply",
     "flops_from_stats", "list_pruners", "pruner_aliases", "register_overhead_flops", "register_pruner",

@@ -27,7 +27,8 @@ PROJECTOR = "projector"  # the projector's inputs per visual token, and the proj
 FINAL_NORM = "final_norm"  # the language model's final norm (DART compares final-normed hidden states)
 HINTS = "hints"  # per-sample values the caller passes with ``PruneHandle.set_hints`` (informed references)
 LAYER_QK = "layer_qk"  # post-RoPE q/k that decoder layer K itself would compute on its input (PyramidDrop)
-NEEDS = (LLM_QK, VISION_QK, PROJECTOR, FINAL_NORM, HINTS, LAYER_QK)
+LM_INPUT = "lm_input"  # the input states of decoder layer 0 (SparseVLM's raters; in-LLM site)
+NEEDS = (LLM_QK, VISION_QK, PROJECTOR, FINAL_NORM, HINTS, LAYER_QK, LM_INPUT)
 
 
 @dataclass
@@ -46,6 +47,17 @@ class LLMQK:
     scaling: float
     #: the layer's sliding window (``None``: full attention): query i sees only keys j with i - j < window
     window: int | None = None
+
+
+@dataclass
+class LMInput:
+    """The input states of decoder layer 0 (the LM's input embeddings, as that layer sees them) for one sample's
+    real tokens, captured in the prefill of a call with images: states [n, D]; image [V] and text [T] as in
+    :class:`LLMQK` (the whole image and every non-visual token, whatever later cuts prune)."""
+
+    states: torch.Tensor
+    image: torch.Tensor
+    text: torch.Tensor
 
 
 @dataclass
@@ -135,6 +147,7 @@ class Signals:
         self.adapter, self.pruner, self.config = adapter, pruner, config
         self.needs = frozenset(pruner.needs)
         self.llm: InputCapture | None = None
+        self.lm_input: InputCapture | None = None
         self.tower: InputCapture | None = None
         self.vision: dict[int, InputCapture] = {}
         self.projector: InputCapture | None = None
@@ -147,7 +160,7 @@ class Signals:
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise VTPruneError(f"pruner {name!r} needs unknown signals {sorted(unknown)}; known: {NEEDS}")
-        if self.needs & {LLM_QK, LAYER_QK} and self.config.site != "layer":
+        if self.needs & {LLM_QK, LAYER_QK, LM_INPUT} and self.config.site != "layer":
             raise VTPruneError(f"pruner {name!r} reads decoder-layer attention, so it needs site='layer'")
 
     def install(self, hook_pre: HookFn) -> None:
@@ -156,6 +169,9 @@ class Signals:
         if LLM_QK in self.needs:
             self.llm = InputCapture()
             hook_pre(a.llm_attention(self.config.layer - 1), self.llm)
+        if LM_INPUT in self.needs:
+            self.lm_input = InputCapture()
+            hook_pre(a.layers[0], self.lm_input)
         if VISION_QK in self.needs or PROJECTOR in self.needs:
             self.tower = InputCapture(armed=True)
             hook_pre(a.vision_tower, self._encoding_pass_starts)
@@ -179,13 +195,15 @@ class Signals:
         self.tower(module, args, kwargs)
 
     def begin_prefill(self) -> None:
-        if self.llm is not None:
-            self.llm.reset()
-            self.llm.armed = True
+        for cap in (self.llm, self.lm_input):
+            if cap is not None:
+                cap.reset()
+                cap.armed = True
 
     def end_prefill(self) -> None:
-        if self.llm is not None:
-            self.llm.armed = False
+        for cap in (self.llm, self.lm_input):
+            if cap is not None:
+                cap.armed = False
 
     def image_extras(self, spans: Any, batch: int) -> list[dict[str, Any]]:
         """Per image of a ``batch``-row prefill: {"vision_qk": {layer: [VisionQK per encoder view]}, "projector":
@@ -251,7 +269,14 @@ class Signals:
         add_qk_extras(LAYER_QK, q, k, scaling, self.adapter.llm_window(layer), spans, real)
 
     def add_llm_extras(self, spans: Any, real: torch.Tensor) -> None:
-        """Attach layer K-1's post-RoPE q/k (the sample's real tokens) to each image's extras."""
+        """Attach layer K-1's post-RoPE q/k (the sample's real tokens) and, for ``LM_INPUT`` pruners, decoder layer
+        0's input states to each image's extras (the first cut's extras; later cuts keep ``lm_input`` unrestricted)."""
+        if self.lm_input is not None and self.lm_input.calls:
+            states = self.lm_input.tensor("hidden_states")
+            rank = real.long().cumsum(1) - 1
+            text = real & ~spans.image_mask(real.shape)
+            for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
+                ex[LM_INPUT] = LMInput(states=states[row][real[row]], image=rank[row, pos], text=rank[row, text[row]])
         if self.llm is None:
             return
         q, k, scaling = self.adapter.llm_qk(self.config.layer - 1, self.llm)

@@ -47,6 +47,9 @@ class PrunerConfig:
     """
 
     name: ClassVar[str] = ""
+    #: the cuts of :meth:`default_schedule` read layer K-1's attention (FastV's convention), not layer K's: the in-LLM
+    #: site then offers cut layers whose K-1 is an attention layer
+    cut_reads_previous_layer: ClassVar[bool] = False
     keep: float | int = 1.0
     site: str = "pre_llm"
     layer: int | None = None

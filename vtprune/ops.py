@@ -6,6 +6,7 @@
   O(V) work per step given the column (O(V·D) when computed on demand), O(k·V) overall, no host
   synchronisation in the loop. A step picks the argmax of a method-specific score of ``maxsim``; ties go to the
   lowest index, picked tokens are masked out. Results are in pick order; methods sort them;
+* DPC-KNN clustering (:func:`dpc_knn`, SparseVLM's token recycling) and plain cluster means;
 * attention recomputed from captured q/k (the model keeps running SDPA/FlashAttention): only the rows a method
   needs are materialised; whole-graph quantities (received attention, weighted PageRank) stream query blocks of
   at most :data:`CHUNK_ELEMENTS` probabilities, since they only need ``Aᵀ s``. Vision-encoder signals come as
@@ -215,6 +216,18 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
     return (query.float() @ key.transpose(-1, -2) * scaling).softmax(-1)
 
 
+def causal_attention_rows(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, scaling: float,
+                          window: int | None = None) -> torch.Tensor:
+    """Causal softmax attention of the queries [H, m, d] at sequence indices ``rows`` [m] over keys [H_kv, n, d]:
+    row i sees keys j <= i (and i - j < ``window`` in a sliding-window layer), as the model's own attention. [H, m, n]
+    in float32; only these m rows are materialised."""
+    key = expand_kv(key, query.shape[0]).float()
+    logits = query.float() @ key.transpose(-1, -2) * scaling
+    gap = rows.to(key.device)[:, None] - torch.arange(key.shape[1], device=key.device)  # i - j
+    hidden = (gap < 0) if window is None else (gap < 0) | (gap >= window)
+    return logits.masked_fill(hidden, float("-inf")).softmax(-1)
+
+
 def block_rows(cols: int, heads: int, budget: int) -> int:
     """Query rows per block so that a block's [heads, rows, cols] probabilities stay within ``budget``."""
     return max(1, budget // max(1, heads * cols))
@@ -368,6 +381,37 @@ def merge_dropped(features: torch.Tensor, sel: Selection) -> Selection:
     target = best_match(features[dropped], features[kept])[1]
     merged, sizes = size_weighted_merge(states, ones, features[dropped], target)
     return Selection(indices=sel.indices, embeddings=merged, sizes=sizes)
+
+
+def dpc_knn(x: torch.Tensor, clusters: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-KNN clustering (density peaks with k-nearest-neighbour density, as TCFormer; k = ``clusters``) of x [n, D]:
+    distances ÷ √D; density = exp(-mean squared distance to the k nearest, self included) + 1e-6·U(0,1) (from
+    ``generator``, which breaks ties); δ = distance to the nearest denser token (the largest distance for the densest);
+    centres = the ``clusters`` largest δ·density; every token joins its nearest centre (lowest index on ties), a centre
+    itself. Returns (centres [c] as indices into x, by decreasing δ·density; cluster of each token [n] in 0..c-1)."""
+    n = x.shape[0]
+    if not 1 <= clusters <= n:
+        raise VTPruneError(f"dpc_knn: {clusters} clusters of {n} tokens; expected 1 <= clusters <= tokens")
+    x = x.float()
+    dist = torch.cdist(x, x) / math.sqrt(x.shape[-1])
+    nearest = torch.topk(dist, clusters, dim=-1, largest=False).values
+    noise = torch.rand(n, generator=generator, device=x.device) if generator is not None else \
+        torch.rand(n, device=x.device)
+    density = (-(nearest ** 2).mean(-1)).exp() + noise * 1e-6
+    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
+    delta = torch.where(denser, dist, dist.max()).min(-1).values
+    centres = torch.topk(delta * density, clusters).indices
+    assign = dist[centres].argmin(0)
+    assign[centres] = torch.arange(clusters, device=x.device)
+    return centres, assign
+
+
+def cluster_means(x: torch.Tensor, assign: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Plain (unweighted) mean of x [n, D]'s rows per cluster of ``assign`` [n] -> [clusters, D], in x's dtype;
+    accumulated in float32."""
+    total = x.new_zeros(clusters, x.shape[-1], dtype=torch.float32).index_add(0, assign, x.float())
+    count = torch.bincount(assign, minlength=clusters).clamp(min=1)
+    return (total / count[:, None]).to(x.dtype)
 
 
 # ---- node scores -------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .mmr import MMRConfig
 from .pool import PoolConfig
 from .pyramiddrop import PyramidDropConfig
 from .random import RandomConfig
+from .sparsevlm import SparseVLMConfig
 from .uniform import UniformConfig
 from .visionzip import VisionZipConfig
 from .vispruner import VisPrunerConfig
@@ -21,6 +22,6 @@ from .zoo import ZooConfig
 
 __all__ = [
     "CDPrunerConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig",
-    "PagerankConfig", "PoolConfig", "Pruner", "PyramidDropConfig", "RandomConfig", "ScorerPruner", "UniformConfig", "VTCCLSConfig",
+    "PagerankConfig", "PoolConfig", "Pruner", "PyramidDropConfig", "RandomConfig", "ScorerPruner", "SparseVLMConfig", "UniformConfig", "VTCCLSConfig",
     "VisPrunerConfig", "VisionZipConfig", "ZeroTPruneConfig", "ZooConfig",
 ]

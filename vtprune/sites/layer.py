@@ -220,11 +220,12 @@ class LayerSite(Site):
 
     @staticmethod
     def _allowed_layers(config: Any, adapter: Any) -> list[int]:
-        """The attention layers K (not linear-attention ones) the family lets this config cut at
-        (``ModelAdapter.check_site``)."""
+        """The layers K the family lets this config cut at (``ModelAdapter.check_site``) whose attention its cuts read:
+        layer K's own, or layer K-1's (``config.cut_reads_previous_layer``); never a linear-attention layer's."""
+        read = 1 if config.cut_reads_previous_layer else 0
         allowed = []
         for layer in range(1, adapter.num_layers):
-            if layer in adapter.recurrent_layers:
+            if layer - read in adapter.recurrent_layers:
                 continue
             try:
                 adapter.check_site(dataclasses.replace(config, layer=layer), frozenset())
