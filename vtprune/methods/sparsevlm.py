@@ -161,7 +161,12 @@ class SparseVLMPruner(ScorerPruner):
     needs = frozenset({LLM_QK, LM_INPUT})
 
     def score(self, view: VisualView) -> torch.Tensor:
-        return rater_scores(view.extras["llm_qk"], raters(view.extras["lm_input"]))
+        qk, lm = view.extras["llm_qk"], view.extras["lm_input"]
+        if int((qk.text > qk.image.max()).sum()) != int((lm.text > lm.image.max()).sum()):
+            raise VTPruneError(f"sparsevlm: image {view.image} has {int((lm.text > lm.image.max()).sum())} text tokens "
+                               f"after it at layer 0 but {int((qk.text > qk.image.max()).sum())} at the cut at layer "
+                               f"{view.layer}; its raters cannot be found again (text inside the image's span?)")
+        return rater_scores(qk, raters(lm))
 
     def select(self, view: VisualView, k: int) -> Selection:
         scores = self.score(view)
