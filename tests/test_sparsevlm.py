@@ -40,13 +40,14 @@ def test_table_and_recycling_arithmetic():
     ("llava", {"keep": 0.3, "recycle": False}, [[16, 13, 9, 5]] * 2),  # row 192 without recycling: 300/200/110 × 0.3·16/110
     ("llava", {"keep": 3}, [[16, 14, 5, 3]] * 2),  # int: row 64 (82/32/18) scaled by 3/18
     ("qwen2_vl", {}, [[16, 9, 6, 3], [8, 4, 3, 2]]),
+    ("llava", {"schedule": [(1, 10), (3, 4)]}, [[16, 10, 10, 4]] * 2),  # given cuts: each leaves its budget
 ])
 def test_keeps_exactly_its_budget_per_cut(family, options, expected):
     tv = model(family)
     with vtprune.apply(tv.model, "sparsevlm", **options) as handle:
         tv.model(**batch_inputs(tv, [0, 1]))
         assert [s.layer_visual for s in handle.stats.samples] == expected
-        assert [layer for layer, _ in handle.config.schedule] == [1, 2, 3]
+        assert [layer for layer, _ in handle.config.schedule] == ([1, 3] if "schedule" in options else [1, 2, 3])
 
 
 def _spy(handle) -> tuple[list, list, list]:
