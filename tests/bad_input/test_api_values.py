@@ -48,6 +48,11 @@ BAD: dict[str, list[tuple[Any, dict[str, Any]]]] = {
     "parallel_k": [(v, {}) for v in (0, -1, 1.5, True, "2", None)],
     "important": [(v, {}) for v in (1.5, -0.1, NAN, True, "0.5", None)],
     "theta": [(v, {}) for v in (1.0, -0.1, NAN, INF, True, "0.5")],
+    "merge": [(v, {}) for v in ("average", None, 1, True)],
+    "schedule": [(v, {}) for v in ("2:0.5", [], [(2, 0.25), (1, 0.1)], [(2, 0.25), (3, 0.5)], [(2, 0.5, 1)],
+                                   [(1, 0.5), (2, 3)], [(1, True)])],
+    "layers": [(v, {}) for v in ((), (3, 2), (0, 1), "8,16", (1.5,), (True,))],
+    "recycle": [(v, {}) for v in ("yes", 1, None)],
 }
 CASES = [pytest.param(name, field, value, extra, id=f"{name}-{field}={value!r}")
          for name in PRUNERS for field in pruner_class(name).config_class.field_names()
