@@ -81,10 +81,13 @@ class KeepPlan:
         first = order.gather(1, (lk - counts).clamp(max=lk - 1)[:, None])
         index = torch.where(valid, order, first)  # padding slots copy the row's first kept token
         plan = cls(index=index, valid=valid, full_len=full_len)
+        merged = any(bool((s > 1).any()) for _, _, s in sizes)
+        if not merged and not replacements:  # the common case: nothing to place in slots
+            return plan
         slot_of = torch.full((b, full_len), -1, dtype=torch.long, device=keep.device)
         rows_v, slots_v = valid.nonzero(as_tuple=True)
         slot_of[rows_v, index[rows_v, slots_v]] = slots_v
-        if any(bool((s > 1).any()) for _, _, s in sizes):
+        if merged:
             plan.bias = torch.zeros(b, lk, device=keep.device)
             for row, pos, size in sizes:
                 plan.bias[row, slot_of[row, pos]] = size.to(plan.bias).log()
