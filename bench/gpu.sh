@@ -9,7 +9,9 @@
 #   VTPRUNE_GPU_BUDGET_S=600 bash bench/gpu.sh --models llava-next-7b   # extra options go to gpu_report.py
 #
 # Environment: VTPRUNE_GPU_BUDGET_S (total seconds, default 480), VTPRUNE_GPU_FLASH=0 (do not try to install
-# FlashAttention-2), VTPRUNE_GPU_OUT (report folder).
+# FlashAttention-2), VTPRUNE_GPU_OUT (report folder), VTPRUNE_PYTHON (an interpreter that already has torch with CUDA
+# and transformers, e.g. a GPU image with no registry: nothing is installed, the repository is put on PYTHONPATH
+# and the report records the versions it ran with).
 set -euo pipefail
 start=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -21,8 +23,11 @@ out="${VTPRUNE_GPU_OUT:-bench/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)$([ $dry = 1
 # 1. torch 2.14.1 (on x86_64 PyPI's wheel is the CUDA 13.0 build, +cu130: it needs an NVIDIA driver >= 580),
 #    transformers and the rest, pinned by constraints.txt; the test extra only (no lmms-eval): scripts/install.sh
 #    (skipped when .venv already has the pinned torch and transformers with vtprune importable)
-py=.venv/bin/python
-if ! "$py" -c "import torch, transformers, vtprune, sys; sys.exit(0 if torch.__version__.startswith('2.14.1') \
+py="${VTPRUNE_PYTHON:-.venv/bin/python}"
+if [ -n "${VTPRUNE_PYTHON:-}" ]; then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  "$py" -c "import torch, transformers, vtprune; print(f'[gpu.sh] {torch.__version__=} {transformers.__version__=}')" >&2
+elif ! "$py" -c "import torch, transformers, vtprune, sys; sys.exit(0 if torch.__version__.startswith('2.14.1') \
 and transformers.__version__ == '5.23.0' else 1)" 2>/dev/null; then
   bash scripts/install.sh "${VTPRUNE_GPU_EXTRAS:-test}"
 fi
