@@ -99,7 +99,7 @@ def mlp_sensitivity(inputs: torch.Tensor, mlp: MLPProjector, directions: torch.T
     """The same central differences for a ``Linear -> act -> Linear`` projector, computed without the
     wasted work: ``W1(x ± h·u) + b1 = a(x) ± h·W1 u`` shares the first layer across tokens and directions,
     the biases of the last layer cancel, and ``‖W2 z‖ = ‖Σ Vᵀ z‖`` (``W2 = U Σ Vᵀ``), so the last layer is
-    replaced by ``out_factor = Σ Vᵀ`` [r, d_h] — exact at full rank, a rank-r truncation otherwise.
+    replaced by ``out_factor`` (:func:`output_factor`: W2 itself or its QR's R at full rank, ``Σᵣ Vᵣᵀ`` at rank r).
     Per token this costs m·d_h·r multiply-adds instead of 2m·(d_v·d_h + d_h·D)."""
     n, _, d = inputs.shape
     m = directions.shape[0]
@@ -117,10 +117,29 @@ def mlp_sensitivity(inputs: torch.Tensor, mlp: MLPProjector, directions: torch.T
 
 
 def output_factor(weight: torch.Tensor, rank: int | None) -> torch.Tensor:
-    """``Σ Vᵀ`` of ``weight = U Σ Vᵀ`` (top-``rank`` rows when given): ``‖weight @ z‖ = ‖Σ Vᵀ z‖``."""
-    _, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-    r = s.shape[0] if rank is None else min(rank, s.shape[0])
-    return s[:r, None] * vh[:r]
+    """A matrix F with ``‖weight @ z‖ = ‖F z‖`` (full rank) or its rank-``rank`` truncation ``Σᵣ Vᵣᵀ``.
+
+    Full rank needs no SVD (a 4096² one is what made the first GPU run take ~1 s per image): the weight itself
+    when it has no more rows than columns, else the R of its QR (``weight = Q R``, Q orthonormal: fewer rows)."""
+    w = weight.detach().float()
+    if rank is None or rank >= min(w.shape):
+        return w if w.shape[0] <= w.shape[1] else torch.linalg.qr(w, mode="r").R
+    _, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return s[:rank, None] * vh[:rank]
+
+
+#: factors derived from projector weights, shared by every pruner instance (a new ``apply`` must not redo an SVD):
+#: weight -> {key: (weight version, value)}, dropped with the weight
+_WEIGHT_CACHE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def cached_for_weight(weight: torch.Tensor, key: tuple, compute):
+    """``compute()`` once per (weight, key), recomputed when the weight is modified in place."""
+    per_weight = _WEIGHT_CACHE.setdefault(weight, {})
+    hit = per_weight.get(key)
+    if hit is None or hit[0] != weight._version:
+        hit = per_weight[key] = (weight._version, compute())
+    return hit[1]
 
 
 def projector_sensitivity(proj: ProjectorInput, directions: torch.Tensor, step: float,
@@ -154,18 +173,15 @@ class LowRankLinears(TorchFunctionMode):
     def __init__(self, rank: int) -> None:
         super().__init__()
         self.rank = rank
-        self._factors = WeakTensorKeyDictionary()  # weight -> (version, down, up)
 
     def factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(down [in, r], up [r, out]) with ``weight ≈ (down @ up)ᵀ``, in the weight's dtype."""
-        cached = self._factors.get(weight)
-        if cached is None or cached[0] != weight._version:
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
             u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
             r = self.rank
-            down = vh[:r].T.contiguous().to(weight.dtype)
-            up = (u[:, :r] * s[:r]).T.contiguous().to(weight.dtype)
-            cached = self._factors[weight] = (weight._version, down, up)
-        return cached[1], cached[2]
+            return vh[:r].T.contiguous().to(weight.dtype), (u[:, :r] * s[:r]).T.contiguous().to(weight.dtype)
+
+        return cached_for_weight(weight, ("lowrank", self.rank), compute)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -195,16 +211,12 @@ class ZOScorer:
         self.reference = reference
         self.lowrank = LowRankLinears(options.rank) if options.rank is not None else None
         self.directions: torch.Tensor | None = None
-        self._factors = WeakTensorKeyDictionary()  # last-layer weight -> (version, Σ Vᵀ)
 
     def _out_factor(self, proj: ProjectorInput) -> torch.Tensor | None:
         if self.reference or proj.mlp is None:
             return None
-        weight = proj.mlp.last.weight
-        cached = self._factors.get(weight)
-        if cached is None or cached[0] != weight._version:
-            cached = self._factors[weight] = (weight._version, output_factor(weight, self.options.rank))
-        return cached[1]
+        weight, rank = proj.mlp.last.weight, self.options.rank
+        return cached_for_weight(weight, ("out", rank), lambda: output_factor(weight, rank))
 
     def __call__(self, extras: dict, generator: torch.Generator) -> torch.Tensor:
         """[V] sensitivities of the image whose ``VisualView.extras`` are given."""
