@@ -314,10 +314,12 @@ class Engine:
         return selections
 
     def select(self, states: torch.Tensor, spans: ImageSpans, real: torch.Tensor, stage: int = 0,
-               pruner: Pruner | None = None, counts: list[int] | None = None) -> KeepPlan:
+               pruner: Pruner | None = None, counts: list[int] | None = None, prior: torch.Tensor | None = None
+               ) -> KeepPlan:
         """Ask the pruner about every image of a call (its tokens' ``states``) and turn the answers into a keep
         plan over the call's tokens. A later cut of a multi-stage schedule (``stage`` > 0, in-LLM) passes its own
-        ``pruner`` and the tokens to keep per image (``counts``, from each image's full layout)."""
+        ``pruner``, the tokens to keep per image (``counts``, from each image's full layout) and, with merging,
+        how many tokens each of the call's tokens already stands for (``prior`` [b, L], earlier cuts' merges)."""
         pruner = self.pruner if pruner is None else pruner
         reuse = None if self._reuse is None else self._reuse.get(stage)
         keep = torch.ones_like(real)
@@ -342,8 +344,8 @@ class Engine:
                                   sample=row, image=i, extras=spans.extras[i])
                 sel = pruner.select(view, k)
                 sel.check(n, k)
-                if merging:
-                    sel = merge_dropped(view.features, sel)
+            if merging:
+                sel = merge_dropped(states[row, pos], sel, None if prior is None else prior[row, pos])
             kept = pos[sel.indices.to(pos.device)]
             keep[row, kept] = True
             if sel.embeddings is not None:

@@ -365,22 +365,24 @@ def size_weighted_merge(states: torch.Tensor, sizes: torch.Tensor, sources: torc
     return (total / total_size[:, None]).to(states.dtype), total_size
 
 
-def merge_dropped(features: torch.Tensor, sel: Selection) -> Selection:
+def merge_dropped(features: torch.Tensor, sel: Selection, sizes: torch.Tensor | None = None) -> Selection:
     """``sel`` with every dropped token of ``features`` [V, D] merged into its most cosine-similar kept token
-    (lowest index on ties): size-weighted mean states, summed sizes. A selection that already carries sizes
-    (its pruner merged the tokens itself, e.g. VisionZip's contextual tokens) is returned as it is."""
+    (lowest index on ties): size-weighted mean states, summed sizes. ``sizes`` [V]: how many tokens each of
+    ``features`` already stands for (a later in-LLM cut of tokens merged before; default 1). A selection that
+    already carries sizes (its pruner merged the tokens itself, e.g. VisionZip's contextual tokens) is returned as
+    it is."""
     if sel.sizes is not None:
         return sel
     kept = sel.indices.to(features.device)
     states = features[kept] if sel.embeddings is None else sel.embeddings
-    ones = torch.ones(kept.numel(), device=features.device)
+    prior = torch.ones(features.shape[0], device=features.device) if sizes is None else sizes.float()
     dropped = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
     dropped[kept] = False
     if not bool(dropped.any()):
-        return Selection(indices=sel.indices, embeddings=sel.embeddings, sizes=ones)
+        return Selection(indices=sel.indices, embeddings=sel.embeddings, sizes=prior[kept])
     target = best_match(features[dropped], features[kept])[1]
-    merged, sizes = size_weighted_merge(states, ones, features[dropped], target)
-    return Selection(indices=sel.indices, embeddings=merged, sizes=sizes)
+    merged, total = size_weighted_merge(states, prior[kept], features[dropped], target, prior[dropped])
+    return Selection(indices=sel.indices, embeddings=merged, sizes=total)
 
 
 def dpc_knn(x: torch.Tensor, clusters: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
