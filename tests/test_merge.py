@@ -23,6 +23,7 @@ from vtprune.errors import VTPruneError
 from vtprune.merge import biased_mask, check_merge_support
 from vtprune.ops import merge_dropped
 from vtprune.sites.continuation import ledger_of
+from vtprune.sites.layer import LayerSite
 from vtprune.testing import FAMILIES, tiny_vlm
 from vtprune.view import Selection
 
@@ -242,11 +243,13 @@ def test_merge_dropped_is_a_size_weighted_mean_into_the_most_similar_kept_token(
 
 # ---- refusals --------------------------------------------------------------------------------------------------
 
-def test_refusals():
+def test_refusals(monkeypatch):
     with pytest.raises(VTPruneError, match="merge='bogus'"):
         vtprune.RandomConfig(merge="bogus")
+    monkeypatch.setattr(LayerSite, "supports_merge", False)  # a site whose masks carry no key bias
     with pytest.raises(VTPruneError, match="not supported at site='layer'"):
         vtprune.RandomConfig(site="layer", layer=2, merge="proportional")
+    monkeypatch.undo()
     full = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention"]))
     with pytest.raises(VTPruneError, match="flash_attention_2"):
         check_merge_support(SimpleNamespace(attn_implementation="flash_attention_2", language_model=full))

@@ -1,13 +1,15 @@
 """Merging with proportional attention (ToMe, arXiv 2210.09461), ``merge="proportional"``: the key bias.
 
 Each visual token a pruner drops is merged into the kept token of the same image whose state is most similar
-(cosine of the states being pruned: projected features pre-LLM; :func:`vtprune.ops.merge_dropped`); the kept token's state becomes the
-size-weighted mean of everything merged into it, its size the sum, and it keeps its own position. From then on
-every attention logit on that key gets ``+log size`` (prefill, every decode step, later turns), carried in an
-additive 4-D attention mask so eager and SDPA attention run unchanged. ``n`` copies of a token that share one
-position (equal post-RoPE keys and values) then give exactly the attention output of the ``n`` copies to every
-query after the last copy; anything else is an approximation (docs/algorithms.md, "Merging with proportional
-attention").
+(cosine of the states being pruned: projected features pre-LLM, layer K's input hidden states in-LLM;
+:func:`vtprune.ops.merge_dropped`); the kept token's state becomes the size-weighted mean of everything merged into
+it, its size the sum, and it keeps its own position. From then on — every layer pre-LLM, layers >= K in-LLM (layers
+< K keep every token, unbiased) — every attention logit on that key gets ``+log size`` (prefill, every decode step,
+later turns), carried in an additive 4-D attention mask so eager and SDPA attention run unchanged. A later cut of a
+multi-stage schedule merges tokens of known sizes, so sizes add up across cuts and each layer group biases its own
+cached keys. ``n`` copies of a token that share one position (equal post-RoPE keys and values) then give exactly
+the attention output of the ``n`` copies to every query after the last copy; anything else is an approximation
+(docs/algorithms.md, "Merging with proportional attention").
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ def check_merge_support(adapter: Any) -> None:
             "shared 4-D mask (linear attention has no logits to bias; sliding-window layers get masks of their own)")
 
 
-def biased_mask(mask: Any, bias: torch.Tensor, q: int, kv: int, impl: str, dtype: torch.dtype) -> torch.Tensor:
+def biased_mask(mask: Any, bias: torch.Tensor, q: int, kv: int, impl: str, dtype: torch.dtype,
+                static: bool = False) -> torch.Tensor:
     """A call's attention mask over ``kv`` keys (its ``q`` queries last) as a 4-D additive mask with ``bias``
     [b, n] (``log size`` of the first n cache slots) added wherever a query may attend. ``mask``: what the site
     would pass otherwise — none (causal, all real), a 2-D padding mask [b, kv], or a 4-D boolean or additive
-    mask."""
+    mask; ``static``: the call writes a static cache (refused)."""
+    if static:
+        raise VTPruneError("merge='proportional' with a static cache: its fixed-width masks are built by "
+                           "generate and cannot carry the key bias; use a dynamic cache")
     if impl not in BIASED_ATTENTION:
         raise VTPruneError(f"merge='proportional' with attn_implementation {impl!r}: the model's attention was "
                            f"switched after apply; it needs one of {BIASED_ATTENTION}")

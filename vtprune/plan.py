@@ -46,7 +46,8 @@ class KeepPlan:
         return cls(index=index, valid=torch.ones(batch, length, dtype=torch.bool, device=device), full_len=length)
 
     def extend(self, n: int) -> "KeepPlan":
-        """This plan followed by ``n`` unpruned tokens (merged states are dropped: the result maps slots only)."""
+        """This plan followed by ``n`` unpruned tokens (merged states are dropped: the result maps slots and key
+        biases only)."""
         return self.concat(KeepPlan.identity(self.index.shape[0], n, self.index.device))
 
     def concat(self, other: "KeepPlan") -> "KeepPlan":
@@ -62,9 +63,12 @@ class KeepPlan:
 
     def then(self, inner: "KeepPlan") -> "KeepPlan":
         """This plan followed by ``inner``, a plan over this plan's slots (a later cut of a multi-stage schedule):
-        each of ``inner``'s slots mapped back to this plan's sequence indices (slots only, as :meth:`extend`)."""
+        each of ``inner``'s slots mapped back to this plan's sequence indices (slots and key biases, as
+        :meth:`extend`). ``inner``'s bias, when it has one, already counts what this plan merged (its cut merged
+        tokens of known sizes); otherwise each slot keeps this plan's bias."""
+        bias = inner.bias if inner.bias is not None or self.bias is None else self.bias.gather(1, inner.index)
         return KeepPlan(index=self.index.gather(1, inner.index),
-                        valid=inner.valid & self.valid.gather(1, inner.index), full_len=self.full_len)
+                        valid=inner.valid & self.valid.gather(1, inner.index), full_len=self.full_len, bias=bias)
 
     @classmethod
     def from_keep_mask(cls, keep: torch.Tensor, replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = (),

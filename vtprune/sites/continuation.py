@@ -26,7 +26,8 @@ class Ledger:
     slots holding real tokens; ids: [b, n] every token id fed so far (pre-LLM site, to recognise re-fed
     tokens), ``None`` once a call came without ids; pos_delta: original minus compact next position;
     bias: [b, plan.length] ``log size`` of every cached slot that stands for merged tokens (``merge=
-    "proportional"``), added to each attention logit on that key at every later call; ``None``: no merging."""
+    "proportional"``), added to each attention logit on that key at every later call; ``None``: no merging (a
+    later layer group's bias is its plan's, ``KeepPlan.bias``, which :meth:`group` hands on)."""
 
     plan: KeepPlan
     next_pos: torch.Tensor
@@ -42,7 +43,7 @@ class Ledger:
         if index == 0:
             return self
         _, plan, real = self.later[index - 1]
-        return Ledger(plan=plan, next_pos=self.next_pos, real=real, pos_delta=self.pos_delta)
+        return Ledger(plan=plan, next_pos=self.next_pos, real=real, pos_delta=self.pos_delta, bias=plan.bias)
 
     def appended(self, past: int, pruned_length: bool) -> int:
         """Tokens cached since ``plan`` was made, given the cache length ``past`` the model reports (the

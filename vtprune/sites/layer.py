@@ -6,6 +6,9 @@ A multi-stage schedule (``config.schedule``, PyramidDrop style) cuts again at la
 the visual tokens still present, so layer group ``[b_s, b_{s+1})`` runs on fewer tokens than the one before it and
 caches fewer slots; the cache's :class:`~vtprune.sites.continuation.Ledger` keeps one slot -> conversation map per
 group, so decode steps and later turns continue every group exactly.
+
+With ``merge="proportional"`` each cut merges the visual tokens it drops into kept ones (:mod:`vtprune.merge`) and
+every layer >= K adds its group's ``log size`` key bias to the attention mask; layers < K are untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import VTPruneError
+from ..merge import biased_mask, check_merge_support
 from ..plan import KeepPlan
 from ..view import ImageLayout, Segment
 from .base import ImageCall, Site
@@ -155,6 +159,7 @@ class LayerSite(Site):
     title = "in-LLM"
     shortens_cache = False  # layer 0 keeps every token: transformers' cache length is the conversation's
     position_policies = ("original",)
+    supports_merge = True
 
     def __init__(self, engine) -> None:
         super().__init__(engine)
@@ -188,6 +193,8 @@ class LayerSite(Site):
 
     @classmethod
     def check(cls, config: Any, adapter: Any) -> None:
+        if config.merge != "none":
+            check_merge_support(adapter)
         n = adapter.num_layers
         if config.schedule is None:
             default = config.default_schedule(n, cls._allowed_layers(config, adapter))
@@ -337,6 +344,8 @@ class LayerSite(Site):
                 if state.masks is not None:  # the family's masks, rebuilt for the kept tokens
                     kwargs["attention_mask"] = state.masks[self.engine.adapter.mask_key(index)]
                 self._gather_layer_kwargs(kwargs, state, recurrent)
+                if state.cols.bias is not None:
+                    self._bias(_hidden(args, kwargs), kwargs, state)
             if state.pe is not None:  # config.compact_stages: the group's own numbering
                 kwargs["position_embeddings"] = state.pe
                 if torch.is_tensor(kwargs.get("position_ids")):
@@ -360,7 +369,8 @@ class LayerSite(Site):
         if index > 0:
             stage.signals.end_prefill()
             counts = [stage.pruner.count(layout) for layout in call.spans.layouts]
-        plan = engine.select(hidden, spans, real, stage=index, pruner=stage.pruner, counts=counts)
+        prior = None if prev is None or prev.bias is None else prev.bias.exp().round()  # sizes merged so far
+        plan = engine.select(hidden, spans, real, stage=index, pruner=stage.pruner, counts=counts, prior=prior)
         if not plan.is_identity:
             state.rows = plan if prev is None else prev.then(plan)
             engine.recorder.real = call.kept_real(state.rows).sum(1)
@@ -437,6 +447,14 @@ class LayerSite(Site):
             kwargs["attention_mask"] = cols.gather_4d_mask(mask, rows, state.static)
         else:
             raise VTPruneError(f"unexpected attention mask of shape {tuple(mask.shape)} in decoder layer")
+
+    def _bias(self, hidden: torch.Tensor, kwargs: dict[str, Any], state: _InFlight) -> None:
+        """Add the layer group's key bias (``merge="proportional"``: ``log size`` of its merged slots) to a layer's
+        attention mask, already gathered to the group's keys (the group's slots, then ``state.extra`` columns)."""
+        cols = state.cols
+        kwargs["attention_mask"] = biased_mask(kwargs.get("attention_mask"), cols.bias, hidden.shape[1],
+                                               cols.length + state.extra, self.engine.adapter.attn_implementation,
+                                               hidden.dtype, state.static)
 
     def _build_mask(self, kwargs: dict[str, Any], state: _InFlight) -> torch.Tensor:
         """A mask from scratch where the model passed none (it assumed no padding; re-padding added some)."""

@@ -96,11 +96,9 @@ class PreLLMSite(Site):
 
     def _bias(self, kwargs: dict[str, Any], bias: torch.Tensor, q: int, kv: int, static: bool) -> None:
         """Carry merged tokens' ``log size`` key bias (``merge="proportional"``) in the call's attention mask."""
-        if static:
-            raise VTPruneError("merge='proportional' with a static cache: its fixed-width masks are built by "
-                               "generate and cannot carry the key bias; use a dynamic cache")
         kwargs["attention_mask"] = biased_mask(kwargs["attention_mask"], bias, q, kv,
-                                               self.engine.adapter.attn_implementation, kwargs["inputs_embeds"].dtype)
+                                               self.engine.adapter.attn_implementation, kwargs["inputs_embeds"].dtype,
+                                               static)
 
     def _model_positions(self, pos: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
         """[A, b, L] back to the layout the model was given (2D for LLaVA; 3 or 4 rows for Qwen)."""
