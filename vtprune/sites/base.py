@@ -58,7 +58,7 @@ class ImageCall:
         """The ledger of a cache that this call (pruned by ``plan``) has just written."""
         cols = self.cols(plan)
         return Ledger(plan=cols, next_pos=self.next_pos, real=self.cache_real(self.kept_real(plan)),
-                      pos_delta=pos_delta, bias=cols.bias)
+                      pos_delta=pos_delta)
 
 
 class Site:
