@@ -101,7 +101,7 @@ def _decode(tv, inputs, steps: int = 3, drop_bias: bool = False):
     out = tv.model(**inputs, use_cache=True)
     logits, cache = [out.logits], out.past_key_values
     if drop_bias:
-        ledger_of(cache).bias = None
+        ledger_of(cache).plan.bias = None
     next_pos = int(inputs["position_ids"].max()) + 1
     mask = inputs["attention_mask"]
     for step in range(steps):

@@ -24,16 +24,12 @@ class Ledger:
     """plan: pruned layers' slot -> conversation index, up to the last call that pruned (``plan.full_len``
     tokens); next_pos: [A, b] next position after them (original coordinates); real: [b, plan.length]
     slots holding real tokens; ids: [b, n] every token id fed so far (pre-LLM site, to recognise re-fed
-    tokens), ``None`` once a call came without ids; pos_delta: original minus compact next position;
-    bias: [b, plan.length] ``log size`` of every cached slot that stands for merged tokens (``merge=
-    "proportional"``), added to each attention logit on that key at every later call; ``None``: no merging (a
-    later layer group's bias is its plan's, ``KeepPlan.bias``, which :meth:`group` hands on)."""
+    tokens), ``None`` once a call came without ids; pos_delta: original minus compact next position."""
 
     plan: KeepPlan
     next_pos: torch.Tensor
     real: torch.Tensor
     pos_delta: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
     #: a multi-stage schedule's later layer groups (in-LLM site): (first decoder layer, slot -> conversation index,
     #: real slots) of each, whose layers cache fewer slots than ``plan``'s; ``plan``/``real`` are the first group's
     later: tuple[tuple[int, KeepPlan, torch.Tensor], ...] = ()
@@ -43,7 +39,14 @@ class Ledger:
         if index == 0:
             return self
         _, plan, real = self.later[index - 1]
-        return Ledger(plan=plan, next_pos=self.next_pos, real=real, pos_delta=self.pos_delta, bias=plan.bias)
+        return Ledger(plan=plan, next_pos=self.next_pos, real=real, pos_delta=self.pos_delta)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """[b, plan.length] ``log size`` of every cached slot that stands for merged tokens (``merge="proportional"``,
+        the plan's ``KeepPlan.bias``), added to each attention logit on that key at every later call; ``None``: no
+        merging."""
+        return self.plan.bias
 
     def appended(self, past: int, pruned_length: bool) -> int:
         """Tokens cached since ``plan`` was made, given the cache length ``past`` the model reports (the
