@@ -6,6 +6,7 @@ tokens, in original order). Rows with fewer survivors are re-padded on the left;
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,10 @@ class KeepPlan:
     def length(self) -> int:
         return self.index.shape[1]
 
-    @property
+    @functools.cached_property
     def has_padding_slots(self) -> bool:
+        """Whether any slot is re-padding; computed once per plan (it syncs with the device, and the in-LLM site
+        asks at every layer)."""
         return not bool(self.valid.all())
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,6 +66,18 @@ class _InFlight:
     #: ``config.compact_stages``: the current group's positions [b, q] and rotary (cos, sin) for this call's tokens
     pos: torch.Tensor | None = None
     pe: Any = None
+    #: per call, what a layer's kwargs became once rewritten, by the identity of their sources: every layer of a
+    #: group gets the same rotary tables, positions and mask objects, so each is gathered once, not per layer
+    rewritten: dict[tuple, tuple[tuple, Any]] = field(default_factory=dict)
+
+    def once(self, kind: str, fn: Callable[[], Any], *sources: Any) -> Any:
+        """``fn()`` the first time ``kind`` is asked for these very ``sources`` objects in this call, then its
+        result again."""
+        key = (kind, *map(id, sources))
+        hit = self.rewritten.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], sources)):  # ids of dead objects can be reused
+            hit = self.rewritten[key] = (sources, fn())
+        return hit[1]
 
 
 def _hidden(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -423,10 +436,12 @@ class LayerSite(Site):
         if rows is not None:
             pe = kwargs.get("position_embeddings")
             if pe is not None:
-                kwargs["position_embeddings"] = tuple(rows.gather(t, seq_dim=-2, batch_dim=0) for t in pe)
+                kwargs["position_embeddings"] = state.once(
+                    "pe", lambda: tuple(rows.gather(t, seq_dim=-2, batch_dim=0) for t in pe), pe, rows)
             pid = kwargs.get("position_ids")
             if torch.is_tensor(pid) and pid.shape[-1] == rows.full_len:
-                kwargs["position_ids"] = rows.gather(pid, seq_dim=-1, batch_dim=-2)
+                kwargs["position_ids"] = state.once("pos", lambda: rows.gather(pid, seq_dim=-1, batch_dim=-2),
+                                                    pid, rows)
         mask = kwargs.get("attention_mask")
         if state.masks is not None:
             return
@@ -440,11 +455,12 @@ class LayerSite(Site):
                 kwargs["attention_mask"] = rows.gather_2d_mask(mask)
         elif mask is None:
             if cols.has_padding_slots:  # the model assumed no padding; re-padding added some
-                kwargs["attention_mask"] = self._build_mask(kwargs, state)
+                kwargs["attention_mask"] = state.once("built", lambda: self._build_mask(kwargs, state), cols, rows)
         elif mask.dim() == 2:
-            kwargs["attention_mask"] = cols.gather_2d_mask(mask)
+            kwargs["attention_mask"] = state.once("mask2", lambda: cols.gather_2d_mask(mask), mask, cols)
         elif mask.dim() == 4:
-            kwargs["attention_mask"] = cols.gather_4d_mask(mask, rows, state.static)
+            kwargs["attention_mask"] = state.once("mask4", lambda: cols.gather_4d_mask(mask, rows, state.static),
+                                                  mask, cols, rows)
         else:
             raise VTPruneError(f"unexpected attention mask of shape {tuple(mask.shape)} in decoder layer")
 
