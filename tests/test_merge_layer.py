@@ -1,0 +1,319 @@
+"""merge="proportional" at the in-LLM site: tokens dropped at layer K merged into kept ones, +log(size) on every
+attention logit on them in layers >= K (layers < K untouched), sizes composing across the cuts of a schedule.
+
+The n-copies identity end to end (copies made identical at layer K's input and sharing one position id, so the
+only layer >= K sees n equal keys: prefill and decode, with negative controls); the pruned and merged prefill ==
+the stock decoder layers run by hand on the merged sequence with a hand-built bias mask; keep-all == unhooked;
+cached == uncached; batch == single; later turns == one pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn import functional as F
+from conftest import GEN, batch_inputs, model
+from test_core_reference import _capture
+from test_merge import COPIES, _decode, _generate
+from test_multiturn import STEP, _conversation, _tokens_only, _turn_one
+from transformers.cache_utils import DynamicCache, StaticCache
+
+import vtprune
+import vtprune.sites.layer as layer_site
+from vtprune.errors import VTPruneError
+from vtprune.merge import biased_mask
+from vtprune.ops import merge_dropped
+from vtprune.sites.continuation import ledger_of
+from vtprune.sites.layer import LayerSite
+from vtprune.testing import FAMILIES, random_image, tiny_vlm
+from vtprune.view import Selection
+
+SCHEDULE = ((1, 0.5), (2, 0.25), (3, 0.125))
+SITES = [pytest.param(dict(layer=2, keep=0.3), id="K=2"), pytest.param(dict(schedule=SCHEDULE), id="schedule")]
+
+
+@functools.cache
+def two_layer(attn: str):
+    """A two-layer tiny LLaVA cut at K=1: layer 1 is the only layer >= K, so the identity holds for its outputs."""
+    return tiny_vlm("llava", attn_implementation=attn, num_layers=2)
+
+
+def _spy_plans(handle) -> list:
+    """Record the keep plans the engine's select returns (one per cut)."""
+    engine, plans = handle._engine, []
+    select = engine.select
+
+    def spy(*args, **kwargs):
+        plans.append(select(*args, **kwargs))
+        return plans[-1]
+    engine.select = spy
+    return plans
+
+
+# ---- the identity end to end: copies identical at layer K, sharing a position ---------------------------------
+
+def _copies_setup(tv):
+    """Inputs whose image tokens 5..5+COPIES-1 share token 5's position id and whose layer-0 outputs are made equal
+    to token 5's (a forward hook, prefill only), and the hints that make ``informed`` drop the later copies."""
+    inputs = tv.inputs([tv.prompt("how many circles")], [random_image(0)])
+    ids = inputs["input_ids"][0]
+    image = (ids == tv.model.config.image_token_id).nonzero().flatten()
+    first = int(image[5])
+    pos = torch.arange(ids.numel())[None]
+    pos[:, first:first + COPIES] = first
+    priority = [1.0] * image.numel()
+    for i in range(6, 5 + COPIES):
+        priority[i] = 0.0
+
+    def copy_states(module, args, out):
+        if out.shape[1] < first + COPIES:  # a decode step
+            return out
+        out = out.clone()
+        out[:, first + 1:first + COPIES] = out[:, first:first + 1]
+        return out
+
+    hook = tv.model.model.language_model.layers[0].register_forward_hook(copy_states)
+    return dict(inputs, position_ids=pos), [{"p": priority}], image.numel() - COPIES + 1, first, hook
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_end_to_end_copies_merged_at_layer_k_equal_the_copies(attn, monkeypatch):
+    """Prefill logits after the last copy and every decode step == the unpruned model's. Negative controls: dropping
+    the copies without merging changes the prefill; the bias left out of the masks changes it and every decode step;
+    the ledger's bias dropped after the prefill changes every decode step."""
+    tv = two_layer(attn)
+    inputs, hints, k, first, hook = _copies_setup(tv)
+    runs = {}
+    try:
+        with torch.no_grad():
+            ref = _decode(tv, inputs)
+            for merge in ("proportional", "none"):
+                with vtprune.apply(tv.model, "informed", keep=k, key="p", site="layer", layer=1,
+                                   merge=merge) as handle:
+                    handle.set_hints(hints)
+                    runs[merge] = _decode(tv, inputs)
+                    if merge == "proportional":
+                        handle.set_hints(hints)
+                        runs["ledger bias dropped"] = _decode(tv, inputs, drop_bias=True)
+                        with monkeypatch.context() as patch:
+                            patch.setattr(layer_site, "biased_mask",
+                                          lambda mask, bias, *a: biased_mask(mask, torch.zeros_like(bias), *a))
+                            handle.set_hints(hints)
+                            runs["no bias"] = _decode(tv, inputs)
+    finally:
+        hook.remove()
+    n = inputs["input_ids"].shape[1]
+    kept = torch.tensor([i for i in range(n) if not first < i < first + COPIES])
+    after = kept >= first + COPIES
+    merged = runs["proportional"]
+    assert merged[0].shape[1] == kept.numel()
+    torch.testing.assert_close(merged[0][:, after], ref[0][:, kept[after]], atol=1e-5, rtol=1e-5)
+    for step in range(1, len(ref)):
+        torch.testing.assert_close(merged[step], ref[step], atol=1e-5, rtol=1e-5)
+    for name in ("none", "no bias"):
+        assert (runs[name][0][:, after] - ref[0][:, kept[after]]).abs().max() > 1e-4, name
+    for name in ("no bias", "ledger bias dropped"):
+        assert all((runs[name][s] - ref[s]).abs().max() > 1e-4 for s in range(1, len(ref))), name
+
+
+def test_decode_mask_path_copies_equal_one_token_with_log_n_bias():
+    """The identity through ``biased_mask`` for decode-shaped calls (the last queries of a longer key list, as a layer
+    >= K sees them on the cache): n equal keys == one key with bias log n for every query after them."""
+    lm = two_layer("sdpa").model.model.language_model
+    attention = lm.layers[1].self_attn
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 14, lm.config.hidden_size, generator=g)
+    first, q = 4, 3
+    x[:, first + 1:first + COPIES] = x[:, first:first + 1]
+    pos = torch.arange(14)[None]
+    pos[:, first:first + COPIES] = first
+    keep = torch.tensor([i for i in range(14) if not first < i < first + COPIES])
+    bias = torch.zeros(1, keep.numel() - q)  # the cached slots only: the call's own tokens get none
+    bias[0, first] = math.log(COPIES)
+
+    def run(states, positions, key_bias):
+        """Cache all but the last q tokens (causal), then attend from the last q with the biased mask."""
+        cache = DynamicCache(config=lm.config)
+        pe = lm.rotary_emb(states, positions)
+        head = [t[:, :-q] for t in pe]
+        attention(states[:, :-q], head, biased_mask(None, torch.zeros(1, 0), states.shape[1] - q,
+                                                    states.shape[1] - q, "sdpa", states.dtype), past_key_values=cache)
+        tail = [t[:, -q:] for t in pe]
+        mask = biased_mask(None, key_bias, q, states.shape[1], "sdpa", states.dtype)
+        return attention(states[:, -q:], tail, mask, past_key_values=cache)[0]
+
+    with torch.no_grad():
+        full = run(x, pos, torch.zeros(1, 14 - q))
+        merged = run(x[:, keep], pos[:, keep], bias)
+        unbiased = run(x[:, keep], pos[:, keep], torch.zeros_like(bias))
+    torch.testing.assert_close(merged, full, atol=1e-6, rtol=1e-5)
+    assert (unbiased - full).abs().max() > 1e-3  # negative control
+
+
+# ---- the prefill == stock layers on the merged sequence, by hand ------------------------------------------------
+
+def _merge_by_hand(h: torch.Tensor, sizes: torch.Tensor, image: torch.Tensor, kept: torch.Tensor):
+    """One row's states h [L, D] and sizes [L]: each token of ``image`` (sequence indices) not in ``kept`` added to
+    its most cosine-similar kept image token (first on ties), size-weighted; returns the kept tokens' (states,
+    sizes)."""
+    h, sizes = h.clone().float(), sizes.clone()
+    stay, gone = image[torch.isin(image, kept)], image[~torch.isin(image, kept)]
+    unit = F.normalize(h, dim=-1)
+    sums, totals = h[stay] * sizes[stay, None], sizes[stay].clone()
+    for j in gone.tolist():
+        t = int((unit[j] @ unit[stay].T).argmax())
+        sums[t] += h[j] * sizes[j]
+        totals[t] += sizes[j]
+    h[stay], sizes[stay] = sums / totals[:, None], totals
+    return h[kept], sizes[kept]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("site", SITES)
+def test_prefill_matches_stock_layers_on_the_merged_sequence(family, attn, site):
+    """Hooked prefill logits == the unhooked decoder layers run by hand from layer K's input: at each cut the
+    dropped image tokens merged by hand into their most similar kept one (sizes carried from earlier cuts), then the
+    group's layers on the survivors' original positions with an additive causal mask + log(size) per key column.
+    Also: every cut's sizes add up to the image's token count. Negative control: the same without the bias."""
+    tv = model(family, attn)
+    inputs = batch_inputs(tv, [1])
+    lm = tv.model.model.language_model
+    cuts = site.get("schedule") or ((site["layer"], site["keep"]),)
+    _, lm_kw = _capture(lm, lambda: tv.model(**inputs))
+    (hidden,), _ = _capture(lm.layers[cuts[0][0]], lambda: tv.model(**inputs))
+    pos = lm_kw.get("position_ids")
+    pos = torch.arange(hidden.shape[1]).view(1, 1, -1) if pos is None else (pos[None] if pos.dim() == 2 else pos)
+    image = (inputs["input_ids"][0] == tv.model.config.image_token_id).nonzero().flatten()
+    with vtprune.apply(tv.model, "random", site="layer", merge="proportional", **site) as handle:
+        plans = _spy_plans(handle)
+        hooked = tv.model(**inputs).logits
+    assert len(plans) == len(cuts)
+
+    def run(bias: bool) -> torch.Tensor:
+        h, sizes, index = hidden[0], torch.ones(hidden.shape[1]), torch.arange(hidden.shape[1])
+        bounds = [layer for layer, _ in cuts] + [len(lm.layers)]
+        for stage, plan in enumerate(plans):
+            kept = plan.index[0]
+            h, sizes = _merge_by_hand(h, sizes, torch.isin(index, image).nonzero().flatten(), kept)
+            index = index[kept]
+            assert math.isclose(float(sizes[torch.isin(index, image)].sum()), image.numel())
+            n = index.numel()
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            mask = torch.zeros(n, n).masked_fill(~causal, torch.finfo(h.dtype).min)
+            if bias:
+                mask = mask + torch.where(causal, sizes.log()[None, :], 0.0)
+            p = pos[..., index]
+            x = h[None].to(hidden.dtype)
+            pe = lm.rotary_emb(x, p[0] if p.shape[0] == 1 else p[-3:])
+            for layer in range(bounds[stage], bounds[stage + 1]):
+                x = lm.layers[layer](x, attention_mask=mask[None, None], position_embeddings=pe, position_ids=None)
+            h = x[0]
+        return tv.model.lm_head(lm.norm(h[None]))
+
+    with torch.no_grad():
+        reference = run(True)
+        torch.testing.assert_close(hooked, reference, atol=1e-5, rtol=1e-5)
+        assert (run(False) - reference).abs().max() > 1e-3
+
+
+def test_merge_dropped_carries_earlier_sizes():
+    """A later cut merges tokens that already stand for several: weights and sizes are theirs, and with nothing
+    dropped the kept tokens keep their sizes."""
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.1], [0.1, 3.0]])
+    prior = torch.tensor([2.0, 1.0, 3.0, 4.0])
+    out = merge_dropped(features, Selection(indices=torch.tensor([0, 1])), prior)
+    torch.testing.assert_close(out.sizes, torch.tensor([5.0, 5.0]))
+    torch.testing.assert_close(out.embeddings, torch.stack([(2 * features[0] + 3 * features[2]) / 5,
+                                                            (features[1] + 4 * features[3]) / 5]))
+    kept_all = merge_dropped(features, Selection(indices=torch.tensor([0, 1, 2, 3])), prior)
+    torch.testing.assert_close(kept_all.sizes, prior)
+    assert kept_all.embeddings is None
+
+
+# ---- engine properties of merged in-LLM runs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_keep_all_with_merge_is_the_unhooked_model(family):
+    tv = model(family)
+    inputs = batch_inputs(tv, [0, 1])
+    ref = _generate(tv, inputs)
+    for options in (dict(layer=2, keep=1.0), dict(layer=2, keep=10_000),
+                    dict(schedule=((1, 10_002), (2, 10_001), (3, 10_000)))):
+        with vtprune.apply(tv.model, "random", site="layer", merge="proportional", **options):
+            seq, step = _generate(tv, inputs)
+        assert torch.equal(seq, ref[0]) and torch.equal(step, ref[1]), options
+
+
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("family,attn", [("llava", "sdpa"), ("qwen2_vl", "eager")])
+def test_merged_in_llm_cached_uncached_batch_single(family, attn, site):
+    """Decode from the merged layered cache == uncached generation; each row of a ragged left-padded batch == that
+    sample alone. Control: merging changed the logits."""
+    tv = model(family, attn)
+    samples = [0, 1]
+    with vtprune.apply(tv.model, "random", site="layer", merge="proportional", **site) as handle:
+        plans = _spy_plans(handle)
+        seq_b, step_b = _generate(tv, batch_inputs(tv, samples))
+        assert plans[-1].bias is not None and float(plans[-1].bias.max()) > 0
+        seq_u, step_u = _generate(tv, batch_inputs(tv, samples), use_cache=False)
+        singles = [_generate(tv, batch_inputs(tv, [s])) for s in samples]
+    with vtprune.apply(tv.model, "random", site="layer", **site):
+        _, step_plain = _generate(tv, batch_inputs(tv, samples))
+    assert torch.equal(seq_b, seq_u)
+    torch.testing.assert_close(step_b, step_u, atol=1e-5, rtol=1e-5)
+    n_new = GEN["max_new_tokens"]
+    for row, (seq_s, step_s) in enumerate(singles):
+        assert torch.equal(seq_b[row, -n_new:], seq_s[0, -n_new:])
+        torch.testing.assert_close(step_b[row], step_s[0], atol=1e-5, rtol=1e-5)
+    assert (step_b - step_plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("second_image", [False, True], ids=["text-turn", "image-turn"])
+@pytest.mark.parametrize("site", SITES)
+def test_merged_in_llm_conversation_continues_like_one_pass(site, second_image):
+    """A later turn on the merged layered cache (text only, or a new image merged with its own sizes) == the whole
+    conversation in one pass: every layer group's ledger bias covers its old slots, the new plan's the new ones."""
+    tv = model("llava")
+    with vtprune.apply(tv.model, "random", site="layer", merge="proportional", **site):
+        first, out = _turn_one(tv, {}, batch=1 if second_image else 2)
+        ledger = ledger_of(out.past_key_values)
+        assert all(ledger.group(i).bias is not None for i in range(1 + len(ledger.later)))
+        whole, extra = _conversation(tv, first, out.sequences, second_image=second_image)
+        cont = tv.model.generate(**_tokens_only(whole), **extra, past_key_values=copy.deepcopy(out.past_key_values),
+                                 max_new_tokens=3, **STEP)
+        fresh = tv.model.generate(**whole, max_new_tokens=3, **STEP)
+    assert torch.equal(cont.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(cont.logits, 1), torch.stack(fresh.logits, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_merges_in_llm_cached_equal_uncached_or_refuses(family):
+    tv = model(family)
+    inputs = batch_inputs(tv, [0, 1])
+    if family in ("qwen3_5", "gemma3"):  # linear-attention / sliding-window layers take no shared key bias
+        with pytest.raises(VTPruneError, match="merge='proportional' is not supported on"):
+            vtprune.apply(tv.model, "random", site="layer", layer=3, keep=0.3, merge="proportional")
+        return
+    with vtprune.apply(tv.model, "random", site="layer", layer=2, keep=0.3, merge="proportional"):
+        seq_c, step_c = _generate(tv, inputs)
+        seq_u, step_u = _generate(tv, inputs, use_cache=False)
+    assert torch.equal(seq_c, seq_u)
+    torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
+
+
+def test_in_llm_refusals():
+    tv = model("llava")
+    with vtprune.apply(tv.model, "random", site="layer", layer=2, keep=0.5, merge="proportional"):
+        cache = StaticCache(config=tv.model.config.get_text_config(), max_cache_len=64)
+        with pytest.raises(VTPruneError, match="static cache"):
+            tv.model(**batch_inputs(tv, [0]), past_key_values=cache)
+    full = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention"]))
+    flash = SimpleNamespace(attn_implementation="flash_attention_2", language_model=full, num_layers=4)
+    with pytest.raises(VTPruneError, match="flash_attention_2"):
+        LayerSite.check(vtprune.RandomConfig(site="layer", layer=2, merge="proportional"), flash)
