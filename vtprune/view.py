@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .errors import VTPruneError
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -28,14 +30,54 @@ class Segment:
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """How an image's visual tokens tile space: consecutive segments (LLaVA-1.5: one 24x24 grid;
-    LLaVA-NeXT: base view + newline-terminated crop grid; Qwen: one grid per temporal frame)."""
+    """How an image's (or a video's) visual tokens tile space and time: consecutive segments (LLaVA-1.5: one
+    24x24 grid; LLaVA-NeXT: base view + newline-terminated crop grid; a Qwen video: one grid per temporal group).
+
+    ``frames`` is empty for an image; for a video it gives, per segment, the temporal group (frame) its tokens
+    belong to — non-decreasing from 0, or -1 for a segment outside every frame (LLaVA-OneVision's trailing
+    newline token). A Qwen temporal group covers ``temporal_patch_size`` (2) input frames."""
 
     segments: tuple[Segment, ...]
+    frames: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            return
+        real = [f for f in self.frames if f >= 0]
+        if len(self.frames) != len(self.segments) or any(f < -1 for f in self.frames) or not real \
+                or real[0] != 0 or any(b - a not in (0, 1) for a, b in zip(real, real[1:])):
+            raise VTPruneError(f"video layout frames {self.frames} must give one frame per segment "
+                               f"({len(self.segments)}), counting up from 0 in steps of 0 or 1 (-1: no frame)")
+
+    @staticmethod
+    def video(frame: Segment, frames: int) -> "ImageLayout":
+        """A video of ``frames`` temporal groups, each one ``frame`` grid."""
+        return ImageLayout((frame,) * frames, tuple(range(frames)))
 
     @property
     def size(self) -> int:
         return sum(s.size for s in self.segments)
+
+    @property
+    def is_video(self) -> bool:
+        return bool(self.frames)
+
+    @property
+    def num_frames(self) -> int:
+        """Temporal groups of a video (1 for an image)."""
+        return max(self.frames) + 1 if self.frames else 1
+
+    def frame_index(self) -> torch.Tensor:
+        """LongTensor[size]: the temporal group of every token (0 everywhere for an image, -1 on a video's
+        tokens outside every frame)."""
+        if not self.frames:
+            return torch.zeros(self.size, dtype=torch.long)
+        return torch.cat([torch.full((s.size,), f, dtype=torch.long) for s, f in zip(self.segments, self.frames)])
+
+    def frame_tokens(self) -> list[torch.Tensor]:
+        """Per temporal group: the sorted token indices (into the video's tokens) that belong to it."""
+        index = self.frame_index()
+        return [torch.nonzero(index == f).flatten() for f in range(self.num_frames)]
 
     @staticmethod
     def flat(n: int) -> "ImageLayout":
