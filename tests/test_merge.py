@@ -3,6 +3,8 @@
 The identity (n copies of one token sharing one position == one token with bias log n, for queries after the last
 copy) is checked through the mask path the engine uses (``vtprune.merge.biased_mask``), then end to end on a
 one-layer LLaVA whose copies share a position id (prefill logits and decode steps), each with a negative control.
+The engine properties (keep-all, cached == uncached, batch == single, later turns, every family) are checked at
+both sites; tests/test_merge_layer.py has the in-LLM site's own identity and hand-built reference.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from vtprune.testing import FAMILIES, tiny_vlm
 from vtprune.view import Selection
 
 COPIES = 4  # a power of two: the merged state of identical copies is then bit-exact in float32
+SCHEDULE = ((1, 0.5), (2, 0.25), (3, 0.125))
+#: where merging runs: before the LLM, in-LLM at one layer, in-LLM at every cut of a schedule
+SITES = [pytest.param(dict(keep=0.3), id="pre_llm"), pytest.param(dict(site="layer", layer=2, keep=0.3), id="K=2"),
+         pytest.param(dict(site="layer", schedule=SCHEDULE), id="schedule")]
 
 
 @functools.cache
@@ -144,15 +150,16 @@ def test_end_to_end_copies_merged_equal_the_copies(attn):
 
 # ---- engine properties of a merged run ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("site", SITES)
 @pytest.mark.parametrize("family,attn", [("llava", "sdpa"), ("qwen2_vl", "eager")])
-def test_merged_run_cached_uncached_batch_single(family, attn):
+def test_merged_run_cached_uncached_batch_single(family, attn, site):
     tv = model(family, attn)
     samples = [0, 1]
-    with vtprune.apply(tv.model, "random", keep=0.3, merge="proportional"):
+    with vtprune.apply(tv.model, "random", merge="proportional", **site):
         seq_b, step_b = _generate(tv, batch_inputs(tv, samples))
         seq_u, step_u = _generate(tv, batch_inputs(tv, samples), use_cache=False)
         singles = [_generate(tv, batch_inputs(tv, [s])) for s in samples]
-    with vtprune.apply(tv.model, "random", keep=0.3):
+    with vtprune.apply(tv.model, "random", **site):
         _, step_plain = _generate(tv, batch_inputs(tv, samples))
     assert torch.equal(seq_b, seq_u)
     torch.testing.assert_close(step_b, step_u, atol=1e-5, rtol=1e-5)
@@ -163,14 +170,17 @@ def test_merged_run_cached_uncached_batch_single(family, attn):
     assert (step_b - step_plain).abs().max() > 1e-3  # merging changed something
 
 
+@pytest.mark.parametrize("site", SITES)
 @pytest.mark.parametrize("second_image", [False, True], ids=["text-turn", "image-turn"])
-def test_merged_conversation_continues_like_one_pass(second_image):
+def test_merged_conversation_continues_like_one_pass(second_image, site):
     """A later turn on a merged cache (text only, or a new image merged with its own sizes) == the whole
-    conversation in one pass: the ledger's bias covers the old slots, the new plan's the new ones."""
+    conversation in one pass: the ledger's bias (each layer group's, in-LLM) covers the old slots, the new plan's
+    the new ones."""
     tv = model("llava")
-    with vtprune.apply(tv.model, "random", keep=0.3, merge="proportional"):
+    with vtprune.apply(tv.model, "random", merge="proportional", **site):
         first, out = _turn_one(tv, {}, batch=1 if second_image else 2)
-        assert ledger_of(out.past_key_values).bias is not None
+        ledger = ledger_of(out.past_key_values)
+        assert all(ledger.group(i).bias is not None for i in range(1 + len(ledger.later)))
         whole, extra = _conversation(tv, first, out.sequences, second_image=second_image)
         cont = tv.model.generate(**_tokens_only(whole), **extra, past_key_values=copy.deepcopy(out.past_key_values),
                                  max_new_tokens=3, **STEP)
@@ -179,15 +189,16 @@ def test_merged_conversation_continues_like_one_pass(second_image):
     torch.testing.assert_close(torch.stack(cont.logits, 1), torch.stack(fresh.logits, 1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("site", SITES[:2])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_merges_cached_equal_uncached_or_refuses(family):
+def test_every_family_merges_cached_equal_uncached_or_refuses(family, site):
     tv = model(family)
     inputs = batch_inputs(tv, [0, 1])
     if family in ("qwen3_5", "gemma3"):  # linear-attention / sliding-window layers take no shared key bias
         with pytest.raises(VTPruneError, match="merge='proportional' is not supported on"):
-            vtprune.apply(tv.model, "random", keep=0.3, merge="proportional")
+            vtprune.apply(tv.model, "random", merge="proportional", **site)
         return
-    with vtprune.apply(tv.model, "random", keep=0.3, merge="proportional"):
+    with vtprune.apply(tv.model, "random", merge="proportional", **site):
         seq_c, step_c = _generate(tv, inputs)
         seq_u, step_u = _generate(tv, inputs, use_cache=False)
     assert torch.equal(seq_c, seq_u)
@@ -208,14 +219,19 @@ def test_unpadded_row_generates_the_same_uncached(merge):
     torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_with_nothing_dropped_is_the_unpruned_model():
-    tv = model("llava")
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_merge_with_nothing_dropped_is_the_unpruned_model(family):
+    """No pruner runs (keep=1.0) / the pruner runs and drops nothing (all sizes 1: no bias), at both sites and at
+    every cut of a schedule: bit-identical to the unhooked model."""
+    tv = model(family)
     inputs = batch_inputs(tv, [0, 1])
     ref = _generate(tv, inputs)
-    for keep in (1.0, 10_000):  # no pruner runs / the pruner runs and drops nothing (all sizes 1: no bias)
-        with vtprune.apply(tv.model, "random", keep=keep, merge="proportional"):
+    for options in (dict(keep=1.0), dict(keep=10_000), dict(site="layer", layer=2, keep=1.0),
+                    dict(site="layer", layer=2, keep=10_000), dict(site="layer", schedule=((1, 10_002), (2, 10_001),
+                                                                                          (3, 10_000)))):
+        with vtprune.apply(tv.model, "random", merge="proportional", **options):
             seq, step = _generate(tv, inputs)
-        assert torch.equal(seq, ref[0]) and torch.equal(step, ref[1])
+        assert torch.equal(seq, ref[0]) and torch.equal(step, ref[1]), options
 
 
 def test_visionzip_contextual_tokens_carry_their_group_sizes():

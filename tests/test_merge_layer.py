@@ -3,24 +3,23 @@ attention logit on them in layers >= K (layers < K untouched), sizes composing a
 
 The n-copies identity end to end (copies made identical at layer K's input and sharing one position id, so the
 only layer >= K sees n equal keys: prefill and decode, with negative controls); the pruned and merged prefill ==
-the stock decoder layers run by hand on the merged sequence with a hand-built bias mask; keep-all == unhooked;
-cached == uncached; batch == single; later turns == one pass.
+the stock decoder layers run by hand on the merged sequence with a hand-built bias mask. Keep-all, cached ==
+uncached, batch == single, later turns and every family at both sites: tests/test_merge.py.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.nn import functional as F
-from conftest import GEN, batch_inputs, model
+from conftest import batch_inputs, model
 from test_core_reference import _capture
-from test_merge import COPIES, _decode, _generate
-from test_multiturn import STEP, _conversation, _tokens_only, _turn_one
+from test_merge import COPIES, SITES, _decode
+from test_multistage import _plans
+from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache, StaticCache
 
 import vtprune
@@ -28,31 +27,17 @@ import vtprune.sites.layer as layer_site
 from vtprune.errors import VTPruneError
 from vtprune.merge import biased_mask
 from vtprune.ops import merge_dropped
-from vtprune.sites.continuation import ledger_of
 from vtprune.sites.layer import LayerSite
-from vtprune.testing import FAMILIES, random_image, tiny_vlm
+from vtprune.testing import random_image, tiny_vlm
 from vtprune.view import Selection
 
-SCHEDULE = ((1, 0.5), (2, 0.25), (3, 0.125))
-SITES = [pytest.param(dict(layer=2, keep=0.3), id="K=2"), pytest.param(dict(schedule=SCHEDULE), id="schedule")]
+IN_LLM = SITES[1:]
 
 
 @functools.cache
 def two_layer(attn: str):
     """A two-layer tiny LLaVA cut at K=1: layer 1 is the only layer >= K, so the identity holds for its outputs."""
     return tiny_vlm("llava", attn_implementation=attn, num_layers=2)
-
-
-def _spy_plans(handle) -> list:
-    """Record the keep plans the engine's select returns (one per cut)."""
-    engine, plans = handle._engine, []
-    select = engine.select
-
-    def spy(*args, **kwargs):
-        plans.append(select(*args, **kwargs))
-        return plans[-1]
-    engine.select = spy
-    return plans
 
 
 # ---- the identity end to end: copies identical at layer K, sharing a position ---------------------------------
@@ -175,7 +160,7 @@ def _merge_by_hand(h: torch.Tensor, sizes: torch.Tensor, image: torch.Tensor, ke
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("site", IN_LLM)
 def test_prefill_matches_stock_layers_on_the_merged_sequence(family, attn, site):
     """Hooked prefill logits == the unhooked decoder layers run by hand from layer K's input: at each cut the
     dropped image tokens merged by hand into their most similar kept one (sizes carried from earlier cuts), then the
@@ -190,8 +175,8 @@ def test_prefill_matches_stock_layers_on_the_merged_sequence(family, attn, site)
     pos = lm_kw.get("position_ids")
     pos = torch.arange(hidden.shape[1]).view(1, 1, -1) if pos is None else (pos[None] if pos.dim() == 2 else pos)
     image = (inputs["input_ids"][0] == tv.model.config.image_token_id).nonzero().flatten()
-    with vtprune.apply(tv.model, "random", site="layer", merge="proportional", **site) as handle:
-        plans = _spy_plans(handle)
+    with vtprune.apply(tv.model, "random", merge="proportional", **site) as handle:
+        plans = _plans(handle)
         hooked = tv.model(**inputs).logits
     assert len(plans) == len(cuts)
 
@@ -236,76 +221,7 @@ def test_merge_dropped_carries_earlier_sizes():
     assert kept_all.embeddings is None
 
 
-# ---- engine properties of merged in-LLM runs --------------------------------------------------------------------
-
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_keep_all_with_merge_is_the_unhooked_model(family):
-    tv = model(family)
-    inputs = batch_inputs(tv, [0, 1])
-    ref = _generate(tv, inputs)
-    for options in (dict(layer=2, keep=1.0), dict(layer=2, keep=10_000),
-                    dict(schedule=((1, 10_002), (2, 10_001), (3, 10_000)))):
-        with vtprune.apply(tv.model, "random", site="layer", merge="proportional", **options):
-            seq, step = _generate(tv, inputs)
-        assert torch.equal(seq, ref[0]) and torch.equal(step, ref[1]), options
-
-
-@pytest.mark.parametrize("site", SITES)
-@pytest.mark.parametrize("family,attn", [("llava", "sdpa"), ("qwen2_vl", "eager")])
-def test_merged_in_llm_cached_uncached_batch_single(family, attn, site):
-    """Decode from the merged layered cache == uncached generation; each row of a ragged left-padded batch == that
-    sample alone. Control: merging changed the logits."""
-    tv = model(family, attn)
-    samples = [0, 1]
-    with vtprune.apply(tv.model, "random", site="layer", merge="proportional", **site) as handle:
-        plans = _spy_plans(handle)
-        seq_b, step_b = _generate(tv, batch_inputs(tv, samples))
-        assert plans[-1].bias is not None and float(plans[-1].bias.max()) > 0
-        seq_u, step_u = _generate(tv, batch_inputs(tv, samples), use_cache=False)
-        singles = [_generate(tv, batch_inputs(tv, [s])) for s in samples]
-    with vtprune.apply(tv.model, "random", site="layer", **site):
-        _, step_plain = _generate(tv, batch_inputs(tv, samples))
-    assert torch.equal(seq_b, seq_u)
-    torch.testing.assert_close(step_b, step_u, atol=1e-5, rtol=1e-5)
-    n_new = GEN["max_new_tokens"]
-    for row, (seq_s, step_s) in enumerate(singles):
-        assert torch.equal(seq_b[row, -n_new:], seq_s[0, -n_new:])
-        torch.testing.assert_close(step_b[row], step_s[0], atol=1e-5, rtol=1e-5)
-    assert (step_b - step_plain).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("second_image", [False, True], ids=["text-turn", "image-turn"])
-@pytest.mark.parametrize("site", SITES)
-def test_merged_in_llm_conversation_continues_like_one_pass(site, second_image):
-    """A later turn on the merged layered cache (text only, or a new image merged with its own sizes) == the whole
-    conversation in one pass: every layer group's ledger bias covers its old slots, the new plan's the new ones."""
-    tv = model("llava")
-    with vtprune.apply(tv.model, "random", site="layer", merge="proportional", **site):
-        first, out = _turn_one(tv, {}, batch=1 if second_image else 2)
-        ledger = ledger_of(out.past_key_values)
-        assert all(ledger.group(i).bias is not None for i in range(1 + len(ledger.later)))
-        whole, extra = _conversation(tv, first, out.sequences, second_image=second_image)
-        cont = tv.model.generate(**_tokens_only(whole), **extra, past_key_values=copy.deepcopy(out.past_key_values),
-                                 max_new_tokens=3, **STEP)
-        fresh = tv.model.generate(**whole, max_new_tokens=3, **STEP)
-    assert torch.equal(cont.sequences, fresh.sequences)
-    torch.testing.assert_close(torch.stack(cont.logits, 1), torch.stack(fresh.logits, 1), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_merges_in_llm_cached_equal_uncached_or_refuses(family):
-    tv = model(family)
-    inputs = batch_inputs(tv, [0, 1])
-    if family in ("qwen3_5", "gemma3"):  # linear-attention / sliding-window layers take no shared key bias
-        with pytest.raises(VTPruneError, match="merge='proportional' is not supported on"):
-            vtprune.apply(tv.model, "random", site="layer", layer=3, keep=0.3, merge="proportional")
-        return
-    with vtprune.apply(tv.model, "random", site="layer", layer=2, keep=0.3, merge="proportional"):
-        seq_c, step_c = _generate(tv, inputs)
-        seq_u, step_u = _generate(tv, inputs, use_cache=False)
-    assert torch.equal(seq_c, seq_u)
-    torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
-
+# ---- refusals -------------------------------------------------------------------------------------------------
 
 def test_in_llm_refusals():
     tv = model("llava")

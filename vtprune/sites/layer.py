@@ -14,8 +14,8 @@ every layer >= K adds its group's ``log size`` key bias to the attention mask; l
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -467,10 +467,11 @@ class LayerSite(Site):
     def _bias(self, hidden: torch.Tensor, kwargs: dict[str, Any], state: _InFlight) -> None:
         """Add the layer group's key bias (``merge="proportional"``: ``log size`` of its merged slots) to a layer's
         attention mask, already gathered to the group's keys (the group's slots, then ``state.extra`` columns)."""
-        cols = state.cols
-        kwargs["attention_mask"] = biased_mask(kwargs.get("attention_mask"), cols.bias, hidden.shape[1],
-                                               cols.length + state.extra, self.engine.adapter.attn_implementation,
-                                               hidden.dtype, state.static)
+        cols, mask = state.cols, kwargs.get("attention_mask")
+        kwargs["attention_mask"] = state.once(
+            "bias", lambda: biased_mask(mask, cols.bias, hidden.shape[1], cols.length + state.extra,
+                                        self.engine.adapter.attn_implementation, hidden.dtype, state.static),
+            mask, cols)
 
     def _build_mask(self, kwargs: dict[str, Any], state: _InFlight) -> torch.Tensor:
         """A mask from scratch where the model passed none (it assumed no padding; re-padding added some)."""
