@@ -79,9 +79,10 @@ def test_copies_sharing_a_position_equal_one_token_with_log_n_bias(attn):
 
 # ---- end to end: copies sharing a position in a one-layer LLaVA ------------------------------------------------
 
-def _copies_setup(tv):
-    """Inputs whose image tokens 5..8 are copies of token 5 (a projector hook) sharing its position id, and the
-    hints that make ``informed`` drop exactly copies 2..4."""
+def _copies_setup(tv, layer: int = 0):
+    """Inputs whose image tokens 5..8 are copies of token 5 sharing its position id — equal projected features
+    (a projector hook), or with ``layer`` K > 0 equal states at layer K's input (a hook on layer K-1's output,
+    prefill only) — and the hints that make ``informed`` drop exactly copies 2..4."""
     inputs = tv.inputs([tv.prompt("how many circles")], [vtprune.testing.random_image(0)])
     ids = inputs["input_ids"][0]
     image = (ids == tv.model.config.image_token_id).nonzero().flatten()
@@ -91,13 +92,17 @@ def _copies_setup(tv):
     priority = [1.0] * image.numel()
     for i in range(6, 5 + COPIES):
         priority[i] = 0.0
+    start = 5 if layer == 0 else first  # image token 5 among the projected features, or in the sequence
 
-    def copy_features(module, args, out):
+    def make_copies(module, args, out):
+        if out.shape[-2] < start + COPIES:  # a decode step
+            return out
         out = out.clone()
-        out[..., 6:5 + COPIES, :] = out[..., 5:6, :]
+        out[..., start + 1:start + COPIES, :] = out[..., start:start + 1, :]
         return out
 
-    hook = tv.model.model.multi_modal_projector.register_forward_hook(copy_features)
+    module = tv.model.model.multi_modal_projector if layer == 0 else tv.model.model.language_model.layers[layer - 1]
+    hook = module.register_forward_hook(make_copies)
     dropped = torch.arange(first + 1, first + COPIES)
     return dict(inputs, position_ids=pos), [{"p": priority}], image.numel() - COPIES + 1, dropped, hook
 

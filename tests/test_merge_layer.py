@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import batch_inputs, model
 from test_core_reference import _capture
-from test_merge import COPIES, SITES, _decode
+from test_merge import COPIES, SITES, _copies_setup, _decode
 from test_multistage import _plans
 from torch.nn import functional as F
 from transformers.cache_utils import DynamicCache, StaticCache
@@ -28,7 +28,7 @@ from vtprune.errors import VTPruneError
 from vtprune.merge import biased_mask
 from vtprune.ops import merge_dropped
 from vtprune.sites.layer import LayerSite
-from vtprune.testing import random_image, tiny_vlm
+from vtprune.testing import tiny_vlm
 from vtprune.view import Selection
 
 IN_LLM = SITES[1:]
@@ -42,37 +42,13 @@ def two_layer(attn: str):
 
 # ---- the identity end to end: copies identical at layer K, sharing a position ---------------------------------
 
-def _copies_setup(tv):
-    """Inputs whose image tokens 5..5+COPIES-1 share token 5's position id and whose layer-0 outputs are made equal
-    to token 5's (a forward hook, prefill only), and the hints that make ``informed`` drop the later copies."""
-    inputs = tv.inputs([tv.prompt("how many circles")], [random_image(0)])
-    ids = inputs["input_ids"][0]
-    image = (ids == tv.model.config.image_token_id).nonzero().flatten()
-    first = int(image[5])
-    pos = torch.arange(ids.numel())[None]
-    pos[:, first:first + COPIES] = first
-    priority = [1.0] * image.numel()
-    for i in range(6, 5 + COPIES):
-        priority[i] = 0.0
-
-    def copy_states(module, args, out):
-        if out.shape[1] < first + COPIES:  # a decode step
-            return out
-        out = out.clone()
-        out[:, first + 1:first + COPIES] = out[:, first:first + 1]
-        return out
-
-    hook = tv.model.model.language_model.layers[0].register_forward_hook(copy_states)
-    return dict(inputs, position_ids=pos), [{"p": priority}], image.numel() - COPIES + 1, first, hook
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_end_to_end_copies_merged_at_layer_k_equal_the_copies(attn, monkeypatch):
     """Prefill logits after the last copy and every decode step == the unpruned model's. Negative controls: dropping
     the copies without merging changes the prefill; the bias left out of the masks changes it and every decode step;
     the ledger's bias dropped after the prefill changes every decode step."""
     tv = two_layer(attn)
-    inputs, hints, k, first, hook = _copies_setup(tv)
+    inputs, hints, k, dropped, hook = _copies_setup(tv, layer=1)
     runs = {}
     try:
         with torch.no_grad():
@@ -92,9 +68,8 @@ def test_end_to_end_copies_merged_at_layer_k_equal_the_copies(attn, monkeypatch)
                             runs["no bias"] = _decode(tv, inputs)
     finally:
         hook.remove()
-    n = inputs["input_ids"].shape[1]
-    kept = torch.tensor([i for i in range(n) if not first < i < first + COPIES])
-    after = kept >= first + COPIES
+    kept = torch.tensor([i for i in range(inputs["input_ids"].shape[1]) if i not in dropped.tolist()])
+    after = kept > dropped[-1]
     merged = runs["proportional"]
     assert merged[0].shape[1] == kept.numel()
     torch.testing.assert_close(merged[0][:, after], ref[0][:, kept[after]], atol=1e-5, rtol=1e-5)
