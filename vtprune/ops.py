@@ -486,3 +486,70 @@ def cls_attention_scores(view: VisualView) -> torch.Tensor:
     [CLS] (Qwen) the head-mean attention received from all patches in the last full-attention block,
     summed over each token's 2x2 merge group."""
     return pooled(reading_graphs(view), view.num_tokens, cls_or_received)
+
+
+# ---- video: frames, temporal change, density peaks (DyCoke, EVS, FastVID) ---------------------------------
+def paired_dissimilarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``1 - cos`` between each row of a [n, D] and the row of b [n, D] at the same index, in float32 (a zero row
+    has cos 0): how much a token changed since the same spatial position of an earlier frame."""
+    return 1 - (unit_rows(a) * unit_rows(b)).sum(-1)
+
+
+def spread(groups: list[torch.Tensor], k: int) -> torch.Tensor:
+    """k of the tokens listed in ``groups`` (index tensors, e.g. frames in raster order): k split over the groups
+    by size (:func:`split_budget`), each group's share an even lattice of it (:func:`lattice`); sorted. The fallback
+    of the video methods when the budget cannot hold every token they never drop (first frames, anchors)."""
+    shares = split_budget(k, [g.numel() for g in groups])
+    parts = [g[lattice(g.numel(), s).indices.to(g.device)] for g, s in zip(groups, shares) if s]
+    return torch.sort(torch.cat(parts)).values if parts else groups[0][:0]
+
+
+def density_peak_scores(x: torch.Tensor, neighbours: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DPC-KNN's centre score δ·density of each row of x [n, D] (FastVID's anchor score; :func:`dpc_knn` ranks
+    centres the same way with ``neighbours = clusters``): distances ÷ √D; density = exp(-mean squared distance to the
+    ``min(neighbours, n)`` nearest, self included) + 1e-6·U(0,1) from ``generator``; δ = distance to the nearest
+    denser row (the largest distance for the densest). Returns [n] float32."""
+    x = x.float()
+    dist = torch.cdist(x, x) / math.sqrt(x.shape[-1])
+    nearest = torch.topk(dist, min(neighbours, x.shape[0]), dim=-1, largest=False).values
+    noise = torch.rand(x.shape[0], generator=generator, device=x.device)
+    density = (-(nearest ** 2).mean(-1)).exp() + noise * 1e-6
+    denser = density[None, :] > density[:, None]
+    return torch.where(denser, dist, dist.max()).min(-1).values * density
+
+
+@dataclass(frozen=True)
+class Frames:
+    """A view's grid tokens by frame, for the video methods. ``grids[t]``: frame t's grid token indices (its segments'
+    grids in raster order, newline tokens excluded; a Qwen frame is a temporal group of 2 frames); ``shapes[t]``: the
+    (rows, cols) of those segments; ``other``: every token in no frame's grid (newlines, tokens outside every frame),
+    sorted; ``video``: whether frames follow each other in time (an image's segments are views of one instant, each
+    its own frame)."""
+
+    grids: tuple[torch.Tensor, ...]
+    shapes: tuple[tuple[tuple[int, int], ...], ...]
+    other: torch.Tensor
+    video: bool
+
+    def previous(self, t: int) -> torch.Tensor | None:
+        """Frame t-1's grid when frame t of a video has one of the same shape, else ``None``."""
+        if not self.video or t == 0 or self.shapes[t - 1] != self.shapes[t]:
+            return None
+        return self.grids[t - 1]
+
+
+def frames_of(layout: ImageLayout) -> Frames:
+    """The :class:`Frames` of ``layout``: a video's temporal groups (``layout.frames``), or an image's grid segments."""
+    owner = layout.frames or tuple(range(len(layout.segments)))
+    count = max(owner) + 1
+    parts: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    shapes: list[list[tuple[int, int]]] = [[] for _ in range(count)]
+    in_grid = torch.zeros(layout.size, dtype=torch.bool)
+    for (_, idx), frame in zip(layout.grid_tokens(), owner):
+        if frame >= 0:
+            parts[frame].append(idx.flatten())
+            shapes[frame].append(tuple(idx.shape))
+            in_grid[idx.flatten()] = True
+    grids = tuple(torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for p in parts)
+    return Frames(grids=grids, shapes=tuple(map(tuple, shapes)), other=(~in_grid).nonzero().flatten(),
+                  video=layout.is_video)

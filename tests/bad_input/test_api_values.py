@@ -53,6 +53,10 @@ BAD: dict[str, list[tuple[Any, dict[str, Any]]]] = {
                                    [(1, 0.5), (2, 3)], [(1, True)])],
     "layers": [(v, {}) for v in ((), (3, 2), (0, 1), "8,16", (1.5,), (True,))],
     "recycle": [(v, {}) for v in ("yes", 1, None)],
+    "segments": [(v, {}) for v in (0, -1, 1.5, True, "8", None)],
+    "tau": [(v, {}) for v in (1.5, -1.5, NAN, INF, True, "0.9", None)],
+    "anchor_every": [(v, {}) for v in (0, -1, 1.5, True, "4", None)],
+    "beta": [(v, {}) for v in (-0.1, 1.5, NAN, True, "0.6", None)],
 }
 CASES = [pytest.param(name, field, value, extra, id=f"{name}-{field}={value!r}")
          for name in PRUNERS for field in pruner_class(name).config_class.field_names()

@@ -5,7 +5,10 @@ from .base import Pruner, ScorerPruner
 from .cdpruner import CDPrunerConfig
 from .dart import DARTConfig
 from .divprune import DivPruneConfig
+from .dycoke import DyCokeConfig
+from .evs import EVSConfig
 from .fastv import FastVConfig
+from .fastvid import FastVIDConfig
 from .informed import InformedConfig
 from .kcenter import KCenterConfig
 from .mmr import MMRConfig
@@ -21,7 +24,7 @@ from .zero_tprune import PagerankConfig, ZeroTPruneConfig
 from .zoo import ZooConfig
 
 __all__ = [
-    "CDPrunerConfig", "DARTConfig", "DivPruneConfig", "FastVConfig", "InformedConfig", "KCenterConfig", "MMRConfig",
+    "CDPrunerConfig", "DARTConfig", "DivPruneConfig", "DyCokeConfig", "EVSConfig", "FastVConfig", "FastVIDConfig", "InformedConfig", "KCenterConfig", "MMRConfig",
     "PagerankConfig", "PoolConfig", "Pruner", "PyramidDropConfig", "RandomConfig", "ScorerPruner", "SparseVLMConfig", "UniformConfig", "VTCCLSConfig",
     "VisPrunerConfig", "VisionZipConfig", "ZeroTPruneConfig", "ZooConfig",
 ]
