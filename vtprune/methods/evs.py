@@ -49,6 +49,8 @@ class EVSPruner(Pruner):
         if not self.config.reference:
             return super().count(layout)
         frames = ops.frames_of(layout)
+        if not frames.video:
+            return layout.size
         grid = sum(g.numel() for g in frames.grids)
         first = frames.grids[0].numel()
         keep = self.config.keep

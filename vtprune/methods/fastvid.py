@@ -174,7 +174,7 @@ class FastVIDPruner(Pruner):
         salient_n = [f - int(f * d) for f in shares]
         context = sum(f - s for f, s in zip(shares, salient_n))
         where = anchor_frames(len(grids), self.config.anchor_every)
-        given = ops.split_budget(context, [1] * len(where))
+        given = [context // len(where) + (i < context % len(where)) for i in range(len(where))]
         anchor_n = [0] * len(grids)
         for i, c in zip(where, given):
             anchor_n[i] = min(c, grids[i].numel() - salient_n[i])
