@@ -656,14 +656,20 @@ def markdown(cells: Sequence[Cell]) -> str:
 
 
 def _provenance() -> dict[str, Any]:
-    """Which vtprune ran (path, commit of its checkout) and the load average: the machine may be shared."""
+    """Which vtprune ran (path, commit of its checkout, and whether its files differ from that commit: a copied
+    working tree may carry older git metadata than its files) and the load average: the machine may be shared."""
     where = Path(vtprune.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"vtprune": str(where), "commit": commit, "loadavg": os.getloadavg()}
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return {"vtprune": str(where), "commit": git("rev-parse", "HEAD"),
+            "files_differ_from_commit": None if status is None else bool(status), "loadavg": os.getloadavg()}
 
 
 def _csv(text: str, kind: type, allowed: Sequence[Any] | None = None) -> list[Any]:

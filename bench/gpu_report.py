@@ -400,7 +400,8 @@ def markdown(report: dict[str, Any]) -> str:
                f"(CUDA {env['torch_cuda']}, cuDNN {env.get('cudnn', 'n/a')}), transformers {env['transformers']}, "
                f"flash_attn {env['flash_attn'] or 'not installed'}, Python {env['python']}; {env['dtype']}; "
                f"{env['torch_threads']} torch thread(s) (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), "
-               f"{env['cpu_count']} CPU cores ({env['cpu']}); vtprune at {env['commit']}.")
+               f"{env['cpu_count']} CPU cores ({env['cpu']}); vtprune at {env['commit']}"
+               f"{' (files differ from that commit)' if env.get('files_differ_from_commit') else ''}.")
     method = (f"Medians of {meta['repeats']} timed passes after {meta['warmup']} warm-up (fewer where a note says "
               f"so), all settings interleaved; decode = greedy generate of {meta['new_tokens']} tokens. Budget "
               f"{meta['budget_s']:.0f} s, used {meta['elapsed_s']:.0f} s; complete: {meta['complete']}.")
