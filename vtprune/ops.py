@@ -122,12 +122,18 @@ def unit_rows(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
 
 def on_demand(unit: torch.Tensor) -> SimColumn:
     """Similarity columns computed when needed, O(V·D) each: cheaper than a V×V matrix when k ≪ V."""
-    return lambda j: unit @ unit[j]
+    return lambda j: unit @ row(unit, j)
 
 
 def from_matrix(sim: torch.Tensor) -> SimColumn:
     """Columns read off a precomputed [V, V] similarity matrix (row j: token j against all)."""
-    return lambda j: sim[j]
+    return lambda j: row(sim, j)
+
+
+def row(x: torch.Tensor, j: torch.Tensor | int) -> torch.Tensor:
+    """``x[j]`` for an int or a 0-d index tensor without a host sync (indexing with a 0-d tensor reads it back
+    to the host: one device round trip per greedy step on a GPU)."""
+    return x.index_select(0, j.reshape(1))[0] if torch.is_tensor(j) else x[j]
 
 
 def greedy(column: SimColumn, num_tokens: int, k: int, first: torch.Tensor | int, score: StepScore,
@@ -139,7 +145,7 @@ def greedy(column: SimColumn, num_tokens: int, k: int, first: torch.Tensor | int
     maxsim: torch.Tensor | None = None
     for t in range(k):
         picks[t] = j
-        chosen[j] = True
+        chosen.index_fill_(0, j.reshape(1), True)
         if t == k - 1:
             break
         col = column(j)

@@ -1,0 +1,33 @@
+"""bench/host_ops.py: op and host-sync counts per prefill, and the sync-free greedy steps they guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bench_scripts import bench_script
+
+from vtprune import ops
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    with bench_script("host_ops") as host_ops:
+        return host_ops.family_rows("llava_next", layers=4)
+
+
+def test_every_setting_is_counted_against_the_unhooked_model(rows):
+    by = {r["setting"]: r for r in rows}
+    assert set(by) == {"unhooked", "random pre_llm", "divprune pre_llm", "fastv K=2", "dart K=2", "random K=2"}
+    assert all(r["ops"] > by["unhooked"]["ops"] for s, r in by.items() if s != "unhooked")  # hooks add work
+
+
+def test_greedy_selection_adds_no_host_sync_per_step(rows):
+    """DivPrune keeps ~20 tokens here: a sync per greedy step would add ~20 over random selection."""
+    by = {r["setting"]: r for r in rows}
+    assert by["divprune pre_llm"]["syncs"] <= by["random pre_llm"]["syncs"] + 2
+
+
+def test_row_reads_a_tensor_index_like_plain_indexing():
+    x = torch.arange(12.0).view(4, 3)
+    assert torch.equal(ops.row(x, torch.tensor(2)), x[2]) and torch.equal(ops.row(x, 1), x[1])
+    assert not torch.equal(ops.row(x, torch.tensor(2)), x[1])
