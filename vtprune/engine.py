@@ -226,8 +226,8 @@ class Engine:
         given = kwargs.get("position_ids")
         pos = (self.adapter.default_positions(b, q, past, embeds.device) if given is None
                else self.adapter.as_axes(given))
-        spans.layouts = [self.adapter.layout(embeds[row, p], pos[:, row, p])
-                         for row, p in zip(spans.rows, spans.positions)]
+        spans.layouts = [self.adapter.item_layout(spans, i, embeds[row, p], pos[:, row, p])
+                         for i, (row, p) in enumerate(zip(spans.rows, spans.positions))]
         spans.extras = self.signals.image_extras(spans, b)
         next_pos = pos.masked_fill(~real[None], -1).amax(-1) + 1  # [A, b]
         return ImageCall(spans=spans, embeds=embeds, real=real, pos=pos, next_pos=next_pos,

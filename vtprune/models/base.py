@@ -9,7 +9,7 @@ benchmark images, the shipped bench configs and the lmms-eval wrapper the family
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -100,6 +100,8 @@ class ImageSpans:
     rows: list[int]
     positions: list[torch.Tensor]
     layouts: list[ImageLayout] | None = None
+    #: per item, whether it is a video (all of a video's placeholder tokens are one item); empty: all images
+    videos: list[bool] = field(default_factory=list)
     extras: list[dict[str, Any]] | None = None
     #: [b, L] attention-block id per token of the call (-1: causal), for families whose image tokens attend
     #: bidirectionally within a block (:meth:`ModelAdapter.lm_masks`); ``None`` elsewhere
@@ -141,6 +143,9 @@ class ModelAdapter:
     tested_attention: tuple[str, ...] = ("sdpa", "eager")
     #: per site name: what the family refuses or restricts there, and why (shown in the README support matrix)
     site_limits: Mapping[str, str] = {}
+    #: whether the family's video inputs are pruned (one item per video, :meth:`video_counts`,
+    #: :meth:`video_layout`); elsewhere video placeholders are left alone, as text
+    prunes_video: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -148,6 +153,9 @@ class ModelAdapter:
         self.language_model: nn.Module = self.backbone.language_model
         self.layers: nn.ModuleList = self.language_model.layers
         self.image_token_id: int = int(model.config.image_token_id)
+        vid = getattr(model.config, "video_token_id", None)
+        #: the video placeholder token, where the family prunes videos (:meth:`video_counts`); else ``None``
+        self.video_token_id: int | None = None if vid is None or not self.prunes_video else int(vid)
 
     @property
     def num_layers(self) -> int:
@@ -207,51 +215,83 @@ class ModelAdapter:
         return "full_attention"
 
     # ---- locating images ---------------------------------------------------------------------------
-    def image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        """[b, L] bool mask of image placeholder tokens, from ids or (failing those) from embeddings."""
+    def image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                   token_id: int | None = None) -> torch.Tensor:
+        """[b, L] bool mask of image placeholder tokens (of ``token_id``'s, e.g. the video token), from ids or
+        (failing those) from embeddings."""
+        token_id = self.image_token_id if token_id is None else token_id
         if input_ids is not None:
-            return input_ids == self.image_token_id
+            return input_ids == token_id
         if inputs_embeds is None:
             raise VTPruneError("the model was called with neither input_ids nor inputs_embeds")
-        emb = self.backbone.get_input_embeddings()(torch.tensor(self.image_token_id, device=inputs_embeds.device))
+        emb = self.backbone.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
         return (inputs_embeds == emb.to(inputs_embeds.dtype)).all(-1)
 
     def image_counts(self, inputs: dict[str, Any]) -> list[int] | None:
         """Visual tokens per image (batch order) from the backbone's keyword inputs; ``None`` if unknown.
         ``generate`` encodes images up front and passes ``mm_encoder_outputs``: their per-image features
         are the authoritative count."""
-        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
-        if encoded is not None and isinstance(encoded.pooler_output, (list, tuple)):
-            return [int(f.shape[0]) for f in encoded.pooler_output]
-        return None
+        return _encoded_counts(inputs, "image")
+
+    def video_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        """Visual tokens per video (batch order) where the family prunes videos; ``None`` if unknown."""
+        return _encoded_counts(inputs, "video")
 
     def layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
         """The spatial layout of one image from its features [n, D] and position ids [A, n]."""
         return ImageLayout.flat(features.shape[0])
 
+    def video_layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
+        """The layout (frames and the grid of each) of one video from its features [n, D] and position ids [A, n]."""
+        raise VTPruneError(f"family {self.family!r} has no video layout")
+
+    def item_layout(self, spans: ImageSpans, i: int, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
+        """The layout of item ``i`` of ``spans`` (an image or a video)."""
+        video = bool(spans.videos) and spans.videos[i]
+        return self.video_layout(features, positions) if video else self.layout(features, positions)
+
     def locate_images(self, inputs: dict[str, Any]) -> ImageSpans | None:
-        """Image spans for a prefill call of the backbone, or ``None`` when there are no image tokens."""
-        mask = self.image_mask(inputs.get("input_ids"), inputs.get("inputs_embeds"))
-        if not bool(mask.any()):
+        """Image (and, where the family prunes them, video) spans for a prefill call of the backbone, in sequence
+        order within each row; ``None`` when there are no such tokens."""
+        ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+        mask = self.image_mask(ids, embeds)
+        vmask = None if self.video_token_id is None else self.image_mask(ids, embeds, self.video_token_id)
+        has_video = vmask is not None and bool(vmask.any())
+        if not bool(mask.any()) and not has_video:
             return None
         counts = self.image_counts(inputs)
         if counts is None or sum(counts) != int(mask.sum()):
             counts = _run_lengths(mask)  # one image per contiguous run of placeholders
-        rows, positions, image = [], [], 0
+        vcounts: list[int] = []
+        if has_video:
+            vcounts = self.video_counts(inputs) or []
+            if sum(vcounts) != int(vmask.sum()):
+                raise VTPruneError(f"the prompt holds {int(vmask.sum())} video placeholder tokens but the videos' "
+                                   f"inputs (video_grid_thw) account for {sum(vcounts)}")
+        queues = {False: (mask, counts, "image"), True: (vmask, vcounts, "video")}
+        spans, taken = ImageSpans([], []), {False: 0, True: 0}
         for row in range(mask.shape[0]):
-            pos = mask[row].nonzero().flatten()
-            start = 0
-            while start < pos.numel():
-                if image >= len(counts):
-                    raise VTPruneError("more image placeholder tokens than the images' features account for")
-                n = counts[image]
-                if start + n > pos.numel():
-                    raise VTPruneError(f"image {image} has {n} visual tokens but row {row} has only "
-                                       f"{pos.numel() - start} placeholders left")
-                rows.append(row)
-                positions.append(pos[start:start + n])
-                start, image = start + n, image + 1
-        return ImageSpans(rows, positions)
+            pos = {video: (m[row].nonzero().flatten() if m is not None else mask.new_zeros(0, dtype=torch.long))
+                   for video, (m, _, _) in queues.items()}
+            start = {False: 0, True: 0}
+            while any(start[v] < pos[v].numel() for v in pos):
+                video = start[True] < pos[True].numel() and (
+                    start[False] >= pos[False].numel() or bool(pos[True][start[True]] < pos[False][start[False]]))
+                _, sizes, kind = queues[video]
+                item = taken[video]
+                if item >= len(sizes):
+                    raise VTPruneError(f"more {kind} placeholder tokens than the {kind}s' features account for")
+                n, left = sizes[item], pos[video].numel() - start[video]
+                if n > left:
+                    raise VTPruneError(f"{kind} {item} has {n} visual tokens but row {row} has only {left} "
+                                       "placeholders left")
+                spans.rows.append(row)
+                spans.positions.append(pos[video][start[video]:start[video] + n])
+                spans.videos.append(video)
+                start[video], taken[video] = start[video] + n, item + 1
+        if not has_video:
+            spans.videos = []
+        return spans
 
     # ---- attention inputs (see vtprune.capture) --------------------------------------------------------
     def llm_attention(self, layer: int) -> nn.Module:
@@ -385,3 +425,11 @@ def _run_lengths(mask: torch.Tensor) -> list[int]:
         edges = [0] + breaks.tolist() + [pos.numel()]
         out.extend(b - a for a, b in zip(edges[:-1], edges[1:]))
     return out
+
+
+def _encoded_counts(inputs: dict[str, Any], modality: str) -> list[int] | None:
+    """Per-item token counts of ``generate``'s up-front encoding (``mm_encoder_outputs[modality]``), if given."""
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get(modality)
+    if encoded is not None and isinstance(encoded.pooler_output, (list, tuple)):
+        return [int(f.shape[0]) for f in encoded.pooler_output]
+    return None

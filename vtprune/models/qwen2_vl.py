@@ -14,18 +14,20 @@ from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork, tiny_text_config, tiny_tokenizer
 
-#: the tiny Qwen models' chat template (``<|im_start|>`` turns, one ``<|image_pad|>`` per image)
+#: the tiny Qwen models' chat template (``<|im_start|>`` turns, one ``<|image_pad|>`` per image, one
+#: ``<|video_pad|>`` per video)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} "
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|> <|image_pad|> <|vision_end|> "
-    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
+    "{% elif c['type'] == 'video' %}<|vision_start|> <|video_pad|> <|vision_end|> {% else %}{{ c['text'] }} {% endif %}{% endfor %}<|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
 )
 
 
 class Qwen2VLAdapter(ModelAdapter):
     """Layouts are read off the M-RoPE (t, h, w) position ids of each image's tokens, which the model
-    computed from ``image_grid_thw`` on the full sequence. Video tokens are left unpruned."""
+    computed from ``image_grid_thw`` on the full sequence. Each video is one item, laid out as one grid per
+    temporal group of ``video_grid_thw`` (a group covers ``temporal_patch_size`` input frames)."""
 
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
@@ -33,12 +35,18 @@ class Qwen2VLAdapter(ModelAdapter):
     vision_cls = False
     tiny_eos = "<|im_end|>"
     lmms = LmmsWrapper("vtprune_qwen2_vl", simple="lmms_eval.models.simple.qwen2_vl.Qwen2_VL", chat=None)
+    prunes_video = True
 
     def image_counts(self, inputs: dict[str, Any]) -> list[int] | None:
-        counts = super().image_counts(inputs)
-        thw = inputs.get("image_grid_thw")
-        if counts is not None or thw is None:
-            return counts
+        return super().image_counts(inputs) or self._grid_counts(inputs.get("image_grid_thw"))
+
+    def video_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        return super().video_counts(inputs) or self._grid_counts(inputs.get("video_grid_thw"))
+
+    def _grid_counts(self, thw: Any) -> list[int] | None:
+        """Merged tokens per ``(t, h, w)`` patch grid."""
+        if thw is None:
+            return None
         m = self.model.config.vision_config.spatial_merge_size
         return [t * (h // m) * (w // m) for t, h, w in torch.as_tensor(thw).tolist()]
 
@@ -50,6 +58,15 @@ class Qwen2VLAdapter(ModelAdapter):
         if t * h * w != n:
             return ImageLayout.flat(n)
         return ImageLayout((Segment(h, w),) * t)
+
+    def video_layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
+        """One ``h x w`` grid per temporal group, read off the (h, w) position rows; the temporal row is scaled by
+        the frame rate (Qwen2.5-VL's ``second_per_grid_ts``), so the groups are counted as ``n / (h w)``."""
+        n = features.shape[0]
+        h, w = (int(p.max() - p.min()) + 1 for p in positions[-2:])
+        if positions.shape[0] < 3 or n % (h * w):
+            raise VTPruneError(f"a video's {n} tokens do not tile its {h}x{w} position grid into whole frames")
+        return ImageLayout.video(Segment(h, w), n // (h * w))
 
     # ---- vision attention (no [CLS]; patches packed over all images, merged 2x2 afterwards) ---------
     @property
@@ -70,35 +87,49 @@ class Qwen2VLAdapter(ModelAdapter):
         total = int(grid_thw.prod(-1).sum())
         return torch.arange(total, device=grid_thw.device) // m2
 
-    def _token_maps(self, tower: InputCapture, layouts: list[ImageLayout]) -> list[tuple[slice, torch.Tensor]]:
-        """Per image: its slice of the encoder's packed patch sequence and the image-local token index
-        of each of those patches."""
-        grid_thw = tower.tensor("grid_thw", 1, call=0)  # the first pass after the tower's pre-hook: images
-        sizes = grid_thw.prod(-1).tolist()
-        if len(sizes) != len(layouts):
-            raise VTPruneError(f"the vision tower encoded {len(sizes)} images but the prompt holds {len(layouts)}")
-        token = self._patch_order(grid_thw)
+    def _token_maps(self, tower: InputCapture, layouts: list[ImageLayout]) -> list[tuple[int, slice, torch.Tensor]]:
+        """Per item (image or video): the encoder pass holding it (the model encodes a call's images, then its
+        videos), its slice of that pass's packed patch sequence and the item-local token index of each patch."""
+        out: list[tuple[int, slice, torch.Tensor] | None] = [None] * len(layouts)
         m2 = self.model.config.vision_config.spatial_merge_size ** 2
-        out, start, first_token = [], 0, 0
-        for size in sizes:
-            out.append((slice(start, start + size), token[start:start + size] - first_token))
-            start, first_token = start + size, first_token + size // m2
-        return out
+        call = 0
+        for video in (False, True):
+            items = [i for i, layout in enumerate(layouts) if layout.is_video == video]
+            if not items:
+                continue
+            kind = "video" if video else "image"
+            if call >= len(tower.calls):
+                raise VTPruneError(f"no vision-encoder pass was seen for the prompt's {kind}s")
+            grid_thw = tower.tensor("grid_thw", 1, call=call)
+            sizes = grid_thw.prod(-1).tolist()
+            if len(sizes) != len(items):
+                raise VTPruneError(f"the vision tower encoded {len(sizes)} {kind}s but the prompt holds {len(items)}")
+            token = self._patch_order(grid_thw)
+            start, first_token = 0, 0
+            for i, size in zip(items, sizes):
+                out[i] = (call, slice(start, start + size), token[start:start + size] - first_token)
+                start, first_token = start + size, first_token + size // m2
+            call += 1
+        return out  # type: ignore[return-value]
 
     def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
                   layouts: list[ImageLayout]) -> list[list[VisionQK]]:
         attn = self.vision_attention(layer)
-        hidden = capture.tensor("hidden_states", call=0)
-        cos, sin = capture.tensor("position_embeddings", 2, call=0)
-        n = hidden.shape[0]
-        qkv = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3)  # [3, H, n, hd]
-        cos, sin = cos.unsqueeze(0).float(), sin.unsqueeze(0).float()
-        q, k = (rotate(t.float(), cos, sin).to(hidden.dtype) for t in (qkv[0], qkv[1]))
-        maps = self._token_maps(tower, layouts)
-        if maps and maps[-1][0].stop != n:
-            raise VTPruneError("captured vision attention inputs do not match the images' grid_thw")
-        return [[VisionQK(query=q[:, sl], key=k[:, sl], scaling=float(attn.scaling), token_of_patch=t)]
-                for sl, t in maps]
+        passes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for call, sl, token in self._token_maps(tower, layouts):
+            if call not in passes:
+                hidden = capture.tensor("hidden_states", call=call)
+                cos, sin = capture.tensor("position_embeddings", 2, call=call)
+                n = hidden.shape[0]
+                if tower.tensor("grid_thw", 1, call=call).prod(-1).sum() != n:
+                    raise VTPruneError("captured vision attention inputs do not match the images' grid_thw")
+                qkv = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 2, 0, 3)  # [3, H, n, hd]
+                cos, sin = cos.unsqueeze(0).float(), sin.unsqueeze(0).float()
+                passes[call] = tuple(rotate(t.float(), cos, sin).to(hidden.dtype) for t in (qkv[0], qkv[1]))
+            q, k = passes[call]
+            out.append([VisionQK(query=q[:, sl], key=k[:, sl], scaling=float(attn.scaling), token_of_patch=token)])
+        return out
 
     # ---- projector (the 2x2 PatchMerger) ----------------------------------------------------------------
     @property
@@ -107,10 +138,10 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def projector_inputs(self, capture: InputCapture, tower: InputCapture, layouts: list[ImageLayout]
                          ) -> list[ProjectorInput]:
-        x = capture.tensor("x", call=0)  # [patches, d_v] in encoder order
         m2 = self.model.config.vision_config.spatial_merge_size ** 2
         out = []
-        for (sl, token), layout in zip(self._token_maps(tower, layouts), layouts):
+        for (call, sl, token), layout in zip(self._token_maps(tower, layouts), layouts):
+            x = capture.tensor("x", call=call)  # [patches, d_v] in encoder order
             order = torch.sort(token, stable=True).indices  # group each token's patches, encoder order kept
             inputs = x[sl][order].view(layout.size, m2, x.shape[-1])
             valid = torch.ones(layout.size, dtype=torch.bool, device=x.device)
@@ -177,7 +208,8 @@ class Qwen2VLAdapter(ModelAdapter):
         assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
         improc = tf.Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
                                           size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
-        video = tf.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+        video = tf.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                         size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
         return tok, improc, video, dict(text_config=text, **ids)
 
     @classmethod
@@ -210,5 +242,8 @@ class Qwen2VLAdapter(ModelAdapter):
 
     @classmethod
     def prompt_inputs(cls, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``mm_token_type_ids``: 1 on image placeholders (the model's M-RoPE index reads it)."""
-        return {"mm_token_type_ids": (input_ids == config.image_token_id).long()}
+        """``mm_token_type_ids``: 1 on image placeholders, 2 on video ones (the model's M-RoPE index reads it)."""
+        types = (input_ids == config.image_token_id).long()
+        if getattr(config, "video_token_id", None) is not None:
+            types += 2 * (input_ids == config.video_token_id).long()
+        return {"mm_token_type_ids": types}

@@ -77,6 +77,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                        chat="lmms_eval.models.chat.qwen3_vl.Qwen3_VL", takes=("attn_implementation",))
     #: whether the vision tower feeds DeepStack features to the first decoder layers (off for Qwen3.5)
     deepstack: bool = True
+    #: video (per-frame timestamp spans, DeepStack video features) is not pruned yet: left as text
+    prunes_video = False
 
     @classmethod
     def deepstack_levels(cls, config: Any) -> int:

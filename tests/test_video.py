@@ -1,0 +1,273 @@
+"""Video tokens are pruned exactly (Qwen2-VL, Qwen2.5-VL), at both sites, alone and mixed with images.
+
+Each video is one item for the methods, laid out as one grid per temporal group. The properties are those of the
+image suite: keep-all identity, pruned == the unhooked model on the hand-shortened input with the full-sequence
+M-RoPE positions (negative control: renumbered positions differ), cached == uncached, batch == single, a later text
+turn on the pruned cache, and every registered method either keeps its budget on a video or refuses by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vtprune
+from conftest import GEN, SITES, model
+from vtprune.errors import VTPruneError
+from vtprune.testing import random_image
+from vtprune.view import budget
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+CASES = [(f, s) for f in FAMILIES for s in SITES]
+IDS = [f"{f}-{s['site']}" for f, s in CASES]
+#: per sample: the prompt's items in order, and the frame size (w, h) of its videos
+PROMPTS = {0: (["video"], (84, 56)), 1: (["image", "video"], (56, 84)), 2: (["image"], None),
+           3: (["video", "video"], (56, 56))}
+QUESTIONS = ["what is the colour of the small circle", "how many", "is there a red square on the left",
+             "what is in the picture"]
+
+
+def _video(seed: int, size: tuple[int, int], frames: int = 4) -> np.ndarray:
+    """``frames`` noise frames of ``size`` (w, h): ``frames / 2`` temporal groups."""
+    rng = np.random.default_rng(100 + seed)
+    return rng.integers(0, 256, (frames, size[1], size[0], 3), dtype=np.uint8)
+
+
+def video_inputs(tv, samples: list[int]) -> dict:
+    """A left-padded batch of the given samples of :data:`PROMPTS`; Qwen2.5-VL videos at 2 s per temporal group
+    (temporal M-RoPE ids 8 apart), so that the temporal ids are not the group indices."""
+    prompts, images, videos = [], [], []
+    for s in samples:
+        items, size = PROMPTS[s]
+        content = [{"type": kind} for kind in items] + [{"type": "text", "text": QUESTIONS[s]}]
+        prompts.append(tv.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                        add_generation_prompt=True))
+        images += [random_image(s, (56, 112))] * items.count("image")
+        videos += [_video(s + j, size) for j in range(items.count("video"))]
+    inputs = dict(tv.processor(text=prompts, images=images or None, videos=videos or None, return_tensors="pt",
+                               padding=True))
+    if "second_per_grid_ts" in inputs:
+        inputs["second_per_grid_ts"] = torch.full_like(inputs["second_per_grid_ts"], 2.0)
+    return inputs
+
+
+def _generate(tv, inputs, **kw):
+    out = tv.model.generate(**inputs, **{**GEN, **kw})
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def _record(handle) -> list:
+    """Wrap the handle's pruner so that every (view, selection) it makes is recorded."""
+    seen: list = []
+    select = handle.pruner.select
+
+    def spy(view, k):
+        sel = select(view, k)
+        seen.append((view, sel))
+        return sel
+    handle.pruner.select = spy
+    return seen
+
+
+def _items(tv, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Sequence positions of each image / video of a one-row prompt (contiguous placeholder runs), in order."""
+    cfg = tv.model.config
+    pos = ((ids == cfg.image_token_id) | (ids == cfg.video_token_id)).nonzero().flatten()
+    breaks = ((pos[1:] - pos[:-1]) != 1).nonzero().flatten() + 1
+    return list(torch.tensor_split(pos, breaks.tolist()))
+
+
+def _capture_lm(tv, inputs: dict) -> dict:
+    """The keyword inputs the unhooked language model gets."""
+    seen: list = []
+    h = tv.model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(dict(k)) if not seen else None, with_kwargs=True)
+    try:
+        tv.model(**inputs)
+    finally:
+        h.remove()
+    return seen[0]
+
+
+def test_video_layout_frames_and_grid():
+    """A video item's layout has one grid per temporal group: 4 frames of 56x84 px -> 2 groups of 2x3 tokens."""
+    for family in FAMILIES:
+        tv = model(family)
+        with vtprune.apply(tv.model, "random", keep=1000) as handle:
+            seen = _record(handle)
+            tv.model(**video_inputs(tv, [1]))
+        layouts = [view.layout for view, _ in seen]
+        assert [lay.is_video for lay in layouts] == [False, True]
+        video = layouts[1]
+        assert video.num_frames == 2 and video.size == 12 and {(s.rows, s.cols) for s in video.segments} == {(3, 2)}
+        assert video.frame_index().tolist() == [0] * 6 + [1] * 6
+
+
+@pytest.mark.parametrize("family,site", CASES, ids=IDS)
+def test_keep_all_is_identity(family, site):
+    tv = model(family)
+    inputs = video_inputs(tv, [0, 1])
+    ref_logits = tv.model(**inputs).logits
+    ref_seq, ref_step = _generate(tv, inputs)
+    for keep in (1.0, 10_000):  # no pruner runs / select runs on every item with k = V
+        with vtprune.apply(tv.model, "random", keep=keep, **site) as handle:
+            seen = _record(handle)
+            assert torch.equal(tv.model(**inputs).logits, ref_logits)
+            assert len(seen) == (0 if isinstance(keep, float) else 3)  # row 0: a video; row 1: an image, a video
+            seq, step = _generate(tv, inputs)
+            assert torch.equal(seq, ref_seq) and torch.equal(step, ref_step)
+            assert handle.stats.visual_before == handle.stats.visual_after == [12, 8 + 12]
+
+
+def _reference_case(family: str, attn: str, sample: int, keep: float):
+    """(inputs, unhooked LM inputs, kept sequence indices, hooked logits) of one pruned prompt, pre-LLM."""
+    tv = model(family, attn)
+    inputs = video_inputs(tv, [sample])
+    with vtprune.apply(tv.model, "random", keep=keep) as handle:
+        seen = _record(handle)
+        hooked = tv.model(**inputs).logits
+    items = _items(tv, inputs["input_ids"][0])
+    assert len(items) == len(seen)
+    keep_mask = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    for pos, (view, sel) in zip(items, seen):
+        assert view.num_tokens == pos.numel()
+        keep_mask[pos] = False
+        keep_mask[pos[sel.indices]] = True
+    return tv, inputs, keep_mask.nonzero().flatten(), hooked
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sample", [1, 3])
+def test_pre_llm_matches_hand_shortened_input(family, attn, sample):
+    """Pruned logits == the stock language model on the kept tokens with their full-sequence (t, h, w) ids."""
+    tv, inputs, keep, hooked = _reference_case(family, attn, sample, 0.4)
+    lm_kw = _capture_lm(tv, inputs)
+    full, _ = tv.model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"],
+        **({"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}))
+    assert torch.equal(lm_kw["position_ids"][-3:], full)
+    embeds, n = lm_kw["inputs_embeds"][:, keep], keep.numel()
+    lm, ones = tv.model.model.language_model, torch.ones(1, n, dtype=torch.long)
+
+    def logits(pos: torch.Tensor) -> torch.Tensor:
+        return tv.model.lm_head(lm(inputs_embeds=embeds, position_ids=pos, attention_mask=ones).last_hidden_state)
+
+    torch.testing.assert_close(hooked, logits(full[..., keep]), atol=1e-6, rtol=1e-6)
+    if family == "qwen2_5_vl":  # second_per_grid_ts spaces the groups 8 ids apart: the plain index is wrong
+        vid = inputs["input_ids"][0] == tv.model.config.video_token_id
+        assert set(full[0, 0, vid].unique().tolist()) >= {full[0, 0, vid].min().item() + 8}
+    wrong = torch.arange(n).expand(3, 1, -1)  # negative control: renumbered positions
+    assert (logits(wrong) - hooked).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_site_matches_hand_shortened_tail(family):
+    """In-LLM at K: layers >= K on layer K's input states of the kept tokens, with their full-sequence ids."""
+    K, attn = 2, "sdpa"
+    tv = model(family, attn)
+    inputs = video_inputs(tv, [1])
+    lm = tv.model.model.language_model
+    seen_k: list = []
+    h = lm.layers[K].register_forward_pre_hook(lambda m, a, k: seen_k.append(a[0] if a else k["hidden_states"]),
+                                               with_kwargs=True)
+    try:
+        lm_kw = _capture_lm(tv, inputs)
+    finally:
+        h.remove()
+    with vtprune.apply(tv.model, "random", keep=0.4, site="layer", layer=K) as handle:
+        seen = _record(handle)
+        hooked = tv.model(**inputs).logits
+    keep_mask = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    for pos, (_, sel) in zip(_items(tv, inputs["input_ids"][0]), seen):
+        keep_mask[pos] = False
+        keep_mask[pos[sel.indices]] = True
+    keep = keep_mask.nonzero().flatten()
+    n = keep.numel()
+    assert n < keep_mask.numel()
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+
+    def tail(pos: torch.Tensor) -> torch.Tensor:
+        x = seen_k[0][:, keep]
+        pe = lm.rotary_emb(x, pos)
+        for layer in lm.layers[K:]:
+            x = layer(x, attention_mask=causal, position_embeddings=pe, position_ids=None)
+        return tv.model.lm_head(lm.norm(x))
+
+    full = lm_kw["position_ids"][-3:]
+    torch.testing.assert_close(hooked, tail(full[..., keep]), atol=1e-5, rtol=1e-5)
+    assert (tail(torch.arange(n).expand(3, 1, -1)) - hooked).abs().max() > 1e-3  # negative control
+
+
+@pytest.mark.parametrize("family,site", CASES, ids=IDS)
+def test_cached_equals_uncached_and_batch_equals_single(family, site):
+    """A batch mixing a video-only row, an image+video row and an image-only row."""
+    tv = model(family)
+    samples = [0, 1, 2]
+    inputs = video_inputs(tv, samples)
+    with vtprune.apply(tv.model, "random", keep=0.3, **site) as handle:
+        seq_c, step_c = _generate(tv, inputs)
+        assert handle.stats.visual_after < handle.stats.visual_before
+        seq_u, step_u = _generate(tv, inputs, use_cache=False)
+        assert torch.equal(seq_c, seq_u)
+        torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
+        batch_logits = tv.model(**inputs).logits
+        for row, s in enumerate(samples):
+            single = video_inputs(tv, [s])
+            torch.testing.assert_close(batch_logits[row, -1], tv.model(**single).logits[0, -1], atol=1e-5, rtol=1e-5)
+            seq_s, _ = _generate(tv, single)
+            assert torch.equal(seq_s[0, -GEN["max_new_tokens"]:], seq_c[row, -GEN["max_new_tokens"]:])
+
+
+@pytest.mark.parametrize("family,site", CASES, ids=IDS)
+def test_later_text_turn_on_pruned_cache(family, site):
+    """A second text turn continuing the pruned cache == the whole conversation run at once, hooked (the random
+    pruner draws the same subset for the same item either way)."""
+    tv = model(family)
+    first = video_inputs(tv, [1])
+    step = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with vtprune.apply(tv.model, "random", keep=0.4, **site):
+        out = tv.model.generate(**first, max_new_tokens=3, **step)
+        turn = tv.processor(text=[tv.prompt("and what colour is it", 0)], return_tensors="pt")
+        ids = torch.cat([out.sequences, turn["input_ids"]], 1)
+        whole = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "mm_token_type_ids": torch.cat([first["mm_token_type_ids"],
+                                                 torch.zeros(1, ids.shape[1] - first["input_ids"].shape[1],
+                                                             dtype=torch.long)], 1)}
+        pixels = {k: first[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                                        "second_per_grid_ts") if k in first}
+        later = tv.model.generate(**whole, past_key_values=out.past_key_values, max_new_tokens=3, **step)
+        one_pass = tv.model.generate(**whole, **pixels, max_new_tokens=3, **step)
+    assert torch.equal(later.sequences, one_pass.sequences)
+    torch.testing.assert_close(torch.stack(later.logits, 1), torch.stack(one_pass.logits, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_int_budget_is_per_video():
+    tv = model("qwen2_vl")
+    with vtprune.apply(tv.model, "random", keep=5) as handle:
+        tv.model(**video_inputs(tv, [3]))
+        assert handle.stats.samples[0].images == [(8, 5), (8, 5)]  # two 56x56 videos of 2 groups of 2x2 tokens
+
+
+PRUNERS = [name for name in vtprune.list_pruners() if not name.startswith("_")]
+
+
+@pytest.mark.parametrize("pruner", PRUNERS)
+def test_every_pruner_runs_on_a_video(pruner):
+    """Every registered method keeps its budget on a video (next to an image) at its default site, or refuses
+    the video with an error that names it."""
+    tv = model("qwen2_5_vl")
+    inputs = video_inputs(tv, [1])
+    try:
+        with vtprune.apply(tv.model, pruner, keep=0.5) as handle:
+            if "hints" in handle.pruner.needs:
+                handle.set_hints([{"token_priority": {"question": [[j % 3 for j in range(8)],
+                                                                   [j % 3 for j in range(12)]]}}])
+            tv.model(**inputs)
+            kept = [after for _, after in handle.stats.samples[0].images]
+    except VTPruneError as err:
+        assert pruner in str(err) or "video" in str(err)
+        return
+    assert kept == [budget(0.5, 8), budget(0.5, 12)], f"{pruner}: kept {kept}"
