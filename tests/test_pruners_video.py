@@ -2,21 +2,27 @@
 dropped or merged, static patches are dropped by EVS, budgets are exact (reference modes: their papers' count rules,
 checked against the numbers in ../shared/docs/methods-next.md §5), selections are deterministic, and each reference
 mode matches a plain re-implementation of its reference code's loop written here. Images run the documented
-one-instant fallbacks. Keep-all identity, exact budgets, cached == uncached and batch == single on images of every
+one-instant fallbacks. End to end on tiny Qwen2-VL / Qwen2.5-VL video prompts (a video alone, an image then a video):
+keep-all is bit-identical, every item keeps its count, cached == uncached, and a static video's merged frames equal
+the first frame's tokens. Keep-all identity, exact budgets, cached == uncached and batch == single on images of every
 family are in test_pruners_all.py and tests/bad_input."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GEN, model
+from test_video import video_inputs
 
+import vtprune
 from vtprune import ops
 from vtprune.errors import VTPruneError
 from vtprune.methods.dycoke import LOST, reference_frames
-from vtprune.methods.fastvid import anchor_frames, dynamic_segments, merge_into_anchors
+from vtprune.methods.fastvid import anchor_frames, dynamic_segments, frame_saliency, merge_into_anchors
 from vtprune.registry import build_pruner, make_config
 from vtprune.view import ImageLayout, Segment, Selection, VisualView, budget
 
@@ -44,8 +50,13 @@ def _random(frames: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(frames, TPF, DIM, generator=torch.Generator().manual_seed(seed))
 
 
+def _pruner(name: str, **options):
+    """The method with ``options``; FastVID reads ATS from the features (hand-built views carry no encoder q/k)."""
+    return build_pruner(make_config(name, **({"saliency": "features"} if name == "fastvid" else {}), **options))
+
+
 def _run(name: str, view: VisualView, keep, **options) -> tuple[Selection, int]:
-    pruner = build_pruner(make_config(name, keep=keep, **options))
+    pruner = _pruner(name, keep=keep, **options)
     k = min(pruner.count(view.layout), view.num_tokens)
     sel = pruner.select(view, k)
     sel.check(view.num_tokens, k)
@@ -81,7 +92,7 @@ def test_selections_are_deterministic(name, mode):
 @pytest.mark.parametrize("name", METHODS)
 def test_selecting_every_token_keeps_every_state(name):
     view = _video(_random(5), newline=True)
-    sel = build_pruner(make_config(name, keep=view.num_tokens)).select(view, view.num_tokens)
+    sel = _pruner(name, keep=view.num_tokens).select(view, view.num_tokens)
     assert torch.equal(sel.indices, torch.arange(view.num_tokens))
     assert sel.embeddings is None or torch.equal(sel.embeddings, view.features)
 
@@ -320,6 +331,28 @@ def test_merge_into_anchors_weights():
     assert sizes.tolist() == [2.0, 1.0] and torch.equal(merged[1], x[1])
 
 
+def test_mean_query_attention_is_a_softmax_per_group():
+    g = torch.Generator().manual_seed(8)
+    query, key = torch.randn(2, 7, 4, generator=g), torch.randn(2, 7, 4, generator=g)
+    graph = ops.AttentionGraph(query, key, 0.5, torch.arange(7), has_cls=False)
+    group = torch.tensor([-1, 0, 0, 1, 1, 1, 0])
+    scores = ops.mean_query_attention(graph, group)
+    for f in (0, 1):
+        nodes = (group == f).nonzero().flatten()
+        q = query[:, nodes].mean(1)  # [H, d]
+        by_hand = ((q[:, None] * key[:, nodes]).sum(-1) * 0.5).softmax(-1).mean(0)
+        torch.testing.assert_close(scores[nodes], by_hand)
+    assert scores[0] == 0
+
+
+def test_feature_saliency_is_a_softmax_per_frame():
+    view = _video(_random(3), newline=True)
+    scores = frame_saliency(view, "features")
+    for t in range(3):
+        torch.testing.assert_close(scores[t * TPF:(t + 1) * TPF].sum(), torch.tensor(1.0))
+    assert scores[-1] == 0  # the newline is in no frame
+
+
 @pytest.mark.parametrize("keep", [0.25, 0.5])
 def test_fastvid_clean_merges_every_dropped_token_once(keep):
     view = _video(_random(8, seed=5))
@@ -359,3 +392,69 @@ def test_fastvid_reference_pool_counts_tokens_once_per_anchor_frame(keep):
 def test_fastvid_options_are_validated(field, value):
     with pytest.raises(VTPruneError, match=field):
         make_config("fastvid", **{field: value})
+
+
+# ---- end to end on a tiny Qwen video ------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("mode", ["clean", "reference"])
+def test_end_to_end_on_a_tiny_qwen_video(family, name, mode):
+    """Sample 0 is a video (2 temporal groups), sample 1 an image then a video: keep-all is bit-identical, each item
+    keeps its count (clean: the budget; reference: the method's rule, the image whole for dycoke and evs), the
+    methods see the video layout, and cached == uncached generation."""
+    tv = model(family)
+    inputs = video_inputs(tv, [0, 1])
+    with torch.no_grad():
+        ref = tv.model(**inputs).logits
+    with vtprune.apply(tv.model, name, keep=1.0, mode=mode), torch.no_grad():
+        assert torch.equal(tv.model(**inputs).logits, ref)
+    with vtprune.apply(tv.model, name, keep=0.5, mode=mode) as handle:
+        layouts = []
+        count = handle.pruner.count
+        handle.pruner.count = lambda layout: layouts.append(layout) or count(layout)
+        seq_c = tv.model.generate(**inputs, **GEN).sequences
+        items = [image for sample in handle.stats.samples for image in sample.images]
+        assert [layout.is_video for layout in layouts] == [True, False, True]
+        assert items == [(layout.size, min(count(layout), layout.size)) for layout in layouts]
+        if mode == "clean":
+            assert [after for _, after in items] == [budget(0.5, before) for before, _ in items]
+        seq_u = tv.model.generate(**inputs, **GEN, use_cache=False).sequences
+    assert torch.equal(seq_c, seq_u)
+
+
+def test_fastvid_encoder_saliency_is_a_distribution_per_temporal_group():
+    """On a Qwen2-VL video the captured encoder q/k give each temporal group's tokens the attention of that group's
+    mean query: the scores of each group sum to 1 (a score spread over the whole video would not)."""
+    tv = model("qwen2_vl")
+    views = []
+    with vtprune.apply(tv.model, "fastvid", keep=0.5) as handle, torch.no_grad():
+        select = handle.pruner.select
+        handle.pruner.select = lambda view, k: views.append(view) or select(view, k)
+        tv.model(**video_inputs(tv, [0]))
+    (view,) = views
+    scores = frame_saliency(view, "encoder")
+    sums = [float(scores[idx].sum()) for idx in view.layout.frame_tokens()]
+    assert len(sums) == 2 and sums == pytest.approx([1.0, 1.0])
+
+
+def _static_video_inputs(tv) -> dict:
+    """One prompt with a video of 4 identical frames (2 identical temporal groups)."""
+    frame = np.random.default_rng(7).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    content = [{"type": "video"}, {"type": "text", "text": "what moves"}]
+    prompt = tv.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return dict(tv.processor(text=[prompt], videos=[np.stack([frame] * 4)], return_tensors="pt"))
+
+
+def test_a_static_video_keeps_its_first_frame():
+    """Both temporal groups are identical: DyCoke merges the second into the first (the averages of identical
+    states are those states), EVS keeps the first frame, so both give the same logits; a lattice over both groups
+    (uniform) keeps other tokens and positions (negative control)."""
+    tv = model("qwen2_vl")
+    inputs = _static_video_inputs(tv)
+    logits = {}
+    for name in ("dycoke", "evs", "uniform"):
+        with vtprune.apply(tv.model, name, keep=0.5) as handle, torch.no_grad():
+            logits[name] = tv.model(**inputs).logits
+            assert handle.stats.samples[0].images == [(12, 6)]
+    assert torch.equal(logits["dycoke"], logits["evs"])
+    assert not torch.allclose(logits["uniform"], logits["evs"])

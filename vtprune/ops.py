@@ -564,3 +564,15 @@ def frames_of(layout: ImageLayout) -> Frames:
     grids = tuple(torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for p in parts)
     return Frames(grids=grids, shapes=tuple(map(tuple, shapes)), other=(~in_grid).nonzero().flatten(),
                   video=layout.is_video)
+
+
+def mean_query_attention(g: AttentionGraph, group: torch.Tensor) -> torch.Tensor:
+    """Node scores [N] of FastVID's frame attention: within each group of nodes (``group`` [N], e.g. the frame each
+    patch feeds; -1 = none, scoring 0), the softmax attention the group's mean query pays each of its nodes,
+    head mean (the [CLS] node, if any, belongs to no group)."""
+    out = torch.zeros(g.nodes, device=g.query.device)
+    for f in torch.unique(group[group >= 0]).tolist():
+        nodes = (group == f).nonzero().flatten()
+        query = g.query[:, nodes].float().mean(1, keepdim=True)
+        out[nodes] = attention_rows(query, g.key[:, nodes].float(), g.scaling)[:, 0].mean(0)
+    return out

@@ -4,11 +4,13 @@ the segment (DTM)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .. import ops
+from ..capture import VISION_QK
 from ..config import ModeOption, PrunerConfig, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
@@ -17,6 +19,8 @@ from .base import Pruner
 
 #: DPC-KNN neighbours of FastVID's anchor density
 NEIGHBOURS = 4
+#: where ATS's attention comes from
+SALIENCY = ("encoder", "features")
 
 
 @dataclass
@@ -24,8 +28,9 @@ class FastVIDConfig(PrunerConfig, ModeOption):
     """segments (c): DySeg cuts the video at its ``c - 1`` least similar frame transitions; tau (τ): and at every
     transition below this cosine; contextual (d): fraction of each frame's budget spent on merged anchor tokens;
     anchor_every (p): every p-th frame of a segment, counted from its end, is an anchor frame; beta (β): an anchor's
-    weight floor, ``anchor ← w·anchor + (1-w)·mean(assigned)`` with ``w = max(1/(n+1), β)``. Defaults: the LLaVA-OV
-    scripts' (Qwen2.5-VL's used ρ=0.27, τ=0.84). mode="reference": the LLaVA-OV code's count ``⌊ρ·n⌋`` per frame
+    weight floor, ``anchor ← w·anchor + (1-w)·mean(assigned)`` with ``w = max(1/(n+1), β)``; saliency: ATS's
+    attention, ``"encoder"`` (the vision encoder's, captured) or ``"features"`` (the same rule on the projected
+    states, no capture). Defaults: the LLaVA-OV scripts' (Qwen2.5-VL's used ρ=0.27, τ=0.84). mode="reference": the LLaVA-OV code's count ``⌊ρ·n⌋`` per frame
     (an int keep: that many per frame) and its merge pool, see :class:`FastVIDPruner`."""
 
     name = "fastvid"
@@ -34,6 +39,7 @@ class FastVIDConfig(PrunerConfig, ModeOption):
     contextual: float = 0.4
     anchor_every: int = 4
     beta: float = 0.6
+    saliency: str = "encoder"
 
     def validate(self) -> None:
         super().validate()
@@ -48,6 +54,8 @@ class FastVIDConfig(PrunerConfig, ModeOption):
             raise VTPruneError(f"contextual={self.contextual!r}: expected a fraction in [0, 1)")
         if not is_number(self.beta) or not 0.0 <= self.beta <= 1.0:
             raise VTPruneError(f"beta={self.beta!r}: expected a weight in [0, 1]")
+        if self.saliency not in SALIENCY:
+            raise VTPruneError(f"saliency={self.saliency!r}: expected one of {SALIENCY}")
 
 
 def dynamic_segments(globals_: torch.Tensor, cuts: int, tau: float) -> list[list[int]]:
@@ -89,13 +97,35 @@ def merge_into_anchors(x: torch.Tensor, anchors: torch.Tensor, pool: torch.Tenso
     return merged.to(x.dtype), 1 + others
 
 
+def frame_saliency(view: VisualView, source: str) -> torch.Tensor:
+    """ATS's score of every token [V]: the softmax attention each frame's mean query pays the frame's tokens.
+    ``"encoder"``: on the captured vision-encoder q/k of the layer the single-layer scorers read (Qwen: the last
+    full-attention block, as the Qwen2.5-VL code; [CLS] encoders: the penultimate layer, [CLS] itself left out), per
+    patch and summed into each token (the code averages each 2x2 group's keys first); ``"features"``:
+    ``softmax(x·mean/√D)`` on the view's states. Tokens fed by no patch (newlines) score 0."""
+    if source == "features":
+        frame = view.layout.frame_index().to(view.features.device)
+        out = torch.zeros(view.num_tokens, device=view.features.device)
+        for f in torch.unique(frame[frame >= 0]).tolist():
+            idx = (frame == f).nonzero().flatten()
+            x = view.features[idx].float()
+            out[idx] = (x @ x.mean(0) / math.sqrt(x.shape[-1])).softmax(0)
+        return out
+    frame = view.layout.frame_index()
+
+    def node_scores(g: ops.AttentionGraph) -> torch.Tensor:
+        token = g.token.to(frame.device)
+        group = torch.where(token >= 0, frame[token.clamp(min=0)], -1)
+        return ops.mean_query_attention(g, group.to(g.query.device))
+    return ops.pooled(ops.reading_graphs(view), view.num_tokens, node_scores)
+
+
 @register_pruner
 class FastVIDPruner(Pruner):
     """FastVID, pre-LLM (the reference prunes at decoder layer 0's input, original positions). DySeg
     (:func:`dynamic_segments`) cuts the video on frame features (the mean of each frame's tokens, the Qwen2.5-VL
     code's global feature). Each frame's budget ``f`` is split into ``f - ⌊f·d⌋`` salient tokens (ATS: the frame's
-    top tokens by attention from the frame's mean token, ``softmax(x·mean/√D)`` on the projected features, the
-    Qwen2.5-VL code's mean-query rule on the LLM-side states rather than the last ViT block) and ``⌊f·d⌋`` context
+    top tokens by the attention its mean query pays them, :func:`frame_saliency`) and ``⌊f·d⌋`` context
     tokens pooled per segment and handed to its anchor frames (:func:`anchor_frames`, evenly; the code's integer
     division drops the remainder, here it goes to the earliest anchor frames so the count is the paper's). An anchor
     frame's context tokens are the density peaks (:func:`vtprune.ops.density_peak_scores`, k = 4 neighbours) of its
@@ -112,6 +142,15 @@ class FastVIDPruner(Pruner):
 
     config_class = FastVIDConfig
     sites = ("pre_llm",)
+
+    def __init__(self, config: FastVIDConfig) -> None:
+        super().__init__(config)
+        self.needs = frozenset({VISION_QK}) if config.saliency == "encoder" else frozenset()
+
+    def vision_layers(self, full_attention_layers: list[int], num_layers: int) -> list[int]:
+        if VISION_QK not in self.needs:
+            return []
+        return ops.default_vision_layers(full_attention_layers, num_layers)
 
     def _frame_budget(self, n: int) -> int:
         """The reference count of a frame of ``n`` tokens."""
@@ -140,9 +179,11 @@ class FastVIDPruner(Pruner):
         else:
             segments = [[t] for t in range(len(grids))]
         generator = self.generator(view)
+        saliency = frame_saliency(view, self.config.saliency)
         kept, states, counts = [], [], []
         for seg in segments:
-            salient, anchors = self._allocate([grids[t] for t in seg], [shares[t] for t in seg], x, generator)
+            salient, anchors = self._allocate([grids[t] for t in seg], [shares[t] for t in seg], x, saliency,
+                                              generator)
             kept.append(torch.cat(salient))
             states.append(x[kept[-1]])
             counts.append(torch.ones(kept[-1].numel(), device=device))
@@ -167,8 +208,8 @@ class FastVIDPruner(Pruner):
         order = torch.argsort(indices)
         return Selection(indices=indices[order], embeddings=torch.cat(states)[order], sizes=torch.cat(counts)[order])
 
-    def _allocate(self, grids: list[torch.Tensor], shares: list[int], x: torch.Tensor, generator: torch.Generator
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _allocate(self, grids: list[torch.Tensor], shares: list[int], x: torch.Tensor, saliency: torch.Tensor,
+                  generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One segment's salient tokens per frame and anchor tokens per anchor frame (STPrune + DTM's anchors)."""
         d = self.config.contextual
         salient_n = [f - int(f * d) for f in shares]
@@ -184,9 +225,7 @@ class FastVIDPruner(Pruner):
             salient_n = [s + e for s, e in zip(salient_n, ops.split_budget(overflow, spare))]
         salient, anchors = [], []
         for g, s, a in zip(grids, salient_n, anchor_n):
-            feats = x[g].float()
-            attention = feats @ feats.mean(0)
-            top = g[ops.top_k(attention, s).indices]
+            top = g[ops.top_k(saliency[g], s).indices]
             salient.append(top)
             if a:
                 rest = g[~torch.isin(g, top)]
