@@ -41,6 +41,10 @@ class PrunerConfig:
     merge:     ``"none"`` (default) drops unselected visual tokens; ``"proportional"`` merges each into a kept
                token (size-weighted mean) and adds ``log size`` to every attention logit on that token
                (ToMe's proportional attention; :mod:`vtprune.merge`). Only at sites with ``supports_merge``.
+    per_frame: ``False`` (default) counts ``keep`` on a whole video and lets the method choose anywhere in it;
+               ``True`` shares the video's budget over its frames in proportion to their sizes
+               (:func:`vtprune.view.frame_budgets`) and runs the method on each frame alone (docs/video.md).
+               Images are unaffected.
 
     :func:`vtprune.apply` installs a frozen copy: the hooks and the pruner were built from it, so setting a
     field of ``handle.config`` raises; ``dataclasses.replace(handle.config, keep=...)`` gives a new config.
@@ -57,6 +61,7 @@ class PrunerConfig:
     seed: int = 0
     merge: str = "none"
     schedule: tuple[tuple[int, float | int], ...] | None = None
+    per_frame: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +87,8 @@ class PrunerConfig:
         if self.merge != "none" and not SITE_CLASSES[self.site].supports_merge:
             raise VTPruneError(f"merge={self.merge!r} is not supported at site={self.site!r} yet (its cache and "
                                "masks carry no per-key attention bias); use site='pre_llm'")
+        if not isinstance(self.per_frame, bool):
+            raise VTPruneError(f"per_frame must be True or False, got {self.per_frame!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise VTPruneError(f"seed must be an int, got {self.seed!r}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
