@@ -57,6 +57,7 @@ BAD: dict[str, list[tuple[Any, dict[str, Any]]]] = {
     "tau": [(v, {}) for v in (1.5, -1.5, NAN, INF, True, "0.9", None)],
     "anchor_every": [(v, {}) for v in (0, -1, 1.5, True, "4", None)],
     "beta": [(v, {}) for v in (-0.1, 1.5, NAN, True, "0.6", None)],
+    "per_frame": [(v, {}) for v in (1, 0, "yes", None, 1.0)],
     "saliency": [(v, {}) for v in ("attention", 5, None)],
 }
 CASES = [pytest.param(name, field, value, extra, id=f"{name}-{field}={value!r}")
