@@ -16,7 +16,7 @@ import vtprune
 from conftest import GEN, SITES, model
 from vtprune.errors import VTPruneError
 from vtprune.testing import random_image
-from vtprune.view import budget
+from vtprune.view import ImageLayout, Segment, budget, frame_budgets
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 CASES = [(f, s) for f in FAMILIES for s in SITES]
@@ -271,3 +271,74 @@ def test_every_pruner_runs_on_a_video(pruner):
         assert pruner in str(err) or "video" in str(err)
         return
     assert kept == [budget(0.5, 8), budget(0.5, 12)], f"{pruner}: kept {kept}"
+
+
+def test_frame_budgets_largest_remainder():
+    """Frames of different sizes, and budgets not divisible by the number of frames."""
+    equal = ImageLayout.video(Segment(2, 3), 4)
+    assert frame_budgets(5, equal) == [2, 1, 1, 1]  # 5/4 each: the leftover token goes to the first frame
+    assert frame_budgets(24, equal) == [6] * 4 and frame_budgets(100, equal) == [6] * 4
+    ragged = ImageLayout((Segment(2, 2), Segment(3, 3), Segment(1, 0, newline=True)), (0, 1, -1))
+    assert frame_budgets(7, ragged) == [2, 5]  # quotas 2.15 / 4.85
+    assert frame_budgets(6, ragged) == [2, 4]  # quotas 1.85 / 4.15
+
+
+@pytest.mark.parametrize("pruner,site", [("random", SITES[0]), ("random", SITES[1]), ("visionzip", SITES[0]),
+                                          ("pool", SITES[0]), ("dart", SITES[1])])
+def test_per_frame_budget_keeps_each_frames_share(pruner, site):
+    """per_frame=True: every temporal group keeps its share of the video's budget, the method seeing each frame
+    alone as an image (vision-encoder, decoder q/k and projector signals restricted to the frame)."""
+    tv = model("qwen2_5_vl")
+    inputs = video_inputs(tv, [1])
+    with vtprune.apply(tv.model, pruner, keep=0.5, per_frame=True, **site) as handle:
+        seen = _record(handle)
+        logits = tv.model(**inputs).logits
+        assert [after for _, after in handle.stats.samples[0].images] == [4, 6]
+    frames = [view for view, _ in seen if view.num_tokens == 6]
+    assert len(frames) == 2 and all(not view.layout.is_video for view in frames)  # one call per temporal group
+    assert all(sel.indices.numel() == 3 for view, sel in seen if view.num_tokens == 6)
+    assert torch.isfinite(logits).all()
+
+
+def test_per_frame_matches_hand_shortened_input():
+    """per_frame=True on one video: logits == the stock language model on the union of the frames' own choices,
+    at full-sequence positions (negative control: the whole-video choice is not balanced over the frames)."""
+    tv = model("qwen2_vl")
+    inputs = video_inputs(tv, [0])  # one video: 2 groups of 2x3 tokens
+    with vtprune.apply(tv.model, "random", keep=0.5, per_frame=True) as handle:
+        seen = _record(handle)
+        hooked = tv.model(**inputs).logits
+    assert [view.num_tokens for view, _ in seen] == [6, 6]
+    (pos,) = _items(tv, inputs["input_ids"][0])
+    keep_mask = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    keep_mask[pos] = False
+    keep_mask[pos[torch.cat([sel.indices + 6 * f for f, (_, sel) in enumerate(seen)])]] = True
+    keep = keep_mask.nonzero().flatten()
+    lm_kw = _capture_lm(tv, inputs)
+    reference = tv.model.lm_head(tv.model.model.language_model(
+        inputs_embeds=lm_kw["inputs_embeds"][:, keep], position_ids=lm_kw["position_ids"][..., keep],
+        attention_mask=torch.ones(1, keep.numel(), dtype=torch.long)).last_hidden_state)
+    torch.testing.assert_close(hooked, reference, atol=1e-6, rtol=1e-6)
+    with vtprune.apply(tv.model, "random", keep=0.5) as handle:
+        seen = _record(handle)
+        tv.model(**inputs)
+    assert int((seen[0][1].indices < 6).sum()) != 3
+
+
+@pytest.mark.parametrize("site", SITES, ids=[s["site"] for s in SITES])
+def test_per_frame_cached_equals_uncached(site):
+    tv = model("qwen2_5_vl")
+    inputs = video_inputs(tv, [0, 1])
+    with vtprune.apply(tv.model, "pool", keep=0.4, per_frame=True, **site):
+        seq_c, step_c = _generate(tv, inputs)
+        seq_u, step_u = _generate(tv, inputs, use_cache=False)
+    assert torch.equal(seq_c, seq_u)
+    torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
+
+
+def test_per_frame_refuses_hints():
+    tv = model("qwen2_vl")
+    with vtprune.apply(tv.model, "informed", keep=0.5, per_frame=True) as handle:
+        handle.set_hints([{"token_priority": {"question": [[0] * 12]}}])
+        with pytest.raises(VTPruneError, match="informed.*per_frame=False"):
+            tv.model(**video_inputs(tv, [0]))

@@ -17,6 +17,7 @@ uncached generation re-runs the growing prompt and reuses the selections made fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from .capture import Signals
+from .capture import HINTS, LAYER_QK, LLM_QK, LM_INPUT, Signals
 from .config import PrunerConfig
 from .errors import VTPruneError
 from .methods.base import Pruner
@@ -34,8 +35,9 @@ from .ops import merge_dropped
 from .plan import KeepPlan
 from .sites import ImageCall, site_class
 from .sites.continuation import drop_leading, is_static, ledger_of, refed_tokens
+from .sites.layer import _restrict_extras as restrict_extras
 from .stats import StatsRecorder
-from .view import Selection, VisualView
+from .view import ImageLayout, Selection, VisualView, frame_budgets
 
 
 def _past_len(kwargs: dict[str, Any]) -> int:
@@ -71,6 +73,50 @@ def _decode_eagerly(kwargs: dict[str, Any]) -> None:
         warnings.warn("vtprune: static-cache generation decodes eagerly while pruning hooks are installed "
                       "(torch.compile would not see them)", stacklevel=3)
     kwargs["disable_compile"] = True
+
+
+def select_per_frame(pruner: Pruner, view: VisualView, k: int) -> Selection:
+    """A video's selection with its ``k`` tokens shared over its frames (``per_frame=True``,
+    :func:`vtprune.view.frame_budgets`): the pruner chooses in each frame alone, seeing that frame as an image (its
+    grid, its tokens' states and per-token signals); states it replaces are merged back in video order."""
+    if HINTS in pruner.needs:
+        raise VTPruneError(f"pruner {pruner.config.name!r} reads caller hints given per token of the whole video, "
+                           "which per-frame selection cannot index; use per_frame=False")
+    layout, n = view.layout, view.num_tokens
+    budgets = frame_budgets(k, layout)
+    if sum(budgets) != k:
+        raise VTPruneError(f"per_frame=True: a budget of {k} tokens does not fit the {sum(budgets)} tokens inside "
+                           "the video's frames")
+    parts: list[tuple[torch.Tensor, Selection]] = []
+    for f, (tokens, kf) in enumerate(zip(layout.frame_tokens(), budgets)):
+        if kf == 0:
+            continue
+        tokens = tokens.to(view.features.device)
+        frame = ImageLayout(tuple(seg for seg, fr in zip(layout.segments, layout.frames) if fr == f))
+        sub = dataclasses.replace(view, features=view.features[tokens], layout=frame,
+                                  extras=_frame_extras(view.extras, tokens, n))
+        sel = pruner.select(sub, kf)
+        sel.check(tokens.numel(), kf)
+        parts.append((tokens, sel))
+    indices = torch.cat([tokens[sel.indices.to(tokens.device)] for tokens, sel in parts])
+    embeddings = sizes = None
+    if any(sel.embeddings is not None for _, sel in parts):
+        embeddings = torch.cat([view.features[tokens[sel.indices]] if sel.embeddings is None else sel.embeddings
+                                for tokens, sel in parts])
+    if any(sel.sizes is not None for _, sel in parts):
+        sizes = torch.cat([torch.ones(sel.indices.numel(), dtype=torch.long, device=indices.device)
+                           if sel.sizes is None else sel.sizes.to(indices.device) for _, sel in parts])
+    return Selection(indices=indices, embeddings=embeddings, sizes=sizes)
+
+
+def _frame_extras(extras: dict[str, Any], tokens: torch.Tensor, n: int) -> dict[str, Any]:
+    """A video's extras for one frame's ``tokens`` (indices into its ``n`` tokens): per-token signals restricted,
+    decoder q/k and layer-0 inputs pointing at the frame's tokens only."""
+    out = restrict_extras(extras, tokens, n)
+    for key in (LLM_QK, LAYER_QK, LM_INPUT):
+        if key in extras:
+            out[key] = dataclasses.replace(extras[key], image=extras[key].image[tokens.to(extras[key].image.device)])
+    return out
 
 
 class Engine:
@@ -342,7 +388,8 @@ class Engine:
                 view = VisualView(features=states[row, pos], text=states[row, real[row] & ~image_rows[row]],
                                   layout=layout, site=self.config.site, layer=pruner.config.layer,
                                   sample=row, image=i, extras=spans.extras[i])
-                sel = pruner.select(view, k)
+                sel = (select_per_frame(pruner, view, k) if self.config.per_frame and layout.is_video
+                       else pruner.select(view, k))
                 sel.check(n, k)
             if merging:
                 sel = merge_dropped(states[row, pos], sel, None if prior is None else prior[row, pos])

@@ -174,3 +174,18 @@ def budget(keep: float | int, num_tokens: int) -> int:
     if isinstance(keep, float):
         return max(1, min(num_tokens, math.floor(keep * num_tokens + 0.5)))
     return min(int(keep), num_tokens)
+
+
+def frame_budgets(k: int, layout: ImageLayout) -> list[int]:
+    """A video's ``k`` kept tokens shared over its frames in proportion to their token counts ``n_f``
+    (``per_frame=True``): each frame gets ``floor(k n_f / N)``, and the tokens left over go one each to the frames
+    with the largest remainders, earlier frames first on ties (largest-remainder rounding). The counts sum to
+    ``k`` (``N``: the tokens inside frames; a frame never gets more than it has)."""
+    sizes = [int(t.numel()) for t in layout.frame_tokens()]
+    total = sum(sizes)
+    k = min(k, total)
+    counts = [k * n // total for n in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda f: (-(k * sizes[f] % total), f))
+    for f in by_remainder[:k - sum(counts)]:
+        counts[f] += 1
+    return counts
