@@ -458,3 +458,10 @@ def test_a_static_video_keeps_its_first_frame():
             assert handle.stats.samples[0].images == [(12, 6)]
     assert torch.equal(logits["dycoke"], logits["evs"])
     assert not torch.allclose(logits["uniform"], logits["evs"])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_temporal_methods_refuse_per_frame_selection_by_name(name):
+    with pytest.raises(VTPruneError, match=rf"per_frame=True: {name!r} compares a video's frames"):
+        make_config(name, per_frame=True)
+    assert make_config(name, per_frame=False).per_frame is False

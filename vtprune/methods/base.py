@@ -10,6 +10,7 @@ import torch
 
 from .. import ops
 from ..config import PrunerConfig
+from ..errors import VTPruneError
 from ..view import ImageLayout, Selection, VisualView, budget
 
 
@@ -61,6 +62,17 @@ class Pruner:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+class WholeVideo:
+    """Config mixin of the temporal methods (dycoke, fastvid, evs), which compare a video's frames with each other:
+    they refuse ``per_frame=True``, under which the engine hands them one frame at a time, as an image."""
+
+    def validate_whole_video(self) -> None:
+        """Raise :class:`VTPruneError` naming ``per_frame``."""
+        if self.per_frame:
+            raise VTPruneError(f"per_frame=True: {self.name!r} compares a video's frames with each other and needs "
+                               "the whole video at once; use per_frame=False (its budget is per video)")
 
 
 class ScorerPruner(Pruner):

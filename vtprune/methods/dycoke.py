@@ -12,7 +12,7 @@ from .. import ops
 from ..config import ModeOption, PrunerConfig
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView, budget
-from .base import Pruner
+from .base import Pruner, WholeVideo
 
 #: the reference code's role for a frame it leaves out entirely (the last frame of an odd frame count)
 LOST = -2
@@ -34,7 +34,7 @@ def reference_frames(num_frames: int, reference: bool) -> list[int | None]:
 
 
 @dataclass
-class DyCokeConfig(PrunerConfig, ModeOption):
+class DyCokeConfig(PrunerConfig, ModeOption, WholeVideo):
     """Keep every anchor frame whole and, of each other frame, the tokens least similar to its reference frame.
 
     mode="clean": the exact budget of ``keep`` per video; the budget left after the anchors is split evenly over the
@@ -48,6 +48,7 @@ class DyCokeConfig(PrunerConfig, ModeOption):
     def validate(self) -> None:
         super().validate()
         self.validate_mode()
+        self.validate_whole_video()
 
 
 @register_pruner

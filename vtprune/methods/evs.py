@@ -13,11 +13,11 @@ from .. import ops
 from ..config import ModeOption, PrunerConfig
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView
-from .base import Pruner
+from .base import Pruner, WholeVideo
 
 
 @dataclass
-class EVSConfig(PrunerConfig, ModeOption):
+class EVSConfig(PrunerConfig, ModeOption, WholeVideo):
     """Keep the tokens that changed most since the previous frame (the first frame whole).
 
     mode="clean": the exact budget of ``keep``; below the first frame's size an even lattice of it.
@@ -29,6 +29,7 @@ class EVSConfig(PrunerConfig, ModeOption):
     def validate(self) -> None:
         super().validate()
         self.validate_mode()
+        self.validate_whole_video()
 
 
 @register_pruner

@@ -15,7 +15,7 @@ from ..config import ModeOption, PrunerConfig, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView, budget
-from .base import Pruner
+from .base import Pruner, WholeVideo
 
 #: DPC-KNN neighbours of FastVID's anchor density
 NEIGHBOURS = 4
@@ -24,7 +24,7 @@ SALIENCY = ("encoder", "features")
 
 
 @dataclass
-class FastVIDConfig(PrunerConfig, ModeOption):
+class FastVIDConfig(PrunerConfig, ModeOption, WholeVideo):
     """segments (c): DySeg cuts the video at its ``c - 1`` least similar frame transitions; tau (τ): and at every
     transition below this cosine; contextual (d): fraction of each frame's budget spent on merged anchor tokens;
     anchor_every (p): every p-th frame of a segment, counted from its end, is an anchor frame; beta (β): an anchor's
@@ -44,6 +44,7 @@ class FastVIDConfig(PrunerConfig, ModeOption):
     def validate(self) -> None:
         super().validate()
         self.validate_mode()
+        self.validate_whole_video()
         for field in ("segments", "anchor_every"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
