@@ -48,6 +48,7 @@ SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen2_vl": (PAD, UNK, EOS, QWEN_START, QWEN_END, QWEN_IMAGE, QWEN_VIDEO),
 }
 IMAGE_PREFIX: dict[str, str] = {"llava": LLAVA_IMAGE, "qwen2_vl": QWEN_START + QWEN_IMAGE + QWEN_END}
+VIDEO_PREFIX = QWEN_START + QWEN_VIDEO + QWEN_END  # the video testbed (Qwen2-VL only)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ def prompt(family: str, question: str) -> str:
     return f"{IMAGE_PREFIX[family]} {question}"
 
 
+def video_prompt(question: str) -> str:
+    """The video testbed's evaluation prompt: the video placeholder, then the question."""
+    return f"{VIDEO_PREFIX} {question}"
+
+
 def chat_template(family: str) -> str:
     """A Jinja chat template that renders a user turn [image, text] as ``prompt(family, text)``; an assistant
     turn [text] adds ``text <eos>``. Roles are not rendered: the testbed has no chat format."""
@@ -84,14 +90,16 @@ def chat_template(family: str) -> str:
             f"{{% endfor %}}{{% if m['role'] == 'assistant' %}}{EOS} {{% endif %}}{{% endfor %}}")
 
 
-def build_tokenizer(family: str) -> tf.PreTrainedTokenizerFast:
+def build_tokenizer(family: str, extra_words: tuple[str, ...] = ()) -> tf.PreTrainedTokenizerFast:
     """A word-level tokenizer over the specials, ``VOCAB`` and ``EXTRA_WORDS``; every word is one token.
+    ``extra_words`` (the video testbed's) get the ids after those, so the image ids stay as they are.
 
     Specials are added to the backend as special tokens so that they match without surrounding spaces
     (the processors expand one image placeholder into a run of them). LLaVA's tokenizer prepends ``<bos>``
     (an attention sink; Qwen2-VL has none). Padding is on the left, for batched next-token evaluation."""
     specials = list(SPECIALS[family])
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(VOCAB) | set(EXTRA_WORDS)))}
+    words = sorted(set(VOCAB) | set(EXTRA_WORDS))
+    vocab = {w: i for i, w in enumerate(specials + words + [w for w in extra_words if w not in words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.add_special_tokens(specials)
@@ -115,11 +123,11 @@ def answer_token_ids(tokenizer: tf.PreTrainedTokenizerFast) -> list[int]:
 # ----------------------------------------------------------------------------------- processors
 
 
-def build_processor(family: str) -> tf.ProcessorMixin:
+def build_processor(family: str, extra_words: tuple[str, ...] = ()) -> tf.ProcessorMixin:
     """The family's processor: LLaVA gets a CLIP image processor at 168 px (144 image tokens after dropping
     [CLS]); Qwen2-VL gets ``Qwen2VLImageProcessor`` with min = max pixels = 224^2, so every image becomes a
-    16x16 patch grid and 64 merged tokens."""
-    tok = build_tokenizer(family)
+    16x16 patch grid and 64 merged tokens (and every video frame too). ``extra_words`` as in ``build_tokenizer``."""
+    tok = build_tokenizer(family, extra_words)
     side = IMAGE_SIZE[family]
     if family == "llava":
         improc = tf.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
