@@ -22,7 +22,12 @@ import vtprune
 from vtprune import ops
 from vtprune.errors import VTPruneError
 from vtprune.methods.dycoke import LOST, reference_frames
-from vtprune.methods.fastvid import anchor_frames, dynamic_segments, frame_saliency, merge_into_anchors
+from vtprune.methods.fastvid import (
+    anchor_frames,
+    dynamic_segments,
+    frame_saliency,
+    merge_into_anchors,
+)
 from vtprune.registry import build_pruner, make_config
 from vtprune.view import ImageLayout, Segment, Selection, VisualView, budget
 
@@ -252,14 +257,14 @@ def test_dycoke_reference_count_is_the_papers_32_frame_number():
 @pytest.mark.parametrize("keep", [0.25, 0.5])
 def test_dycoke_reference_follows_the_code(num, keep):
     frames = _random(num, seed=num)
-    sel, k = _run("dycoke", _video(frames), keep, mode="reference")
+    sel, _ = _run("dycoke", _video(frames), keep, mode="reference")
     assert _frame_positions(sel) == _naive_dycoke(frames, keep)
     assert sel.embeddings is None  # the code drops
 
 
 def test_dycoke_merges_identical_frames_into_the_first():
     first = _random(1)
-    sel, k = _run("dycoke", _video(first.repeat(4, 1, 1)), 0.25)
+    sel, _ = _run("dycoke", _video(first.repeat(4, 1, 1)), 0.25)
     assert sel.indices.tolist() == list(range(TPF))
     assert sel.sizes.tolist() == [4.0] * TPF
     assert torch.equal(sel.embeddings, first[0])
@@ -290,7 +295,7 @@ def test_dycoke_keeps_the_changed_tokens_and_averages_the_repeated_ones():
 
 def test_dycoke_below_the_anchors_keeps_a_lattice_of_each_anchor_frame():
     view = _video(_random(8))  # anchors: frames 0 and 4
-    sel, k = _run("dycoke", view, 6)
+    sel, _ = _run("dycoke", view, 6)
     assert sel.indices.tolist() == ops.spread([torch.arange(TPF), torch.arange(4 * TPF, 5 * TPF)], 6).tolist()
     assert sel.embeddings is None
 
@@ -372,7 +377,7 @@ def test_fastvid_anchors_of_a_static_segment_stand_for_the_whole_segment():
     """Identical frames in one segment (no cuts): the segment's context budget goes to its anchor frame (the last),
     whose anchors absorb every other non-salient token of the segment — the repeats of earlier frames included."""
     frames = _random(1, seed=6).repeat(4, 1, 1)
-    sel, k = _run("fastvid", _video(frames), 0.5, segments=1, tau=-1.0, contextual=0.4)
+    sel, _ = _run("fastvid", _video(frames), 0.5, segments=1, tau=-1.0, contextual=0.4)
     per_frame_salient = 6 - int(6 * 0.4)
     counts = [sum(1 for t, _ in _frame_positions(sel) if t == f) for f in range(4)]
     assert counts == [per_frame_salient] * 3 + [per_frame_salient + 4 * int(6 * 0.4)]

@@ -4,12 +4,13 @@ shared tensor building blocks live in :mod:`vtprune.ops`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from .. import ops
-from ..config import PrunerConfig
+from ..config import ModeOption, PrunerConfig
 from ..errors import VTPruneError
 from ..view import ImageLayout, Selection, VisualView, budget
 
@@ -64,12 +65,15 @@ class Pruner:
         return f"{type(self).__name__}({self.config})"
 
 
-class WholeVideo:
-    """Config mixin of the temporal methods (dycoke, fastvid, evs), which compare a video's frames with each other:
-    they refuse ``per_frame=True``, under which the engine hands them one frame at a time, as an image."""
+@dataclass
+class TemporalConfig(PrunerConfig, ModeOption):
+    """Options of the temporal methods (dycoke, fastvid, evs): the common ones and ``mode``. They compare a video's
+    frames with each other, so they refuse ``per_frame=True``, under which the engine hands them one frame at a time,
+    as an image."""
 
-    def validate_whole_video(self) -> None:
-        """Raise :class:`VTPruneError` naming ``per_frame``."""
+    def validate(self) -> None:
+        super().validate()
+        self.validate_mode()
         if self.per_frame:
             raise VTPruneError(f"per_frame=True: {self.name!r} compares a video's frames with each other and needs "
                                "the whole video at once; use per_frame=False (its budget is per video)")

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..config import ModeOption, PrunerConfig
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView, budget
-from .base import Pruner, WholeVideo
+from .base import Pruner, TemporalConfig
 
 #: the reference code's role for a frame it leaves out entirely (the last frame of an odd frame count)
 LOST = -2
@@ -34,7 +33,7 @@ def reference_frames(num_frames: int, reference: bool) -> list[int | None]:
 
 
 @dataclass
-class DyCokeConfig(PrunerConfig, ModeOption, WholeVideo):
+class DyCokeConfig(TemporalConfig):
     """Keep every anchor frame whole and, of each other frame, the tokens least similar to its reference frame.
 
     mode="clean": the exact budget of ``keep`` per video; the budget left after the anchors is split evenly over the
@@ -44,11 +43,6 @@ class DyCokeConfig(PrunerConfig, ModeOption, WholeVideo):
     newline tokens stay, dropped tokens are dropped (no averaging), the windows of :func:`reference_frames`."""
 
     name = "dycoke"
-
-    def validate(self) -> None:
-        super().validate()
-        self.validate_mode()
-        self.validate_whole_video()
 
 
 @register_pruner

@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import ModeOption, PrunerConfig
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView
-from .base import Pruner, WholeVideo
+from .base import Pruner, TemporalConfig
 
 
 @dataclass
-class EVSConfig(PrunerConfig, ModeOption, WholeVideo):
+class EVSConfig(TemporalConfig):
     """Keep the tokens that changed most since the previous frame (the first frame whole).
 
     mode="clean": the exact budget of ``keep``; below the first frame's size an even lattice of it.
@@ -25,11 +24,6 @@ class EVSConfig(PrunerConfig, ModeOption, WholeVideo):
     ``--video-pruning-rate``; an int keep is the count, at least one frame), ``1 - cos`` in the features' dtype."""
 
     name = "evs"
-
-    def validate(self) -> None:
-        super().validate()
-        self.validate_mode()
-        self.validate_whole_video()
 
 
 @register_pruner

@@ -11,11 +11,11 @@ import torch
 
 from .. import ops
 from ..capture import VISION_QK
-from ..config import ModeOption, PrunerConfig, is_number
+from ..config import is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView, budget
-from .base import Pruner, WholeVideo
+from .base import Pruner, TemporalConfig
 
 #: DPC-KNN neighbours of FastVID's anchor density
 NEIGHBOURS = 4
@@ -24,7 +24,7 @@ SALIENCY = ("encoder", "features")
 
 
 @dataclass
-class FastVIDConfig(PrunerConfig, ModeOption, WholeVideo):
+class FastVIDConfig(TemporalConfig):
     """segments (c): DySeg cuts the video at its ``c - 1`` least similar frame transitions; tau (τ): and at every
     transition below this cosine; contextual (d): fraction of each frame's budget spent on merged anchor tokens;
     anchor_every (p): every p-th frame of a segment, counted from its end, is an anchor frame; beta (β): an anchor's
@@ -43,8 +43,6 @@ class FastVIDConfig(PrunerConfig, ModeOption, WholeVideo):
 
     def validate(self) -> None:
         super().validate()
-        self.validate_mode()
-        self.validate_whole_video()
         for field in ("segments", "anchor_every"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -238,4 +236,3 @@ class FastVIDPruner(Pruner):
     def overhead_flops(cls, before: int, kept: int, dim: int) -> None:
         """``None``: per-frame distance matrices (``n_f²·D`` per frame) and segment merges depend on the frame
         count, which the formula does not see."""
-        return None
