@@ -1,4 +1,4 @@
-"""Video tokens are pruned exactly (Qwen2-VL, Qwen2.5-VL), at both sites, alone and mixed with images.
+"""Video tokens are pruned exactly (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), at both sites, alone and mixed with images.
 
 Each video is one item for the methods, laid out as one grid per temporal group. The properties are those of the
 image suite: keep-all identity, pruned == the unhooked model on the hand-shortened input with the full-sequence
@@ -15,10 +15,10 @@ import torch
 import vtprune
 from conftest import GEN, SITES, model
 from vtprune.errors import VTPruneError
-from vtprune.testing import random_image
+from vtprune.testing import random_image, shortened_lm_inputs
 from vtprune.view import ImageLayout, Segment, budget, frame_budgets
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 CASES = [(f, s) for f in FAMILIES for s in SITES]
 IDS = [f"{f}-{s['site']}" for f, s in CASES]
 #: per sample: the prompt's items in order, and the frame size (w, h) of its videos
@@ -70,12 +70,17 @@ def _record(handle) -> list:
     return seen
 
 
-def _items(tv, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Sequence positions of each image / video of a one-row prompt (contiguous placeholder runs), in order."""
-    cfg = tv.model.config
-    pos = ((ids == cfg.image_token_id) | (ids == cfg.video_token_id)).nonzero().flatten()
-    breaks = ((pos[1:] - pos[:-1]) != 1).nonzero().flatten() + 1
-    return list(torch.tensor_split(pos, breaks.tolist()))
+def _items(tv, inputs: dict) -> list[torch.Tensor]:
+    """Sequence positions of each image (a contiguous placeholder run) and each video (its ``video_grid_thw``
+    count of placeholders, split by timestamps in Qwen3-VL) of a one-row prompt, in order."""
+    cfg, ids = tv.model.config, inputs["input_ids"][0]
+    img = (ids == cfg.image_token_id).nonzero().flatten()
+    breaks = ((img[1:] - img[:-1]) != 1).nonzero().flatten() + 1
+    vid = (ids == cfg.video_token_id).nonzero().flatten()
+    m2 = cfg.vision_config.spatial_merge_size ** 2
+    counts = [int(g.prod()) // m2 for g in inputs.get("video_grid_thw", torch.zeros(0, 3))]
+    items = list(torch.tensor_split(img, breaks.tolist())) if img.numel() else []
+    return sorted(items + list(torch.split(vid, counts)), key=lambda p: int(p[0]))
 
 
 def _capture_lm(tv, inputs: dict) -> dict:
@@ -127,7 +132,7 @@ def _reference_case(family: str, attn: str, sample: int, keep: float):
     with vtprune.apply(tv.model, "random", keep=keep) as handle:
         seen = _record(handle)
         hooked = tv.model(**inputs).logits
-    items = _items(tv, inputs["input_ids"][0])
+    items = _items(tv, inputs)
     assert len(items) == len(seen)
     keep_mask = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
     for pos, (view, sel) in zip(items, seen):
@@ -151,9 +156,11 @@ def test_pre_llm_matches_hand_shortened_input(family, attn, sample):
     assert torch.equal(lm_kw["position_ids"][-3:], full)
     embeds, n = lm_kw["inputs_embeds"][:, keep], keep.numel()
     lm, ones = tv.model.model.language_model, torch.ones(1, n, dtype=torch.long)
+    deepstack = shortened_lm_inputs(lm_kw, keep)  # Qwen3-VL: the kept visual tokens' DeepStack features
 
     def logits(pos: torch.Tensor) -> torch.Tensor:
-        return tv.model.lm_head(lm(inputs_embeds=embeds, position_ids=pos, attention_mask=ones).last_hidden_state)
+        return tv.model.lm_head(lm(inputs_embeds=embeds, position_ids=pos, attention_mask=ones,
+                                   **deepstack).last_hidden_state)
 
     torch.testing.assert_close(hooked, logits(full[..., keep]), atol=1e-6, rtol=1e-6)
     if family == "qwen2_5_vl":  # second_per_grid_ts spaces the groups 8 ids apart: the plain index is wrong
@@ -181,7 +188,7 @@ def test_layer_site_matches_hand_shortened_tail(family):
         seen = _record(handle)
         hooked = tv.model(**inputs).logits
     keep_mask = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
-    for pos, (_, sel) in zip(_items(tv, inputs["input_ids"][0]), seen):
+    for pos, (_, sel) in zip(_items(tv, inputs), seen):
         keep_mask[pos] = False
         keep_mask[pos[sel.indices]] = True
     keep = keep_mask.nonzero().flatten()
@@ -189,11 +196,16 @@ def test_layer_site_matches_hand_shortened_tail(family):
     assert n < keep_mask.numel()
     causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
 
+    deepstack = shortened_lm_inputs(lm_kw, keep)  # Qwen3-VL: DeepStack levels still to add after layers K..
+    levels = deepstack.get("deepstack_visual_embeds", [])
+
     def tail(pos: torch.Tensor) -> torch.Tensor:
         x = seen_k[0][:, keep]
         pe = lm.rotary_emb(x, pos)
-        for layer in lm.layers[K:]:
+        for i, layer in enumerate(lm.layers[K:], K):
             x = layer(x, attention_mask=causal, position_embeddings=pe, position_ids=None)
+            if i < len(levels):
+                x = lm._deepstack_process(x, deepstack["visual_pos_masks"], levels[i])
         return tv.model.lm_head(lm.norm(x))
 
     full = lm_kw["position_ids"][-3:]
@@ -309,7 +321,7 @@ def test_per_frame_matches_hand_shortened_input():
         seen = _record(handle)
         hooked = tv.model(**inputs).logits
     assert [view.num_tokens for view, _ in seen] == [6, 6]
-    (pos,) = _items(tv, inputs["input_ids"][0])
+    (pos,) = _items(tv, inputs)
     keep_mask = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
     keep_mask[pos] = False
     keep_mask[pos[torch.cat([sel.indices + 6 * f for f, (_, sel) in enumerate(seen)])]] = True

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import VTPruneError
+from ..view import ImageLayout, Segment
 from .base import LmmsWrapper, SyntheticImage
 from .qwen2_vl import CHAT_TEMPLATE, Qwen2VLAdapter
 
@@ -77,8 +79,19 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                        chat="lmms_eval.models.chat.qwen3_vl.Qwen3_VL", takes=("attn_implementation",))
     #: whether the vision tower feeds DeepStack features to the first decoder layers (off for Qwen3.5)
     deepstack: bool = True
-    #: video (per-frame timestamp spans, DeepStack video features) is not pruned yet: left as text
-    prunes_video = False
+
+    def video_layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
+        """A video is laid out frame by frame, each temporal group a grid after its own timestamp text, with its own
+        temporal id and (h, w) ids offset by where the group starts: the groups are the runs of equal temporal ids."""
+        t = positions[-3]
+        cuts = [0, *(torch.nonzero(t[1:] != t[:-1]).flatten() + 1).tolist(), t.numel()]
+        frames = []
+        for a, b in zip(cuts, cuts[1:]):
+            h, w = (int(p[a:b].max() - p[a:b].min()) + 1 for p in positions[-2:])
+            if h * w != b - a:
+                raise VTPruneError(f"a video frame's {b - a} tokens do not tile its {h}x{w} position grid")
+            frames.append(Segment(h, w))
+        return ImageLayout(tuple(frames), tuple(range(len(frames))))
 
     @classmethod
     def deepstack_levels(cls, config: Any) -> int:
@@ -171,7 +184,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                                      "mrope_section": [2, 3, 3]})
         if moe:
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-        video = tf.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
+        video = tf.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                         size={"shortest_edge": 64 * 64, "longest_edge": 4 * 128 * 128})
         proc = tf.Qwen3VLProcessor(improc, tok, video, chat_template=CHAT_TEMPLATE)
         config_class = tf.Qwen3VLMoeConfig if moe else tf.Qwen3VLConfig
         return config_class(text_config=text, vision_config=cls._tiny_vision(), **common), proc
