@@ -1,4 +1,4 @@
-"""Video tokens are pruned exactly (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), at both sites, alone and mixed with images.
+"""Video tokens are pruned exactly (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), at both sites, alone and mixed with images.
 
 Each video is one item for the methods, laid out as one grid per temporal group. The properties are those of the
 image suite: keep-all identity, pruned == the unhooked model on the hand-shortened input with the full-sequence
@@ -18,7 +18,7 @@ from vtprune.errors import VTPruneError
 from vtprune.testing import random_image, shortened_lm_inputs
 from vtprune.view import ImageLayout, Segment, budget, frame_budgets
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 CASES = [(f, s) for f in FAMILIES for s in SITES]
 IDS = [f"{f}-{s['site']}" for f, s in CASES]
 #: per sample: the prompt's items in order, and the frame size (w, h) of its videos
@@ -198,12 +198,13 @@ def test_layer_site_matches_hand_shortened_tail(family):
 
     deepstack = shortened_lm_inputs(lm_kw, keep)  # Qwen3-VL: DeepStack levels still to add after layers K..
     levels = deepstack.get("deepstack_visual_embeds", [])
+    recurrent = vtprune.models.adapter_for(tv.model).recurrent_layers  # Qwen3.5
 
     def tail(pos: torch.Tensor) -> torch.Tensor:
         x = seen_k[0][:, keep]
         pe = lm.rotary_emb(x, pos)
-        for i, layer in enumerate(lm.layers[K:], K):
-            x = layer(x, attention_mask=causal, position_embeddings=pe, position_ids=None)
+        for i, layer in enumerate(lm.layers[K:], K):  # linear-attention layers take no 4-D mask
+            x = layer(x, attention_mask=None if i in recurrent else causal, position_embeddings=pe, position_ids=None)
             if i < len(levels):
                 x = lm._deepstack_process(x, deepstack["visual_pos_masks"], levels[i])
         return tv.model.lm_head(lm.norm(x))
