@@ -1,4 +1,4 @@
-"""Video tokens are pruned exactly (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), at both sites, alone and mixed with images.
+"""Video tokens are pruned exactly (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA-OneVision), at both sites, alone and mixed with images.
 
 Each video is one item for the methods, laid out as one grid per temporal group. The properties are those of the
 image suite: keep-all identity, pruned == the unhooked model on the hand-shortened input with the full-sequence
@@ -18,7 +18,8 @@ from vtprune.errors import VTPruneError
 from vtprune.testing import random_image, shortened_lm_inputs
 from vtprune.view import ImageLayout, Segment, budget, frame_budgets
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+FAMILIES = (*QWEN, "llava_onevision")
 CASES = [(f, s) for f in FAMILIES for s in SITES]
 IDS = [f"{f}-{s['site']}" for f, s in CASES]
 #: per sample: the prompt's items in order, and the frame size (w, h) of its videos
@@ -77,8 +78,13 @@ def _items(tv, inputs: dict) -> list[torch.Tensor]:
     img = (ids == cfg.image_token_id).nonzero().flatten()
     breaks = ((img[1:] - img[:-1]) != 1).nonzero().flatten() + 1
     vid = (ids == cfg.video_token_id).nonzero().flatten()
-    m2 = cfg.vision_config.spatial_merge_size ** 2
-    counts = [int(g.prod()) // m2 for g in inputs.get("video_grid_thw", torch.zeros(0, 3))]
+    if "video_grid_thw" in inputs:
+        m2 = cfg.vision_config.spatial_merge_size ** 2
+        counts = [int(g.prod()) // m2 for g in inputs["video_grid_thw"]]
+    else:  # LLaVA-OneVision: frames x the pooled grid (half the patch grid, rounded up), then one newline
+        side = -(-cfg.vision_config.image_size // cfg.vision_config.patch_size // 2)
+        videos = inputs.get("pixel_values_videos", torch.zeros(0, 0))
+        counts = [videos.shape[1] * side * side + 1] * videos.shape[0]
     items = list(torch.tensor_split(img, breaks.tolist())) if img.numel() else []
     return sorted(items + list(torch.split(vid, counts)), key=lambda p: int(p[0]))
 
@@ -95,9 +101,25 @@ def _capture_lm(tv, inputs: dict) -> dict:
     return seen[0]
 
 
+def _full_positions(lm_kw: dict) -> torch.Tensor:
+    """[A, 1, L] positions the unhooked language model used: Qwen's (t, h, w) rows, or 1-D indices."""
+    pos = lm_kw.get("position_ids")
+    if pos is None:
+        return torch.arange(lm_kw["inputs_embeds"].shape[1]).view(1, 1, -1)
+    return pos[None] if pos.dim() == 2 else pos[-3:]
+
+
 def test_video_layout_frames_and_grid():
-    """A video item's layout has one grid per temporal group: 4 frames of 56x84 px -> 2 groups of 2x3 tokens."""
-    for family in FAMILIES:
+    """A video item's layout has one grid per temporal group: 4 frames of 56x84 px -> 2 groups of 2x3 tokens
+    (LLaVA-OneVision: 4 frames of 2x2 pooled tokens, then a newline outside every frame)."""
+    tv = model("llava_onevision")
+    with vtprune.apply(tv.model, "random", keep=1000) as handle:
+        seen = _record(handle)
+        tv.model(**video_inputs(tv, [0]))
+    (video,) = [view.layout for view, _ in seen]
+    assert video.is_video and video.num_frames == 4 and video.size == 17
+    assert video.frame_index().tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [-1]
+    for family in QWEN:
         tv = model(family)
         with vtprune.apply(tv.model, "random", keep=1000) as handle:
             seen = _record(handle)
@@ -122,7 +144,7 @@ def test_keep_all_is_identity(family, site):
             assert len(seen) == (0 if isinstance(keep, float) else 3)  # row 0: a video; row 1: an image, a video
             seq, step = _generate(tv, inputs)
             assert torch.equal(seq, ref_seq) and torch.equal(step, ref_step)
-            assert handle.stats.visual_before == handle.stats.visual_after == [12, 8 + 12]
+            assert handle.stats.visual_before == handle.stats.visual_after
 
 
 def _reference_case(family: str, attn: str, sample: int, keep: float):
@@ -146,27 +168,32 @@ def _reference_case(family: str, attn: str, sample: int, keep: float):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("sample", [1, 3])
 def test_pre_llm_matches_hand_shortened_input(family, attn, sample):
-    """Pruned logits == the stock language model on the kept tokens with their full-sequence (t, h, w) ids."""
+    """Pruned logits == the stock language model on the kept tokens with their full-sequence (t, h, w) ids
+    (LLaVA-OneVision: their 1-D indices)."""
     tv, inputs, keep, hooked = _reference_case(family, attn, sample, 0.4)
     lm_kw = _capture_lm(tv, inputs)
-    full, _ = tv.model.model.get_rope_index(
-        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-        video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"],
-        **({"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}))
-    assert torch.equal(lm_kw["position_ids"][-3:], full)
+    full = _full_positions(lm_kw)
+    if family in QWEN:
+        rope, _ = tv.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs["video_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+            **({"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}))
+        assert torch.equal(full, rope)
     embeds, n = lm_kw["inputs_embeds"][:, keep], keep.numel()
     lm, ones = tv.model.model.language_model, torch.ones(1, n, dtype=torch.long)
     deepstack = shortened_lm_inputs(lm_kw, keep)  # Qwen3-VL: the kept visual tokens' DeepStack features
 
     def logits(pos: torch.Tensor) -> torch.Tensor:
-        return tv.model.lm_head(lm(inputs_embeds=embeds, position_ids=pos, attention_mask=ones,
+        return tv.model.lm_head(lm(inputs_embeds=embeds, position_ids=pos[0] if pos.shape[0] == 1 else pos,
+                                   attention_mask=ones,
                                    **deepstack).last_hidden_state)
 
     torch.testing.assert_close(hooked, logits(full[..., keep]), atol=1e-6, rtol=1e-6)
     if family == "qwen2_5_vl":  # second_per_grid_ts spaces the groups 8 ids apart: the plain index is wrong
         vid = inputs["input_ids"][0] == tv.model.config.video_token_id
         assert set(full[0, 0, vid].unique().tolist()) >= {full[0, 0, vid].min().item() + 8}
-    wrong = torch.arange(n).expand(3, 1, -1)  # negative control: renumbered positions
+    wrong = torch.arange(n).expand(full.shape[0], 1, -1)  # negative control: renumbered positions
     assert (logits(wrong) - hooked).abs().max() > 1e-3
 
 
@@ -202,16 +229,16 @@ def test_layer_site_matches_hand_shortened_tail(family):
 
     def tail(pos: torch.Tensor) -> torch.Tensor:
         x = seen_k[0][:, keep]
-        pe = lm.rotary_emb(x, pos)
+        pe = lm.rotary_emb(x, pos[0] if pos.shape[0] == 1 else pos)
         for i, layer in enumerate(lm.layers[K:], K):  # linear-attention layers take no 4-D mask
             x = layer(x, attention_mask=None if i in recurrent else causal, position_embeddings=pe, position_ids=None)
             if i < len(levels):
                 x = lm._deepstack_process(x, deepstack["visual_pos_masks"], levels[i])
         return tv.model.lm_head(lm.norm(x))
 
-    full = lm_kw["position_ids"][-3:]
+    full = _full_positions(lm_kw)
     torch.testing.assert_close(hooked, tail(full[..., keep]), atol=1e-5, rtol=1e-5)
-    assert (tail(torch.arange(n).expand(3, 1, -1)) - hooked).abs().max() > 1e-3  # negative control
+    assert (tail(torch.arange(n).expand(full.shape[0], 1, -1)) - hooked).abs().max() > 1e-3  # negative control
 
 
 @pytest.mark.parametrize("family,site", CASES, ids=IDS)
@@ -245,12 +272,13 @@ def test_later_text_turn_on_pruned_cache(family, site):
         out = tv.model.generate(**first, max_new_tokens=3, **step)
         turn = tv.processor(text=[tv.prompt("and what colour is it", 0)], return_tensors="pt")
         ids = torch.cat([out.sequences, turn["input_ids"]], 1)
-        whole = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                 "mm_token_type_ids": torch.cat([first["mm_token_type_ids"],
-                                                 torch.zeros(1, ids.shape[1] - first["input_ids"].shape[1],
-                                                             dtype=torch.long)], 1)}
-        pixels = {k: first[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                                        "second_per_grid_ts") if k in first}
+        whole = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if "mm_token_type_ids" in first:  # Qwen's M-RoPE index
+            whole["mm_token_type_ids"] = torch.cat(
+                [first["mm_token_type_ids"], torch.zeros(1, ids.shape[1] - first["input_ids"].shape[1],
+                                                         dtype=torch.long)], 1)
+        pixels = {k: first[k] for k in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images",
+                                        "pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in first}
         later = tv.model.generate(**whole, past_key_values=out.past_key_values, max_new_tokens=3, **step)
         one_pass = tv.model.generate(**whole, **pixels, max_new_tokens=3, **step)
     assert torch.equal(later.sequences, one_pass.sequences)
@@ -267,23 +295,26 @@ def test_int_budget_is_per_video():
 PRUNERS = [name for name in vtprune.list_pruners() if not name.startswith("_")]
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 @pytest.mark.parametrize("pruner", PRUNERS)
-def test_every_pruner_runs_on_a_video(pruner):
+def test_every_pruner_runs_on_a_video(pruner, family):
     """Every registered method keeps its budget on a video (next to an image) at its default site, or refuses
     the video with an error that names it."""
-    tv = model("qwen2_5_vl")
+    tv = model(family)
     inputs = video_inputs(tv, [1])
+    with vtprune.apply(tv.model, "random", keep=1.0) as probe:
+        tv.model(**inputs)
+        sizes = [before for before, _ in probe.stats.samples[0].images]
     try:
         with vtprune.apply(tv.model, pruner, keep=0.5) as handle:
             if "hints" in handle.pruner.needs:
-                handle.set_hints([{"token_priority": {"question": [[j % 3 for j in range(8)],
-                                                                   [j % 3 for j in range(12)]]}}])
+                handle.set_hints([{"token_priority": {"question": [[j % 3 for j in range(v)] for v in sizes]}}])
             tv.model(**inputs)
             kept = [after for _, after in handle.stats.samples[0].images]
     except VTPruneError as err:
-        assert pruner in str(err) or "video" in str(err)
+        assert family == "llava_onevision" and "video" in str(err), f"{pruner}: {err}"
         return
-    assert kept == [budget(0.5, 8), budget(0.5, 12)], f"{pruner}: kept {kept}"
+    assert kept == [budget(0.5, v) for v in sizes], f"{pruner}: kept {kept} of {sizes}"
 
 
 def test_frame_budgets_largest_remainder():
@@ -355,3 +386,21 @@ def test_per_frame_refuses_hints():
         handle.set_hints([{"token_priority": {"question": [[0] * 12]}}])
         with pytest.raises(VTPruneError, match="informed.*per_frame=False"):
             tv.model(**video_inputs(tv, [0]))
+
+
+def test_per_frame_keeps_tokens_outside_frames():
+    """LLaVA-OneVision: the trailing newline (outside every frame) is kept and counts toward the budget; the rest
+    is shared over the 4 pooled frames."""
+    tv = model("llava_onevision")
+    inputs = video_inputs(tv, [0])  # one video: 4 frames of 2x2 pooled tokens + a newline = 17
+    with vtprune.apply(tv.model, "random", keep=0.5, per_frame=True) as handle:
+        seen = _record(handle)
+        tv.model(**inputs)
+        assert handle.stats.samples[0].images == [(17, 9)]
+    assert [view.num_tokens for view, _ in seen] == [4, 4, 4, 4]
+    assert [sel.indices.numel() for _, sel in seen] == [2, 2, 2, 2]
+    with vtprune.apply(tv.model, "random", keep=2, per_frame=True) as handle:
+        seen = _record(handle)
+        tv.model(**inputs)
+        assert handle.stats.samples[0].images == [(17, 2)]
+    assert [view.num_tokens for view, _ in seen] == [4]  # 1 token left after the newline: the first frame's

@@ -78,15 +78,17 @@ def _decode_eagerly(kwargs: dict[str, Any]) -> None:
 def select_per_frame(pruner: Pruner, view: VisualView, k: int) -> Selection:
     """A video's selection with its ``k`` tokens shared over its frames (``per_frame=True``,
     :func:`vtprune.view.frame_budgets`): the pruner chooses in each frame alone, seeing that frame as an image (its
-    grid, its tokens' states and per-token signals); states it replaces are merged back in video order."""
+    grid, its tokens' states and per-token signals); states it replaces are merged back in video order. Tokens
+    outside every frame (LLaVA-OneVision's trailing newline) are kept and count toward ``k``."""
     if HINTS in pruner.needs:
         raise VTPruneError(f"pruner {pruner.config.name!r} reads caller hints given per token of the whole video, "
                            "which per-frame selection cannot index; use per_frame=False")
     layout, n = view.layout, view.num_tokens
-    budgets = frame_budgets(k, layout)
-    if sum(budgets) != k:
-        raise VTPruneError(f"per_frame=True: a budget of {k} tokens does not fit the {sum(budgets)} tokens inside "
-                           "the video's frames")
+    outside = torch.nonzero(layout.frame_index() < 0).flatten().to(view.features.device)
+    if k < outside.numel():
+        raise VTPruneError(f"per_frame=True: a budget of {k} tokens cannot keep the video's {outside.numel()} "
+                           "tokens outside its frames")
+    budgets = frame_budgets(k - outside.numel(), layout)
     parts: list[tuple[torch.Tensor, Selection]] = []
     for f, (tokens, kf) in enumerate(zip(layout.frame_tokens(), budgets)):
         if kf == 0:
@@ -98,6 +100,8 @@ def select_per_frame(pruner: Pruner, view: VisualView, k: int) -> Selection:
         sel = pruner.select(sub, kf)
         sel.check(tokens.numel(), kf)
         parts.append((tokens, sel))
+    if outside.numel():
+        parts.append((outside, Selection(indices=torch.arange(outside.numel(), device=outside.device))))
     indices = torch.cat([tokens[sel.indices.to(tokens.device)] for tokens, sel in parts])
     embeddings = sizes = None
     if any(sel.embeddings is not None for _, sel in parts):
@@ -106,7 +110,9 @@ def select_per_frame(pruner: Pruner, view: VisualView, k: int) -> Selection:
     if any(sel.sizes is not None for _, sel in parts):
         sizes = torch.cat([torch.ones(sel.indices.numel(), dtype=torch.long, device=indices.device)
                            if sel.sizes is None else sel.sizes.to(indices.device) for _, sel in parts])
-    return Selection(indices=indices, embeddings=embeddings, sizes=sizes)
+    order = indices.argsort()  # frames come in token order; tokens outside them may sit anywhere
+    return Selection(indices=indices[order], embeddings=None if embeddings is None else embeddings[order],
+                     sizes=None if sizes is None else sizes[order])
 
 
 def _frame_extras(extras: dict[str, Any], tokens: torch.Tensor, n: int) -> dict[str, Any]:

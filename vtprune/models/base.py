@@ -267,7 +267,7 @@ class ModelAdapter:
             vcounts = self.video_counts(inputs) or []
             if sum(vcounts) != int(vmask.sum()):
                 raise VTPruneError(f"the prompt holds {int(vmask.sum())} video placeholder tokens but the videos' "
-                                   f"inputs (video_grid_thw) account for {sum(vcounts)}")
+                                   f"inputs account for {sum(vcounts)}")
         queues = {False: (mask, counts, "image"), True: (vmask, vcounts, "video")}
         spans, taken = ImageSpans([], []), {False: 0, True: 0}
         for row in range(mask.shape[0]):

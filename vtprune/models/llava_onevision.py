@@ -1,4 +1,4 @@
-"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, images): a SigLIP tower without [CLS], LLaVA's MLP
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, images and videos): a SigLIP tower without [CLS], LLaVA's MLP
 projector on AnyRes views, anyres-max grids with unpadding, bilinear down-resizing and row newlines; a Qwen2
 decoder with 1-D positions.
 
@@ -28,7 +28,10 @@ What the adapter gathers (docs/families/llava_onevision.md has the details):
   (``vtprune.ops.cls_or_received``) on the last encoder layer, whose output (``hidden_states[-1]``, before
   ``post_layernorm``) is what the projector reads.
 
-Video tokens (``<video>``) are never treated as image tokens; pruning videos belongs to the video issue.
+* **Videos** (``<video>``): each frame is a base view, projected and bilinearly pooled to ``ceil(g/2)²`` tokens;
+  the frames follow each other and one ``image_newline`` token ends the video. A video is one item laid out as
+  one pooled grid per frame plus that newline, outside every frame. Vision-encoder and projector signals are not
+  mapped to pooled video tokens: methods reading them refuse a video by name.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from torch import nn
 
 from ..capture import InputCapture, ProjectorInput, VisionQK
 from ..errors import VTPruneError
-from ..view import ImageLayout
+from ..view import ImageLayout, Segment
 from .base import (
     ImageSpans,
     ModelAdapter,
@@ -55,10 +58,12 @@ from .base import (
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 
-#: the tiny OneVision models' chat template (``<|im_start|>`` turns, one ``<image>`` per image)
+#: the tiny OneVision models' chat template (``<|im_start|>`` turns, one ``<image>`` per image, one ``<video>``
+#: per video)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+    "{% else %}{{ c['text'] }} {% endif %}"
     "{% endfor %}<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
 )
 
@@ -159,6 +164,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     tiny_eos = "<|im_end|>"
     vision_cls = False
     lmms = LlavaAdapter.lmms  # lmms-eval's llava_hf classes load LlavaOnevisionForConditionalGeneration too
+    prunes_video = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -183,6 +189,31 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         geoms = image_geometries(self.model.config, inputs)
         return None if geoms is None else [geo.tokens for geo in geoms]
 
+    def video_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        """Per video: its frames' pooled grids and one trailing newline, from ``pixel_values_videos`` [videos,
+        frames, C, H, W]."""
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("video")
+        if encoded is not None:  # ``generate`` encoded them up front: [videos, tokens, D]
+            return [int(encoded.pooler_output.shape[1])] * int(encoded.pooler_output.shape[0])
+        videos = inputs.get("pixel_values_videos")
+        if videos is None:
+            return None
+        side = self._pooled_side()
+        return [int(videos.shape[1]) * side * side + 1] * int(videos.shape[0])
+
+    def _pooled_side(self) -> int:
+        """Side of a video frame's pooled token grid (``apply_pooling``: half the patch grid, rounded up)."""
+        vc = self.model.config.vision_config
+        return math.ceil(vc.image_size // vc.patch_size / 2)
+
+    def video_layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
+        side, n = self._pooled_side(), features.shape[0]
+        frames, extra = divmod(n - 1, side * side)
+        if extra or frames < 1:
+            raise VTPruneError(f"a video's {n} tokens are not whole {side}x{side} pooled frames plus a newline")
+        return ImageLayout((Segment(side, side),) * frames + (Segment(1, 0, newline=True),),
+                           tuple(range(frames)) + (-1,))
+
     # ---- vision attention (SigLIP: no [CLS]) and projector -------------------------------------------
     def _view(self, q: torch.Tensor, k: torch.Tensor, scaling: float, token_of_patch: torch.Tensor) -> VisionQK:
         return VisionQK(query=q, key=k, scaling=scaling, token_of_patch=token_of_patch)
@@ -193,6 +224,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if self.model.config.vision_feature_select_strategy != "full":
             raise VTPruneError("LLaVA-OneVision vision-encoder and projector signals need "
                                "vision_feature_select_strategy='full' (SigLIP has no [CLS] to drop)")
+        if any(layout.is_video for layout in layouts):
+            raise VTPruneError("LLaVA-OneVision vision-encoder and projector signals are not mapped to pooled video "
+                               "tokens: prune videos with a method that reads neither")
         geoms = self._geometries
         if geoms is None or len(geoms) != len(layouts) or any(
                 geo.tokens != layout.size for geo, layout in zip(geoms, layouts)):
