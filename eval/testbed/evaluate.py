@@ -2,9 +2,11 @@
 
 Each question is one batched forward pass through the model's own ``forward`` with the processor's outputs
 (left padding), so a model patched by ``vtprune.apply`` is evaluated exactly as it would be used; the
-prediction is the argmax of the last position's logits over the answer words (``ANSWER_WORDS``).
+prediction is the argmax of the last position's logits over the answer words (``ANSWER_WORDS``; for the video
+testbed's items, ``VIDEO_ANSWER_WORDS``, with the video as ``pixel_values_videos``).
 
     python -m eval.testbed.evaluate --family llava --n 300
+    python -m eval.testbed.evaluate --family qwen2_vl --video --checkpoint DIR --n 120
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ from tqdm import tqdm
 
 from vtprune.testbed.dataset import Item, make_eval_set
 from vtprune.testbed.export import HELDOUT_SEED
-from vtprune.testbed.model import ANSWER_WORDS, FAMILIES, IMAGE_SIZE, answer_token_ids, load_checkpoint, prompt
+from vtprune.testbed.model import ANSWER_WORDS, FAMILIES, IMAGE_SIZE, answer_token_ids, load_checkpoint, prompt, video_prompt
 from vtprune.testbed.questions import CATEGORIES
 from vtprune.testbed.scenes import render
+from vtprune.testbed.video import VIDEO_ANSWER_WORDS, VIDEO_CATEGORIES, VIDEO_SIZE, VideoItem, make_video_eval_set
 
 VALIDATION_SEED = 778  # the set that training checks progress on
 TEST_SUBSET = 200  # the first items of the held-out set, re-scored by the tests
+ALL_CATEGORIES: tuple[str, ...] = tuple(dict.fromkeys(CATEGORIES + VIDEO_CATEGORIES))  # reporting order
 
 
 @dataclass
 class EvalResult:
     """Per-item predictions and correctness, with the summary numbers derived from them."""
 
-    items: list[Item]
+    items: list[Item] | list[VideoItem]
     predictions: list[str]
 
     @property
@@ -44,9 +48,9 @@ class EvalResult:
 
     @property
     def per_category(self) -> dict[str, float]:
-        """Accuracy per category, in ``CATEGORIES`` order (categories without items are left out)."""
+        """Accuracy per category, in ``ALL_CATEGORIES`` order (categories without items are left out)."""
         out = {}
-        for c in CATEGORIES:
+        for c in ALL_CATEGORIES:
             hits = [ok for ok, it in zip(self.correct, self.items) if it.question.category == c]
             if hits:
                 out[c] = _mean(hits)
@@ -75,30 +79,39 @@ def family_of(model: torch.nn.Module) -> str:
     return model_type
 
 
+def model_inputs(processor, family: str, items: list[Item] | list[VideoItem]) -> dict[str, torch.Tensor]:
+    """The processor's batch for single-question prompts: images, or (video items) videos of VIDEO_SIZE frames."""
+    if items and isinstance(items[0], VideoItem):
+        return processor(text=[video_prompt(it.question.text) for it in items],
+                         videos=[it.video.array(VIDEO_SIZE) for it in items], return_tensors="pt", padding=True)
+    return processor(text=[prompt(family, it.question.text) for it in items],
+                     images=[render(it.scene, IMAGE_SIZE[family]) for it in items], return_tensors="pt", padding=True)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, processor, items: list[Item], batch_size: int = 50,
+def evaluate(model: torch.nn.Module, processor, items: list[Item] | list[VideoItem], batch_size: int = 50,
              family: str | None = None, progress: bool = False) -> EvalResult:
     """Answer every item with the model (eval mode, greedy over the answer words) and score it."""
     family = family or family_of(model)
-    answer_ids = torch.tensor(answer_token_ids(processor.tokenizer))
+    tok = processor.tokenizer
+    video = bool(items) and isinstance(items[0], VideoItem)
+    words = VIDEO_ANSWER_WORDS if video else ANSWER_WORDS
+    answer_ids = torch.tensor(tok.convert_tokens_to_ids(list(words)) if video else answer_token_ids(tok))
     was_training = model.training
     model.eval()
     predictions: list[str] = []
     starts = range(0, len(items), batch_size)
     for start in tqdm(starts, desc=f"eval {family}", disable=not progress):
         batch = items[start:start + batch_size]
-        inputs = processor(text=[prompt(family, it.question.text) for it in batch],
-                           images=[render(it.scene, IMAGE_SIZE[family]) for it in batch],
-                           return_tensors="pt", padding=True)
-        logits = model(**inputs).logits[:, -1, answer_ids]
-        predictions += [ANSWER_WORDS[i] for i in logits.argmax(-1).tolist()]
+        logits = model(**model_inputs(processor, family, batch)).logits[:, -1, answer_ids]
+        predictions += [words[i] for i in logits.argmax(-1).tolist()]
     model.train(was_training)
     return EvalResult(list(items), predictions)
 
 
 def format_table(rows: dict[str, EvalResult]) -> str:
     """A plain-text table of accuracies in percent: one row per result, one column per category."""
-    cats = [c for c in CATEGORIES if any(c in r.per_category for r in rows.values())]
+    cats = [c for c in ALL_CATEGORIES if any(c in r.per_category for r in rows.values())]
     head = ["model", "n", "all", *cats, "small"]
     lines = [head]
     for name, r in rows.items():
@@ -109,9 +122,10 @@ def format_table(rows: dict[str, EvalResult]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
-def default_checkpoint(family: str) -> Path:
-    """Where ``train`` saves, and the tests look for, the shipped checkpoint of ``family``."""
-    return Path(__file__).parent / "checkpoints" / family
+def default_checkpoint(family: str, video: bool = False) -> Path:
+    """Where ``train`` (``train_video``) saves, and the tests look for, the shipped checkpoint of ``family`` (of the
+    video testbed, Qwen2-VL only)."""
+    return Path(__file__).parent / "checkpoints" / (f"{family}_video" if video else family)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,15 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, help="default: eval/testbed/checkpoints/<family>")
     parser.add_argument("--n", type=int, default=300, help="questions from the held-out set")
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED, help="eval-set seed")
+    parser.add_argument("--video", action="store_true", help="the video testbed's questions (qwen2_vl only)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    path = args.checkpoint or default_checkpoint(args.family)
+    path = args.checkpoint or default_checkpoint(args.family, args.video)
     if not (path / "config.json").exists():
         parser.error(f"no checkpoint at {path}; train one with `python -m eval.testbed.train --family {args.family}`")
     torch.set_num_threads(args.threads)
     model, processor = load_checkpoint(path)
-    result = evaluate(model, processor, make_eval_set(args.seed, args.n), args.batch_size, args.family, progress=True)
+    items = make_video_eval_set(args.seed, args.n) if args.video else make_eval_set(args.seed, args.n)
+    result = evaluate(model, processor, items, args.batch_size, args.family, progress=True)
     print(format_table({args.family: result}))
 
 

@@ -54,6 +54,8 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
@@ -69,9 +71,10 @@ from vtprune.testbed.export import HELDOUT_N, HELDOUT_SEED
 from vtprune.testbed.model import FAMILIES, IMAGE_SIZE, PATCH, build_model, load_checkpoint
 from vtprune.testbed.questions import CATEGORIES
 from vtprune.testbed.scenes import COLOUR_NAMES, SHAPES
+from vtprune.testbed.video import DIRECTIONS
 
 from .evaluate import TEST_SUBSET, VALIDATION_SEED, EvalResult, default_checkpoint, evaluate, format_table
-from .training_data import (CLS_TARGETS, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
+from .training_data import (CLS_TARGETS, EVENT_CLASSES, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
                             stage1_batch, stage2_batch)
 
 VALIDATION_N = 240  # quick check at each quarter of stage 2 (40 per category)
@@ -169,7 +172,7 @@ class VisionHeads(nn.Module):
         super().__init__()
         grid = IMAGE_SIZE[family] // PATCH
         classes = {"colour": 1 + len(COLOUR_NAMES), "shape": 1 + len(SHAPES), "size": len(SIZE_CLASSES), "centre": 2,
-                   "row": grid, "col": grid}
+                   "row": grid, "col": grid, "motion": 1 + len(DIRECTIONS), "event": len(EVENT_CLASSES)}
         unknown = sorted(set(targets) - set(classes))
         if unknown:
             raise ValueError(f"unknown stage-1 targets {unknown}; expected some of {sorted(classes)}")
@@ -182,12 +185,15 @@ class VisionHeads(nn.Module):
 
 def vision_features(model: nn.Module, family: str, inputs: dict[str, torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Patch outputs [batch, patches, width] that the projector / merger reads, and LLaVA's pooled [CLS]."""
+    """Patch outputs [batch, patches, width] that the projector / merger reads (a video's patches: every temporal
+    group in turn), and LLaVA's pooled [CLS]."""
     if family == "llava":
         out = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_hidden_states=True)
         return out.hidden_states[model.config.vision_feature_layer][:, 1:], out.pooler_output
-    out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    return out.last_hidden_state.view(len(inputs["image_grid_thw"]), -1, out.last_hidden_state.shape[-1]), None
+    kind = "video" if "video_grid_thw" in inputs else "image"
+    grid = inputs[f"{kind}_grid_thw"]
+    out = model.model.visual(inputs["pixel_values_videos" if kind == "video" else "pixel_values"], grid_thw=grid)
+    return out.last_hidden_state.view(len(grid), -1, out.last_hidden_state.shape[-1]), None
 
 
 def stage1_loss(model: nn.Module, heads: VisionHeads, family: str, batch: Stage1Batch
@@ -220,8 +226,10 @@ def vision_params(model: nn.Module, family: str) -> list[nn.Parameter]:
     return [p for n, p in model.model.visual.named_parameters() if not n.startswith("merger.")]
 
 
-def run_stage1(model: nn.Module, processor, family: str, seed: int, stage: Stage) -> dict:
-    """Train the vision tower on the dense (and [CLS]) objectives; returns the stage's log."""
+def run_stage1(model: nn.Module, processor, family: str, seed: int, stage: Stage,
+               make_batch: Callable[[int], Stage1Batch] | None = None) -> dict:
+    """Train the vision tower on the dense (and [CLS]) objectives; returns the stage's log. ``make_batch(step)``
+    replaces the image batches (the video testbed's clips)."""
     heads = VisionHeads(family, model.config.vision_config.hidden_size if family == "llava"
                         else model.config.vision_config.embed_dim, stage.dense_targets)
     params = vision_params(model, family) + list(heads.parameters())
@@ -229,7 +237,8 @@ def run_stage1(model: nn.Module, processor, family: str, seed: int, stage: Stage
     model.train()
     losses, stats = [], []
     start = time.perf_counter()
-    batches = prefetch(lambda s: stage1_batch(processor, family, seed, s, stage.batch), range(stage.steps))
+    make_batch = make_batch or (lambda s: stage1_batch(processor, family, seed, s, stage.batch))
+    batches = prefetch(make_batch, range(stage.steps))
     bar = tqdm(batches, total=stage.steps, desc=f"stage 1 ({family})", mininterval=2)
     for batch in bar:
         loss, batch_stats = stage1_loss(model, heads, family, batch)
@@ -262,26 +271,29 @@ def stage2_inputs(model: nn.Module, family: str, batch: dict[str, torch.Tensor])
         standard = (padding.cumsum(-1) - 1).clamp(min=0)
     else:
         standard, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                 image_grid_thw=inputs["image_grid_thw"], attention_mask=padding)
+                                                 image_grid_thw=inputs.get("image_grid_thw"),
+                                                 video_grid_thw=inputs.get("video_grid_thw"), attention_mask=padding)
     inputs["attention_mask"] = isolated_mask(segments)
     inputs["position_ids"] = isolated_positions(standard, segments)
     return inputs
 
 
-def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage, val_n: int = VALIDATION_N
-               ) -> dict:
-    """Instruction-tune projector + LLM on multi-turn QA and captions; validates at each quarter."""
+def run_stage2(model: nn.Module, processor, family: str, seed: int, stage: Stage, val_n: int = VALIDATION_N,
+               make_batch: Callable[[int], dict[str, torch.Tensor]] | None = None,
+               validation: list | None = None) -> dict:
+    """Instruction-tune projector + LLM on multi-turn QA and captions; validates at each quarter. ``make_batch``
+    and ``validation`` replace the image batches and validation set (the video testbed's)."""
     frozen_tower(model, family)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, stage)
-    validation = make_eval_set(VALIDATION_SEED, val_n)
+    validation = validation if validation is not None else make_eval_set(VALIDATION_SEED, val_n)
     checks = {stage.steps * q // 4 for q in (1, 2, 3)}
     model.train()
     losses, curve = [], []
     start = time.perf_counter()
-    batches = prefetch(lambda s: stage2_batch(processor, family, seed, s, stage.batch, stage.extra_counts,
-                                              stage.high_counts),
-                       range(stage.steps))
+    make_batch = make_batch or (lambda s: stage2_batch(processor, family, seed, s, stage.batch, stage.extra_counts,
+                                                       stage.high_counts))
+    batches = prefetch(make_batch, range(stage.steps))
     bar = tqdm(batches, total=stage.steps, desc=f"stage 2 ({family})", mininterval=2)
     for step, batch in enumerate(bar, 1):
         loss = model(**stage2_inputs(model, family, batch), use_cache=False).loss
@@ -324,11 +336,18 @@ def train(family: str, seed: int, out: Path, steps_scale: float = 1.0, threads: 
     """The full pipeline; returns (and writes to ``out/train_log.json``) the run's log. ``size``, ``eval_n``
     and ``val_n`` exist for tests and smoke runs. torch's thread count and determinism flag are restored
     afterwards."""
+    with torch_settings(threads):
+        return _train(family, seed, out, steps_scale, threads, size, eval_n, val_n)
+
+
+@contextmanager
+def torch_settings(threads: int) -> Iterator[None]:
+    """``threads`` torch threads and deterministic algorithms inside the block; the previous settings after it."""
     saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(family, seed, out, steps_scale, threads, size, eval_n, val_n)
+        yield
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 from vtprune.testbed.dataset import Item, train_item
-from vtprune.testbed.model import CAPTION_PROMPT, EOS, IMAGE_SIZE, MERGE, PATCH, prompt
+from vtprune.testbed.model import CAPTION_PROMPT, EOS, IMAGE_PREFIX, IMAGE_SIZE, MERGE, PATCH, TEMPORAL_PATCH, VIDEO_PREFIX
 from vtprune.testbed.questions import (ANSWERS, CATEGORIES, PLURALS, Question, all_questions, looks_up_by_shape,
                                        sample_question)
 from vtprune.testbed.scenes import COLOUR_NAMES, QUADRANTS, SHAPES, Obj, Scene, pick, render, render_mask
+from vtprune.testbed.video import (DIRECTIONS, VIDEO_CATEGORIES, VIDEO_SIZE, Video, VideoQuestion, all_video_questions,
+                                   video_train_item)
 
 STAGE1_OFFSET = 10**9  # stage-1 scenes are train items [1e9, ...), stage 2 uses [0, ...)
 QA_STREAM = 3  # seed stream for choosing the extra questions of a stage-2 image
@@ -38,6 +40,9 @@ QA_PER_IMAGE = 20  # question turns per stage-2 image (fewer when the scene has 
 MIN_PIXELS = 4  # an object labels a patch only if it covers at least this many of its pixels
 SIZE_CLASSES = ("none", "small", "large")
 CLS_TARGETS = len(COLOUR_NAMES) + len(SHAPES) + len(COLOUR_NAMES) * len(SHAPES)
+EVENT_CLASSES = ("none", "appears", "disappears")  # video stage 1: what happens to a patch's object in its group
+VIDEO_STAGE1_OFFSET = 10**9  # video stage-1 clips are video train items [1e9, ...), stage 2 uses [0, ...)
+VIDEO_QA = 12  # question turns per stage-2 video at most (a video has about 5 valid questions)
 
 
 @dataclass
@@ -50,6 +55,14 @@ class DenseTargets:
     centre: torch.Tensor  # 1 if an object's centre lies in the patch
     row: torch.Tensor
     col: torch.Tensor
+
+
+@dataclass
+class VideoDenseTargets(DenseTargets):
+    """Per-patch labels of every temporal group of a video: the image labels plus what the object does."""
+
+    motion: torch.Tensor  # 0 = still, 1 + index into DIRECTIONS
+    event: torch.Tensor  # index into EVENT_CLASSES
 
 
 @dataclass
@@ -79,10 +92,7 @@ def stage1_batch(processor, family: str, seed: int, step: int, batch: int) -> St
 def patch_labels(scene: Scene, size: int) -> tuple[np.ndarray, ...]:
     """Raster-order labels of the ``size // PATCH`` square grid, in ``DenseTargets`` field order."""
     grid = size // PATCH
-    mask = render_mask(scene, size).reshape(grid, PATCH, grid, PATCH).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-    counts = np.stack([(mask == i + 1).sum(1) for i in range(len(scene.objects))], 1)  # [patches, objects]
-    main = counts.argmax(1)
-    covered = counts.max(1) >= MIN_PIXELS
+    main, covered = main_objects([render_mask(scene, size)], len(scene.objects), size)
     objs = scene.objects
     colour = np.where(covered, [1 + COLOUR_NAMES.index(objs[m].colour) for m in main], 0)
     shape = np.where(covered, [1 + SHAPES.index(objs[m].shape) for m in main], 0)
@@ -92,6 +102,15 @@ def patch_labels(scene: Scene, size: int) -> tuple[np.ndarray, ...]:
         centre[min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1)] = 1
     cells = np.arange(grid * grid)
     return tuple(a.astype(np.int64) for a in (colour, shape, size_class, centre, cells // grid, cells % grid))
+
+
+def main_objects(masks: list[np.ndarray], n_objects: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per raster patch of the ``size // PATCH`` grid, the object (index) covering most of its pixels summed over
+    ``masks`` (object-id maps, 0 = background), and whether that object covers at least MIN_PIXELS of them."""
+    grid = size // PATCH
+    cells = [m.reshape(grid, PATCH, grid, PATCH).transpose(0, 2, 1, 3).reshape(grid * grid, -1) for m in masks]
+    counts = np.stack([sum((c == i + 1).sum(1) for c in cells) for i in range(n_objects)], 1)  # [patches, objects]
+    return counts.argmax(1), counts.max(1) >= MIN_PIXELS
 
 
 def patch_order(family: str) -> np.ndarray:
@@ -263,22 +282,22 @@ def attribute_lists(scene: Scene) -> list[tuple[list[str], list[str]]]:
 def conversation(family: str, scene: Scene, questions: list[Question]) -> tuple[list[str], list[bool]]:
     """The training sequence as words (the image prefix is the first "word") and, per word, whether the
     loss sees it: answers, the attribute lists and the caption, each with its ``<eos>``."""
+    turns = question_turns(IMAGE_PREFIX[family], questions) + attribute_lists(scene)
+    return turn_words(turns + [(CAPTION_PROMPT.split(" "), caption(scene))])
+
+
+def question_turns(prefix: str, questions: list[Question]) -> list[tuple[list[str], list[str]]]:
+    """(asked words, answer words) per question; the first turn starts with the visual ``prefix`` as one word."""
+    return [(([prefix] if i == 0 else []) + q.text.split(" "), [q.answer]) for i, q in enumerate(questions)]
+
+
+def turn_words(turns: list[tuple[list[str], list[str]]]) -> tuple[list[str], list[bool]]:
+    """(asked words, answer words) turns as one word sequence, each answer followed by ``<eos>``, and per word
+    whether the loss sees it (the answers and their ``<eos>``)."""
     words, supervised = [], []
-
-    def add(ws: list[str], flag: bool) -> None:
-        words.extend(ws)
-        supervised.extend([flag] * len(ws))
-
-    add(prompt(family, questions[0].text).split(" "), False)
-    add([questions[0].answer, EOS], True)
-    for q in questions[1:]:
-        add(q.text.split(" "), False)
-        add([q.answer, EOS], True)
-    for ask, answer in attribute_lists(scene):
-        add(ask, False)
-        add(answer + [EOS], True)
-    add(CAPTION_PROMPT.split(" "), False)
-    add(caption(scene) + [EOS], True)
+    for ask, answer in turns:
+        words += ask + answer + [EOS]
+        supervised += [False] * len(ask) + [True] * (len(answer) + 1)
     return words, supervised
 
 
@@ -292,6 +311,86 @@ def answer_labels(input_ids: torch.Tensor, supervised: list[list[bool]]) -> torc
         ids = input_ids[row, -len(tail):]
         labels[row, -len(tail):] = torch.where(tail, ids, torch.full_like(ids, -100))
     return labels
+
+
+# ------------------------------------------------------------------------------------------------ video
+
+
+def video_stage1_batch(processor, seed: int, step: int, batch: int) -> Stage1Batch:
+    """Video clips ``VIDEO_STAGE1_OFFSET + step * batch + b`` as processor outputs with per-patch labels of every
+    temporal group (groups in order, each in the tower's patch order); no [CLS] targets (Qwen2-VL has none)."""
+    videos = [video_train_item(seed, VIDEO_STAGE1_OFFSET + step * batch + b).video for b in range(batch)]
+    inputs = dict(processor.video_processor([v.array(VIDEO_SIZE) for v in videos], return_tensors="pt"))
+    order = patch_order("qwen2_vl")
+    labels = [video_patch_labels(v, VIDEO_SIZE) for v in videos]
+    fields = [torch.from_numpy(np.stack([np.concatenate([g[i][order] for g in lab]) for lab in labels]))
+              for i in range(len(labels[0][0]))]
+    return Stage1Batch(inputs, VideoDenseTargets(*fields), torch.zeros(batch, 0))
+
+
+def video_patch_labels(video: Video, size: int) -> list[tuple[np.ndarray, ...]]:
+    """Per temporal group, raster-order labels in ``VideoDenseTargets`` field order: the object covering most pixels
+    of the patch over the group's two frames gives colour, shape and size; centre marks the patch holding its
+    centre at the group's first frame; motion is its direction if it moves, event whether it appears or
+    disappears inside the group (events happen at odd frames, so only the group of the event shows one)."""
+    grid = size // PATCH
+    objs = video.scene.objects
+    cells = np.arange(grid * grid)
+    out = []
+    for g in range(0, video.n_frames, TEMPORAL_PATCH):
+        frames = range(g, g + TEMPORAL_PATCH)
+        main, covered = main_objects([video.object_mask(f, size) for f in frames], len(objs), size)
+
+        def per_patch(value: Callable[[int], int]) -> np.ndarray:
+            return np.where(covered, [value(m) for m in main], 0).astype(np.int64)
+
+        centre = np.zeros(grid * grid, dtype=np.int64)
+        for i in video.visible(g):
+            o = video.object_at(i, g)
+            centre[min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1)] = 1
+        tracks = video.tracks
+        out.append((per_patch(lambda m: 1 + COLOUR_NAMES.index(objs[m].colour)),
+                    per_patch(lambda m: 1 + SHAPES.index(objs[m].shape)),
+                    per_patch(lambda m: 1 if objs[m].small else 2), centre, cells // grid, cells % grid,
+                    per_patch(lambda m: 1 + list(DIRECTIONS).index(tracks[m].direction) if tracks[m].moves else 0),
+                    per_patch(lambda m: 1 if tracks[m].first in frames[1:] else 2 if tracks[m].stop in frames[1:]
+                              else 0)))
+    return out
+
+
+def pick_video_questions(video: Video, first: VideoQuestion, seed: int, k: int) -> list[VideoQuestion]:
+    """``first``, then the video's other questions, categories taking turns and answers drawn uniformly within a
+    category (as ``pick_questions``), up to VIDEO_QA, in random order."""
+    rng = np.random.default_rng([seed, QA_STREAM, VIDEO_STAGE1_OFFSET + k])
+    pool: dict[str, dict[str, list[VideoQuestion]]] = {c: defaultdict(list) for c in VIDEO_CATEGORIES}
+    for q in all_video_questions(video):
+        if q.text != first.text:
+            pool[q.category][q.answer].append(q)
+    chosen: list[VideoQuestion] = [first]
+    while len(chosen) < VIDEO_QA and any(pool.values()):
+        for c in rng.permutation(len(VIDEO_CATEGORIES)):
+            if pool[VIDEO_CATEGORIES[c]] and len(chosen) < VIDEO_QA:
+                chosen.append(_draw(pool[VIDEO_CATEGORIES[c]], rng))
+    return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+def video_stage2_batch(processor, seed: int, step: int, batch: int) -> dict[str, torch.Tensor]:
+    """Processor outputs plus ``labels`` and turn ``segments`` for stage-2 videos ``step * batch + b``: every turn
+    a question about the video (isolated turns, as for images), no list or caption turns."""
+    texts, masks, videos, turns = [], [], [], []
+    for b in range(batch):
+        k = step * batch + b
+        item = video_train_item(seed, k)
+        questions = pick_video_questions(item.video, item.question, seed, k)
+        words, supervised = turn_words(question_turns(VIDEO_PREFIX, questions))
+        texts.append(" ".join(words))
+        masks.append(supervised)
+        turns.append(turn_ids(words))
+        videos.append(item.video.array(VIDEO_SIZE))
+    inputs = dict(processor(text=texts, videos=videos, return_tensors="pt", padding=True))
+    inputs["labels"] = answer_labels(inputs["input_ids"], masks)
+    inputs["segments"] = turn_segments(inputs["attention_mask"], turns)
+    return inputs
 
 
 # ------------------------------------------------------------------------------------------- prefetching
