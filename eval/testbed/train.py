@@ -207,6 +207,8 @@ def stage1_loss(model: nn.Module, heads: VisionHeads, family: str, batch: Stage1
     on_object = d.colour > 0
     stats = {"centre_recall": _acc(logits["centre"], d.centre, d.centre > 0)} if "centre" in logits else {}
     stats |= {f"{t}_acc": _acc(logits[t], getattr(d, t), on_object) for t in heads.targets if t in ("colour", "shape")}
+    stats |= {f"{t}_recall": _acc(logits[t], getattr(d, t), getattr(d, t) > 0) for t in heads.targets
+              if t in ("motion", "event")}  # video: on the patches of moving / appearing / disappearing objects
     if heads.cls is not None:
         cls_logits = heads.cls(cls)
         loss = loss + nn.functional.binary_cross_entropy_with_logits(cls_logits, batch.cls)
@@ -248,7 +250,8 @@ def run_stage1(model: nn.Module, processor, family: str, seed: int, stage: Stage
         shown = {k.removesuffix("_acc"): f"{v:.2f}" for k, v in batch_stats.items()}
         bar.set_postfix(loss=f"{losses[-1]:.3f}", **shown)
     last = stats[-STATS_WINDOW:]
-    accuracies = {k: round(sum(s[k] for s in last) / len(last), 4) for k in last[0]}
+    seen = {k: [s[k] for s in last if not math.isnan(s[k])] for k in last[0]}  # NaN: no such patch in the batch
+    accuracies = {k: round(sum(v) / len(v), 4) if v else None for k, v in seen.items()}
     return stage_log(stage, time.perf_counter() - start, losses, last_steps_accuracy=accuracies)
 
 
