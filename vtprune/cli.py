@@ -68,6 +68,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=_image_size, default=None,
                    help="H x W of the synthetic image (LLaVA-NeXT, Qwen); LLaVA-1.5 always uses its own size")
     p.add_argument("--text-tokens", type=int, default=65, help="text tokens around the image (35 before it)")
+    p.add_argument("--video-frames", type=int, default=0,
+                   help="a synthetic video of this many frames (of --image-size) instead of the image, for the "
+                        "families that prune videos (docs/video.md)")
     p.add_argument("--new-tokens", type=int, default=0,
                    help="also time generate() of this many tokens (TTFT, decode tokens/s, end to end)")
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +91,8 @@ def _bench(args: argparse.Namespace) -> int:
     model = build_model(args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device,
                         attn_implementation=args.attn, seed=args.seed)
     inputs = synthetic_inputs(model.config, image_size=args.image_size, text_tokens=args.text_tokens,
-                              seed=args.seed, device=args.device, dtype=next(model.parameters()).dtype)
+                              seed=args.seed, device=args.device, dtype=next(model.parameters()).dtype,
+                              video_frames=args.video_frames)
     result = run_bench(model, inputs, settings, repeats=args.repeats, warmup=args.warmup,
                        new_tokens=args.new_tokens, progress=not args.no_progress)
     result.args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
