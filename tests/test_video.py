@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import vtprune
+import vtprune.benchmark as B
+import vtprune.flops as F
 from conftest import GEN, SITES, model
 from vtprune.errors import VTPruneError
 from vtprune.testing import random_image, shortened_lm_inputs
@@ -404,3 +406,47 @@ def test_per_frame_keeps_tokens_outside_frames():
         tv.model(**inputs)
         assert handle.stats.samples[0].images == [(17, 2)]
     assert [view.num_tokens for view, _ in seen] == [4]  # 1 token left after the newline: the first frame's
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("keep", [1.0, 0.4])
+def test_flops_of_a_video_prompt_match_the_flop_counter(family, keep):
+    """The exact count (vision encoder on every frame, projector, LLM on the kept tokens) equals FlopCounterMode on a
+    forward with an image and a video, unpruned and pruned."""
+    tv = model(family)
+    inputs = video_inputs(tv, [1])
+    with vtprune.apply(tv.model, "random", keep=keep) as handle:
+        measured = F.measured_flops(lambda: tv.model(**inputs))
+        report = F.flops_from_stats(tv.model, handle.stats, inputs=inputs, logits_to_keep=0)
+    assert report.prefill_total == measured
+    if keep == 1.0:
+        assert F.flops_unpruned(tv.model, inputs, logits_to_keep=0).prefill_total == measured
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bench_synthetic_video(family):
+    """``synthetic_inputs(..., video_frames=4)``: one video instead of the image, pruned like a processor's video,
+    and counted exactly."""
+    tv = model(family)
+    size = (56, 84) if family in ("qwen2_vl", "qwen2_5_vl") else (64, 96)
+    inputs = B.synthetic_inputs(tv.model.config, image_size=size, video_frames=4)
+    assert "pixel_values" not in inputs and "pixel_values_videos" in inputs
+    with vtprune.apply(tv.model, "random", keep=0.25) as handle:
+        measured = F.measured_flops(lambda: tv.model(**inputs))
+        report = F.flops_from_stats(tv.model, handle.stats, inputs=inputs, logits_to_keep=0)
+        (images,) = [s.images for s in handle.stats.samples]
+    assert images == ([(17, 4)] if family == "llava_onevision" else [(12, 3)])
+    assert report.prefill_total == measured
+
+
+def test_real_size_video_config():
+    """Qwen2.5-VL-7B with a 32-frame 448x448 video: 16 temporal groups of 16x16 tokens; FLOPs from the config alone,
+    the vision encoder counted per frame group."""
+    cfg = B.load_config(B.resolve_model("qwen2.5-vl-7b"))
+    inputs = B.synthetic_inputs(cfg, video_frames=32)
+    assert int((inputs["input_ids"] == cfg.video_token_id).sum()) == 16 * 16 * 16
+    assert inputs["video_grid_thw"].tolist() == [[16, 32, 32]] and inputs["second_per_grid_ts"].tolist() == [1.0]
+    full = F.flops_unpruned(cfg, inputs)
+    assert full.prefill["vision"] > 0
+    with pytest.raises(VTPruneError, match="3 frames.*groups of 2"):
+        B.synthetic_inputs(cfg, video_frames=3)

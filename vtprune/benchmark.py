@@ -134,22 +134,28 @@ def _quiet_generation(model: nn.Module) -> None:
 
 # ---- inputs -------------------------------------------------------------------------------------------
 def synthetic_inputs(config: Any, *, image_size: tuple[int, int] | None = None, text_tokens: int = 65,
-                     seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-                     ) -> dict[str, torch.Tensor]:
+                     seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     video_frames: int = 0) -> dict[str, torch.Tensor]:
     """One prompt: ``min(35, text_tokens)`` random text ids, one image's placeholders, the remaining text ids;
     random pixels. ``image_size`` (H, W) matters for LLaVA-NeXT (AnyRes views; default 2×2 views) and Qwen (patch
-    grid; default 672×672 = 576 visual tokens); LLaVA-1.5 always encodes one ``image_size²`` view."""
+    grid; default 672×672 = 576 visual tokens); LLaVA-1.5 always encodes one ``image_size²`` view.
+    ``video_frames`` > 0: a video of that many frames (each ``image_size``; Qwen default 448×448) instead of the
+    image, for the families that prune videos (docs/video.md)."""
     if text_tokens < 0:
         raise VTPruneError(f"text_tokens={text_tokens} must be >= 0")
     g = torch.Generator().manual_seed(seed)
     family = family_class(config.model_type)
-    image = family.synthetic_image(config, image_size, g)
+    if video_frames:
+        image = family.synthetic_video(config, video_frames, image_size, g)
+    else:
+        image = family.synthetic_image(config, image_size, g)
     specials = set(_special_ids(config))
     allowed = torch.tensor([i for i in range(min(config.text_config.vocab_size, 4096)) if i not in specials])
     text = allowed[torch.randint(len(allowed), (text_tokens,), generator=g)]
     before, after = text[:TEXT_BEFORE_IMAGE], text[TEXT_BEFORE_IMAGE:]
     ids = torch.cat([before, image.placeholders, after])[None]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": image.pixel_values.to(dtype),
+    pixels = "pixel_values_videos" if video_frames else "pixel_values"
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), pixels: image.pixel_values.to(dtype),
               **image.inputs, **family.prompt_inputs(config, ids)}
     return {k: v.to(device) for k, v in inputs.items()}
 
@@ -284,7 +290,8 @@ def _prefill(model: nn.Module, inputs: dict[str, Any], r: SettingResult, timer: 
         sample = measure_prefill(model, inputs, timer, memory)
         if r.flops is None:
             r.flops = flops_unpruned(model, inputs, decode_steps=max(new_tokens - 1, 0))
-            n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+            visual = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
+            n = sum(int((inputs["input_ids"] == i).sum()) for i in visual if i is not None)
             r.visual = (n, n)
         return sample, 0.0
     with api.apply(model, config) as handle:

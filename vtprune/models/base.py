@@ -394,6 +394,13 @@ class ModelAdapter:
         raise VTPruneError(f"no synthetic benchmark inputs for model_type={cls.family!r}")
 
     @classmethod
+    def synthetic_video(cls, config: Any, frames: int, size: tuple[int, int] | None, generator: torch.Generator
+                        ) -> SyntheticImage:
+        """One random video of ``frames`` frames of ``size`` (H, W; ``None``: the family's default) for the prefill
+        benchmark: its ``pixel_values_videos``, placeholder ids and other inputs (``video_grid_thw``, ...)."""
+        raise VTPruneError(f"no synthetic benchmark video for model_type={cls.family!r}")
+
+    @classmethod
     def prompt_inputs(cls, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model inputs derived from a synthetic prompt's ids besides the attention mask (none by default)."""
         return {}

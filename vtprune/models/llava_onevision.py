@@ -136,6 +136,12 @@ def anyres_geometry(config: Any, size: list[int] | tuple[int, int], patched: boo
     return AnyresGeometry(1 + nph * npw, (nph, npw), canvas, resized, g)
 
 
+def pooled_side(config: Any) -> int:
+    """Side of a video frame's pooled token grid (``apply_pooling``: half the patch grid, rounded up)."""
+    vc = config.vision_config
+    return math.ceil(vc.image_size // vc.patch_size / 2)
+
+
 def image_geometries(config: Any, inputs: Mapping[str, Any]) -> list[AnyresGeometry] | None:
     """Geometry of every image of a call's (or a ``generate`` call's) keyword inputs, ``None`` without
     ``image_sizes``. ``batch_num_images`` decides which images are base-only, exactly as the model does (absent:
@@ -198,16 +204,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         videos = inputs.get("pixel_values_videos")
         if videos is None:
             return None
-        side = self._pooled_side()
+        side = pooled_side(self.model.config)
         return [int(videos.shape[1]) * side * side + 1] * int(videos.shape[0])
 
-    def _pooled_side(self) -> int:
-        """Side of a video frame's pooled token grid (``apply_pooling``: half the patch grid, rounded up)."""
-        vc = self.model.config.vision_config
-        return math.ceil(vc.image_size // vc.patch_size / 2)
-
     def video_layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
-        side, n = self._pooled_side(), features.shape[0]
+        side, n = pooled_side(self.model.config), features.shape[0]
         frames, extra = divmod(n - 1, side * side)
         if extra or frames < 1:
             raise VTPruneError(f"a video's {n} tokens are not whole {side}x{side} pooled frames plus a newline")
@@ -301,6 +302,18 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             tf.LlavaOnevisionVideoProcessor(size=size), num_image_tokens=16, vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_2", chat_template=CHAT_TEMPLATE)
         return config, proc
+
+    @classmethod
+    def synthetic_video(cls, config: Any, frames: int, size: tuple[int, int] | None, generator: torch.Generator
+                        ) -> SyntheticImage:
+        """``frames`` base views (every frame is encoded at the tower's own size; ``size`` is ignored): each frame's
+        pooled grid, then one newline."""
+        vc = config.vision_config
+        if frames < 1:
+            raise VTPruneError(f"a video of {frames} frames: give at least one")
+        side = pooled_side(config)
+        pixels = torch.randn(1, frames, vc.num_channels, vc.image_size, vc.image_size, generator=generator)
+        return SyntheticImage(pixels, torch.full((frames * side * side + 1,), config.video_token_id), {})
 
     @classmethod
     def synthetic_image(cls, config: Any, size: tuple[int, int] | None, generator: torch.Generator

@@ -53,6 +53,11 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         return 4 * e * window_sq * (vc.depth - len(full_blocks))
 
     @classmethod
+    def _video_timing(cls, config: Any, groups: int) -> dict[str, torch.Tensor]:
+        """``second_per_grid_ts`` of a video sampled at 2 frames per second (qwen-vl-utils' default)."""
+        return {"second_per_grid_ts": torch.tensor([config.vision_config.temporal_patch_size / 2.0])}
+
+    @classmethod
     def tiny_parts(cls, num_layers: int) -> tuple[Any, Any]:
         import transformers as tf
 

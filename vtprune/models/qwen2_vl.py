@@ -228,17 +228,50 @@ class Qwen2VLAdapter(ModelAdapter):
         """Flattened patches of one image of ``size`` (a multiple of patch × merge; default 672 x 672 = 576
         visual tokens), between its vision start and end tokens."""
         vc = config.vision_config
-        size = size or (672, 672)
-        unit = vc.patch_size * vc.spatial_merge_size
-        if size[0] % unit or size[1] % unit:
-            raise VTPruneError(f"image size {size[0]}x{size[1]} must be a multiple of {unit} (patch × merge) for Qwen")
-        h, w = size[0] // vc.patch_size, size[1] // vc.patch_size
+        h, w = cls._patch_grid(config, size or (672, 672))
         pixels = torch.randn(h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=generator)
         n_visual = h * w // vc.spatial_merge_size ** 2
         placeholders = torch.cat([torch.tensor([config.vision_start_token_id]),
                                   torch.full((n_visual,), config.image_token_id),
                                   torch.tensor([config.vision_end_token_id])])
         return SyntheticImage(pixels, placeholders, {"image_grid_thw": torch.tensor([[1, h, w]])})
+
+    @classmethod
+    def synthetic_video(cls, config: Any, frames: int, size: tuple[int, int] | None, generator: torch.Generator
+                        ) -> SyntheticImage:
+        """Flattened patches of ``frames`` frames of ``size`` (default 448 x 448: 256 visual tokens per temporal group
+        of ``temporal_patch_size`` frames), with the frame-span placeholders of :meth:`_video_placeholders`."""
+        vc = config.vision_config
+        h, w = cls._patch_grid(config, size or (448, 448))
+        if frames < 1 or frames % vc.temporal_patch_size:
+            raise VTPruneError(f"a video of {frames} frames: Qwen encodes frames in groups of "
+                               f"{vc.temporal_patch_size}, so give a positive multiple of it")
+        t = frames // vc.temporal_patch_size
+        pixels = torch.randn(t * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                             generator=generator)
+        return SyntheticImage(pixels, cls._video_placeholders(config, t, h * w // vc.spatial_merge_size ** 2),
+                              {"video_grid_thw": torch.tensor([[t, h, w]]), **cls._video_timing(config, t)})
+
+    @classmethod
+    def _patch_grid(cls, config: Any, size: tuple[int, int]) -> tuple[int, int]:
+        """The (rows, cols) patch grid of an image or frame of ``size``, which must be a multiple of patch × merge."""
+        vc = config.vision_config
+        unit = vc.patch_size * vc.spatial_merge_size
+        if size[0] % unit or size[1] % unit:
+            raise VTPruneError(f"image size {size[0]}x{size[1]} must be a multiple of {unit} (patch × merge) for Qwen")
+        return size[0] // vc.patch_size, size[1] // vc.patch_size
+
+    @classmethod
+    def _video_placeholders(cls, config: Any, groups: int, per_group: int) -> torch.Tensor:
+        """A video's placeholder ids: one span of every group's tokens between vision start and end."""
+        return torch.cat([torch.tensor([config.vision_start_token_id]),
+                          torch.full((groups * per_group,), config.video_token_id),
+                          torch.tensor([config.vision_end_token_id])])
+
+    @classmethod
+    def _video_timing(cls, config: Any, groups: int) -> dict[str, torch.Tensor]:
+        """Inputs that time a synthetic video's ``groups`` temporal groups (none for Qwen2-VL)."""
+        return {}
 
     @classmethod
     def prompt_inputs(cls, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -191,6 +191,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return config_class(text_config=text, vision_config=cls._tiny_vision(), **common), proc
 
     @classmethod
+    def _video_placeholders(cls, config: Any, groups: int, per_group: int) -> torch.Tensor:
+        """One span per temporal group between vision start and end, as the processor writes them (the timestamp
+        text before each group is left out of a synthetic prompt)."""
+        span = torch.cat([torch.tensor([config.vision_start_token_id]), torch.full((per_group,), config.video_token_id),
+                          torch.tensor([config.vision_end_token_id])])
+        return span.repeat(groups)
+
+    @classmethod
     def synthetic_image(cls, config: Any, size: tuple[int, int] | None, generator: torch.Generator
                         ) -> SyntheticImage:
         """As Qwen2-VL's; the default size is 24 x 24 merged tokens (576: 768 x 768 px with 16-px patches), and a
