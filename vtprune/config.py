@@ -22,6 +22,14 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_int(config: object, field: str, minimum: int, meaning: str = "") -> None:
+    """Raise :class:`VTPruneError` naming ``field`` unless ``config.<field>`` is an int (not a bool) >= ``minimum``;
+    ``meaning`` is added to the message in brackets."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise VTPruneError(f"{field}={value!r}: expected an int >= {minimum}" + (f" ({meaning})" if meaning else ""))
+
+
 @dataclass
 class PrunerConfig:
     """Options shared by every pruner.

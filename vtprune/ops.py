@@ -405,15 +405,8 @@ def dpc_knn(x: torch.Tensor, clusters: int, generator: torch.Generator | None = 
     n = x.shape[0]
     if not 1 <= clusters <= n:
         raise VTPruneError(f"dpc_knn: {clusters} clusters of {n} tokens; expected 1 <= clusters <= tokens")
-    x = x.float()
-    dist = torch.cdist(x, x) / math.sqrt(x.shape[-1])
-    nearest = torch.topk(dist, clusters, dim=-1, largest=False).values
-    noise = torch.rand(n, generator=generator, device=x.device) if generator is not None else \
-        torch.rand(n, device=x.device)
-    density = (-(nearest ** 2).mean(-1)).exp() + noise * 1e-6
-    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
-    delta = torch.where(denser, dist, dist.max()).min(-1).values
-    centres = torch.topk(delta * density, clusters).indices
+    dist, score = _density_peaks(x, clusters, generator)
+    centres = torch.topk(score, clusters).indices
     assign = dist[centres].argmin(0)
     assign[centres] = torch.arange(clusters, device=x.device)
     return centres, assign
@@ -520,13 +513,20 @@ def density_peak_scores(x: torch.Tensor, neighbours: int, generator: torch.Gener
     centres the same way with ``neighbours = clusters``): distances ÷ √D; density = exp(-mean squared distance to the
     ``min(neighbours, n)`` nearest, self included) + 1e-6·U(0,1) from ``generator``; δ = distance to the nearest
     denser row (the largest distance for the densest). Returns [n] float32."""
+    return _density_peaks(x, min(neighbours, x.shape[0]), generator)[1]
+
+
+def _density_peaks(x: torch.Tensor, neighbours: int, generator: torch.Generator | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled distances [n, n], δ·density [n]) of DPC-KNN, shared by :func:`dpc_knn` and
+    :func:`density_peak_scores`."""
     x = x.float()
     dist = torch.cdist(x, x) / math.sqrt(x.shape[-1])
-    nearest = torch.topk(dist, min(neighbours, x.shape[0]), dim=-1, largest=False).values
+    nearest = torch.topk(dist, neighbours, dim=-1, largest=False).values
     noise = torch.rand(x.shape[0], generator=generator, device=x.device)
     density = (-(nearest ** 2).mean(-1)).exp() + noise * 1e-6
-    denser = density[None, :] > density[:, None]
-    return torch.where(denser, dist, dist.max()).min(-1).values * density
+    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
+    return dist, torch.where(denser, dist, dist.max()).min(-1).values * density
 
 
 @dataclass(frozen=True)

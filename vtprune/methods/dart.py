@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import FINAL_NORM, LLM_QK, LLMQK
-from ..config import ModeOption, PrunerConfig
+from ..config import ModeOption, PrunerConfig, check_int
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView, budget
@@ -31,9 +31,7 @@ class DARTConfig(PrunerConfig, ModeOption):
     def validate(self) -> None:
         super().validate()
         for field in ("image_pivots", "text_pivots"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise VTPruneError(f"{field}={value!r}: expected an int >= 0")
+            check_int(self, field, 0)
         if self.image_pivots + self.text_pivots == 0:
             raise VTPruneError("image_pivots and text_pivots are both 0: DART needs at least one pivot")
         self.validate_mode()

@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 from ..capture import VISION_QK
-from ..config import is_number
+from ..config import check_int, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView, budget
@@ -44,9 +44,7 @@ class FastVIDConfig(TemporalConfig):
     def validate(self) -> None:
         super().validate()
         for field in ("segments", "anchor_every"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise VTPruneError(f"{field}={value!r}: expected an int >= 1")
+            check_int(self, field, 1)
         if not is_number(self.tau) or not -1.0 <= self.tau <= 1.0:
             raise VTPruneError(f"tau={self.tau!r}: expected a cosine threshold in [-1, 1]")
         if not is_number(self.contextual) or not 0.0 <= self.contextual < 1.0:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import ops
 from ..capture import PROJECTOR, VISION_QK
-from ..config import ModeOption, PrunerConfig, is_number
+from ..config import ModeOption, PrunerConfig, check_int, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import Selection, VisualView
@@ -75,8 +75,7 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
         super().validate()
         self.validate_zo()
         self.validate_mode()
-        if isinstance(self.parallel_k, bool) or not isinstance(self.parallel_k, int) or self.parallel_k < 1:
-            raise VTPruneError(f"parallel_k={self.parallel_k!r}: expected an int >= 1 (tokens per MMR step)")
+        check_int(self, "parallel_k", 1, "tokens per MMR step")
         if self.importance not in IMPORTANCES:
             raise VTPruneError(f"importance={self.importance!r}: expected one of {IMPORTANCES}")
         if not is_number(self.lam) or not 0 <= self.lam <= 1:

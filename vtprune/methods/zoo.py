@@ -30,7 +30,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import ops
 from ..capture import PROJECTOR, MLPProjector, ProjectorInput
-from ..config import ModeOption, PrunerConfig, is_number
+from ..config import ModeOption, PrunerConfig, check_int, is_number
 from ..errors import VTPruneError
 from ..registry import register_pruner
 from ..view import ImageLayout, Selection, VisualView, anyres_view_labels
@@ -56,8 +56,7 @@ class ZOOptions:
 
     def validate_zo(self) -> None:
         """Raise :class:`VTPruneError` naming the offending field."""
-        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
-            raise VTPruneError(f"directions={self.directions!r}: expected an int >= 1 (number of ZO directions)")
+        check_int(self, "directions", 1, "number of ZO directions")
         if not is_number(self.step) or not 0 < self.step < math.inf:
             raise VTPruneError(f"step={self.step!r}: expected a finite float > 0 (central-difference step h)")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
