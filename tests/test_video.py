@@ -450,3 +450,22 @@ def test_real_size_video_config():
     assert full.prefill["vision"] > 0
     with pytest.raises(VTPruneError, match="3 frames.*groups of 2"):
         B.synthetic_inputs(cfg, video_frames=3)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_vision_signals_one_view_per_temporal_group(family):
+    """The ViT attends within each temporal group, so a video's vision q/k come as one encoder view per group, whose
+    patches feed that group's tokens only (a prompt of two videos: each reads its own pass slice)."""
+    tv = model(family)
+    with vtprune.apply(tv.model, "visionzip", keep=0.5) as handle:
+        seen = _record(handle)
+        tv.model(**video_inputs(tv, [3]))
+    assert len(seen) == 2
+    for view, _ in seen:
+        frames = view.layout.frame_index()
+        for views in view.extras["vision_qk"].values():
+            assert len(views) == 2
+            for group, v in enumerate(views):
+                fed = v.token_of_patch[v.token_of_patch >= 0]
+                assert v.query.shape[1] == v.token_of_patch.numel() == 4 * 4
+                assert set(frames[fed].tolist()) == {group} and fed.unique().numel() == 4

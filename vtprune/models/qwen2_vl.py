@@ -114,10 +114,12 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def vision_qk(self, layer: int, capture: InputCapture, tower: InputCapture,
                   layouts: list[ImageLayout]) -> list[list[VisionQK]]:
+        """One encoder view per temporal group: the ViT attends within each group of a video (its full-attention
+        blocks run per frame group, its windows inside one), so a video's groups are scored as separate views."""
         attn = self.vision_attention(layer)
         passes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
-        for call, sl, token in self._token_maps(tower, layouts):
+        for (call, sl, token), layout in zip(self._token_maps(tower, layouts), layouts):
             if call not in passes:
                 hidden = capture.tensor("hidden_states", call=call)
                 cos, sin = capture.tensor("position_embeddings", 2, call=call)
@@ -128,7 +130,9 @@ class Qwen2VLAdapter(ModelAdapter):
                 cos, sin = cos.unsqueeze(0).float(), sin.unsqueeze(0).float()
                 passes[call] = tuple(rotate(t.float(), cos, sin).to(hidden.dtype) for t in (qkv[0], qkv[1]))
             q, k = passes[call]
-            out.append([VisionQK(query=q[:, sl], key=k[:, sl], scaling=float(attn.scaling), token_of_patch=token)])
+            out.append([VisionQK(query=q[:, sl][:, part], key=k[:, sl][:, part], scaling=float(attn.scaling),
+                                 token_of_patch=token[part])
+                        for part in _group_slices(sl.stop - sl.start, layout.num_frames)])
         return out
 
     # ---- projector (the 2x2 PatchMerger) ----------------------------------------------------------------
@@ -280,3 +284,10 @@ class Qwen2VLAdapter(ModelAdapter):
         if getattr(config, "video_token_id", None) is not None:
             types += 2 * (input_ids == config.video_token_id).long()
         return {"mm_token_type_ids": types}
+
+
+def _group_slices(patches: int, groups: int) -> list[slice]:
+    """The encoder's patches of each temporal group of an item of ``patches`` patches: consecutive equal slices (the
+    packed sequence runs group by group; Qwen2.5-VL's window order stays inside a group)."""
+    size = patches // groups
+    return [slice(g * size, (g + 1) * size) for g in range(groups)]
