@@ -22,7 +22,7 @@ from vtprune.testbed.model import QWEN_VIDEO, load_checkpoint
 from vtprune.testbed.video import (DIRECTIONS, EVENT_FRAMES, N_FRAMES, VIDEO_ANSWER_WORDS, VIDEO_ANSWERS,
                                    VIDEO_CATEGORIES, VIDEO_HELDOUT_FILE, VIDEO_HELDOUT_N, VIDEO_HELDOUT_SEED,
                                    VIDEO_WORDS, load_video_set, make_video_eval_set, render, save_video_set,
-                                   video_hash, video_questions_for, video_token_priorities, video_train_item)
+                                   video_questions_for, video_token_priorities, video_train_item)
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
@@ -200,7 +200,7 @@ def tiny():
 
 
 def test_video_batches_have_the_video_layout(tiny):
-    model, processor = tiny
+    _, processor = tiny
     s1 = video_stage1_batch(processor, 0, 0, 2)
     assert s1.inputs["video_grid_thw"].tolist() == [[4, 16, 16]] * 2
     assert s1.dense.motion.shape == s1.dense.colour.shape == (2, 4 * 256)

@@ -371,14 +371,21 @@ def _train(family: str, seed: int, out: Path, steps_scale: float, threads: int, 
                  "parameters": sum(p.numel() for p in model.parameters()), "categories": list(CATEGORIES)}
     log["stage1"] = run_stage1(model, processor, family, seed, stages[0])
     log["stage2"] = run_stage2(model, processor, family, seed, stages[1], val_n)
+    return finish(log, model, processor, out, t0, lambda: score(out, family, eval_n), family)
+
+
+def finish(log: dict, model: nn.Module, processor, out: Path, t0: float, score_saved: Callable[[], dict],
+           name: str) -> dict:
+    """Save the trained model to ``out``, score the saved copy with ``score_saved``, add the times (from ``t0``) and
+    write ``out/train_log.json``; returns the log."""
     log["train_seconds"] = round(time.perf_counter() - t0, 1)
     log["files"] = save(model, processor, out)
     t1 = time.perf_counter()
-    log["eval"] = score(out, family, eval_n)
+    log["eval"] = score_saved()
     log["eval_seconds"] = round(time.perf_counter() - t1, 1)
     log["total_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    print(f"{family}: trained in {log['train_seconds']:.0f} s (stage 1 {log['stage1']['seconds']:.0f} s, stage 2 "
+    print(f"{name}: trained in {log['train_seconds']:.0f} s (stage 1 {log['stage1']['seconds']:.0f} s, stage 2 "
           f"{log['stage2']['seconds']:.0f} s), held-out accuracy {100 * log['eval']['heldout']['accuracy']:.1f} %, "
           f"saved to {out}")
     return log

@@ -41,7 +41,6 @@ in float16, reloaded and scored on ``make_video_eval_set(VIDEO_HELDOUT_SEED, eva
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -55,8 +54,8 @@ from vtprune.testbed.video import (VIDEO_CATEGORIES, VIDEO_HELDOUT_N, VIDEO_HELD
                                    make_video_eval_set)
 
 from .evaluate import TEST_SUBSET, VALIDATION_SEED, EvalResult, default_checkpoint, evaluate, format_table
-from .train import (VALIDATION_N, Recipe, Stage, VisionHeads, frozen_tower, make_optimizer, run_stage1, run_stage2,
-                    save, stage1_loss, stage2_inputs, step_on, torch_settings, vision_params)
+from .train import (VALIDATION_N, Recipe, Stage, VisionHeads, finish, frozen_tower, make_optimizer, run_stage1,
+                    run_stage2, stage1_loss, stage2_inputs, step_on, torch_settings, vision_params)
 from .training_data import Stage1Batch, video_stage1_batch, video_stage2_batch
 
 FAMILY = "qwen2_vl"
@@ -111,17 +110,7 @@ def train_video(seed: int, out: Path, init: Path | None, steps_scale: float = 1.
         validation = make_video_eval_set(VALIDATION_SEED, val_n)
         log["stage2"] = run_stage2(model, processor, FAMILY, seed, stages[1], val_n,
                                    lambda s: video_stage2_batch(processor, seed, s, stages[1].batch), validation)
-        log["train_seconds"] = round(time.perf_counter() - t0, 1)
-        log["files"] = save(model, processor, out)
-        t1 = time.perf_counter()
-        log["eval"] = score(out, eval_n)
-        log["eval_seconds"] = round(time.perf_counter() - t1, 1)
-        log["total_seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    print(f"video: trained in {log['train_seconds']:.0f} s (stage 1 {log['stage1']['seconds']:.0f} s, stage 2 "
-          f"{log['stage2']['seconds']:.0f} s), held-out accuracy {100 * log['eval']['heldout']['accuracy']:.1f} %, "
-          f"saved to {out}")
-    return log
+        return finish(log, model, processor, out, t0, lambda: score(out, eval_n), "video")
 
 
 def measure_steps(init: Path | None, steps: int, threads: int = 1, recipe: Recipe = VIDEO_RECIPE) -> dict:

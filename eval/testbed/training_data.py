@@ -334,27 +334,24 @@ def video_patch_labels(video: Video, size: int) -> list[tuple[np.ndarray, ...]]:
     centre at the group's first frame; motion is its direction if it moves, event whether it appears or
     disappears inside the group (events happen at odd frames, so only the group of the event shows one)."""
     grid = size // PATCH
-    objs = video.scene.objects
+    objs, tracks = video.scene.objects, video.tracks
     cells = np.arange(grid * grid)
+    colour = np.array([1 + COLOUR_NAMES.index(o.colour) for o in objs])
+    shape = np.array([1 + SHAPES.index(o.shape) for o in objs])
+    size_class = np.array([1 if o.small else 2 for o in objs])
+    motion = np.array([1 + list(DIRECTIONS).index(t.direction) if t.moves else 0 for t in tracks])
     out = []
     for g in range(0, video.n_frames, TEMPORAL_PATCH):
-        frames = range(g, g + TEMPORAL_PATCH)
-        main, covered = main_objects([video.object_mask(f, size) for f in frames], len(objs), size)
-
-        def per_patch(value: Callable[[int], int]) -> np.ndarray:
-            return np.where(covered, [value(m) for m in main], 0).astype(np.int64)
-
+        inside = range(g + 1, g + TEMPORAL_PATCH)  # an event at one of these frames happens inside the group
+        event = np.array([1 if t.first in inside else 2 if t.stop in inside else 0 for t in tracks])
+        main, covered = main_objects([video.object_mask(f, size) for f in range(g, g + TEMPORAL_PATCH)], len(objs),
+                                     size)
         centre = np.zeros(grid * grid, dtype=np.int64)
         for i in video.visible(g):
             o = video.object_at(i, g)
             centre[min(int(o.cy * grid), grid - 1) * grid + min(int(o.cx * grid), grid - 1)] = 1
-        tracks = video.tracks
-        out.append((per_patch(lambda m: 1 + COLOUR_NAMES.index(objs[m].colour)),
-                    per_patch(lambda m: 1 + SHAPES.index(objs[m].shape)),
-                    per_patch(lambda m: 1 if objs[m].small else 2), centre, cells // grid, cells % grid,
-                    per_patch(lambda m: 1 + list(DIRECTIONS).index(tracks[m].direction) if tracks[m].moves else 0),
-                    per_patch(lambda m: 1 if tracks[m].first in frames[1:] else 2 if tracks[m].stop in frames[1:]
-                              else 0)))
+        per_patch = [np.where(covered, a[main], 0).astype(np.int64) for a in (colour, shape, size_class, motion, event)]
+        out.append((*per_patch[:3], centre, cells // grid, cells % grid, *per_patch[3:]))
     return out
 
 

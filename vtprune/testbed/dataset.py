@@ -77,11 +77,16 @@ def _eval_item(seed: int, i: int) -> Item:
     """Item i of the eval set of ``seed``: category by turn, answer dealt from a shuffled cycle."""
     c = i % len(CATEGORIES)
     category, j = CATEGORIES[c], i // len(CATEGORIES)
-    answers = ANSWERS[category]
-    deal = np.random.default_rng([seed, EVAL_STREAM, ANSWER_DEAL, c, j // len(answers)]).permutation(len(answers))
-    answer = answers[int(deal[j % len(answers)])]
+    answer = dealt_answer(ANSWERS[category], [seed, EVAL_STREAM, ANSWER_DEAL, c], j)
     scene, question = sample_question(np.random.default_rng([seed, EVAL_STREAM, SCENE_DRAW, i]), category, answer)
     return Item(f"eval-{seed}-{i}", scene, question)
+
+
+def dealt_answer(answers: tuple[str, ...], key: list[int], j: int) -> str:
+    """The j-th answer of a category's deal: full cycles of ``answers``, each shuffled by a generator seeded with
+    ``key`` and the cycle number, so every answer occurs equally often up to one incomplete cycle."""
+    deal = np.random.default_rng(key + [j // len(answers)]).permutation(len(answers))
+    return answers[int(deal[j % len(answers)])]
 
 
 def train_item(seed: int, step: int) -> Item:

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .dataset import EVAL_STREAM, TRAIN_STREAM, IntegrityError
+from .dataset import EVAL_STREAM, TRAIN_STREAM, IntegrityError, dealt_answer
 from .questions import NUMBERS, Question
 from .scenes import (COLOUR_NAMES, REF_SIZE, SHAPES, Box, Forbid, Obj, Request, Scene, _apart, _draw_object, pick, render,
                      render_mask, sample_scene)
@@ -456,9 +456,7 @@ def make_video_eval_set(seed: int, n: int) -> list[VideoItem]:
 def _video_eval_item(seed: int, i: int) -> VideoItem:
     c = i % len(VIDEO_CATEGORIES)
     category, j = VIDEO_CATEGORIES[c], i // len(VIDEO_CATEGORIES)
-    answers = VIDEO_ANSWERS[category]
-    deal = np.random.default_rng([seed, EVAL_STREAM, VIDEO_STREAM, ANSWER_DEAL, c, j // len(answers)])
-    answer = answers[int(deal.permutation(len(answers))[j % len(answers)])]
+    answer = dealt_answer(VIDEO_ANSWERS[category], [seed, EVAL_STREAM, VIDEO_STREAM, ANSWER_DEAL, c], j)
     rng = np.random.default_rng([seed, EVAL_STREAM, VIDEO_STREAM, VIDEO_DRAW, i])
     video, question = sample_video_question(rng, category, answer)
     return VideoItem(f"video-eval-{seed}-{i}", video, question)
