@@ -8,6 +8,8 @@ turn on the pruned cache, and every registered method either keeps its budget on
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -469,3 +471,45 @@ def test_vision_signals_one_view_per_temporal_group(family):
                 fed = v.token_of_patch[v.token_of_patch >= 0]
                 assert v.query.shape[1] == v.token_of_patch.numel() == 4 * 4
                 assert set(frames[fed].tolist()) == {group} and fed.unique().numel() == 4
+
+
+@pytest.mark.parametrize("family,site", [c for c in CASES if c[0] in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")],
+                         ids=[i for c, i in zip(CASES, IDS) if c[0] in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")])
+def test_video_in_a_later_turn(family, site):
+    """A later turn brings a video into a pruned cache (a forward of the new tokens with the whole conversation's
+    M-RoPE positions, as for a later image): pruned with its own budget, == the whole conversation in one pass."""
+    tv = model(family)
+    first = video_inputs(tv, [2])  # an image
+    step = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    content = [{"type": "video"}, {"type": "text", "text": "and what colour is it"}]
+    turn = tv.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    new = dict(tv.processor(text=[turn], videos=[_video(7, (56, 84))], return_tensors="pt"))
+    video_keys = [k for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in new]
+    with vtprune.apply(tv.model, "random", keep=0.4, **site) as handle:
+        out = tv.model.generate(**first, max_new_tokens=3, **step)
+        ids = torch.cat([out.sequences, new["input_ids"]], 1)
+        generated = out.sequences.shape[1] - first["input_ids"].shape[1]
+        types = torch.cat([first["mm_token_type_ids"], torch.zeros(1, generated, dtype=torch.long),
+                           new["mm_token_type_ids"]], 1)
+        whole = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
+                 "pixel_values": first["pixel_values"], "image_grid_thw": first["image_grid_thw"],
+                 **{k: new[k] for k in video_keys}}
+        one_pass = tv.model(**whole).logits[:, -1]
+        pos, _ = tv.model.model.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=first["image_grid_thw"], video_grid_thw=new["video_grid_thw"],
+            attention_mask=whole["attention_mask"],
+            **({"second_per_grid_ts": new["second_per_grid_ts"]} if "second_per_grid_ts" in new else {}))
+        n_new = ids.shape[1] - out.sequences.shape[1] + 1
+
+        def later(**kw) -> torch.Tensor:
+            return tv.model(input_ids=ids[:, -n_new:], attention_mask=whole["attention_mask"],
+                            past_key_values=copy.deepcopy(out.past_key_values), mm_token_type_ids=types[:, -n_new:],
+                            **{k: new[k] for k in video_keys}, **kw).logits[:, -1]
+
+        got = later(position_ids=pos[..., -n_new:])
+        assert handle.stats.samples[0].images == [(12, 5)]  # the later video alone, with its own budget
+        shifted = later(position_ids=pos[..., -n_new:] + 1)  # negative control: positions off by one
+        with pytest.raises(VTPruneError, match="position_ids"):
+            later()
+    torch.testing.assert_close(got, one_pass, atol=1e-5, rtol=1e-5)
+    assert (shifted - one_pass).abs().max() > 1e-4
