@@ -271,7 +271,7 @@ def test_later_text_turn_on_pruned_cache(family, site):
     pruner draws the same subset for the same item either way)."""
     tv = model(family)
     first = video_inputs(tv, [1])
-    step = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    step = {"do_sample": False, "output_logits": True, "return_dict_in_generate": True}
     with vtprune.apply(tv.model, "random", keep=0.4, **site):
         out = tv.model.generate(**first, max_new_tokens=3, **step)
         turn = tv.processor(text=[tv.prompt("and what colour is it", 0)], return_tensors="pt")
@@ -480,7 +480,7 @@ def test_video_in_a_later_turn(family, site):
     M-RoPE positions, as for a later image): pruned with its own budget, == the whole conversation in one pass."""
     tv = model(family)
     first = video_inputs(tv, [2])  # an image
-    step = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    step = {"do_sample": False, "output_logits": True, "return_dict_in_generate": True}
     content = [{"type": "video"}, {"type": "text", "text": "and what colour is it"}]
     turn = tv.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     new = dict(tv.processor(text=[turn], videos=[_video(7, (56, 84))], return_tensors="pt"))

@@ -5,6 +5,7 @@ Adapters build these; pruners consume them and never touch a model class.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,12 +46,12 @@ class ImageLayout:
             return
         real = [f for f in self.frames if f >= 0]
         if len(self.frames) != len(self.segments) or any(f < -1 for f in self.frames) or not real \
-                or real[0] != 0 or any(b - a not in (0, 1) for a, b in zip(real, real[1:])):
+                or real[0] != 0 or any(b - a not in (0, 1) for a, b in itertools.pairwise(real)):
             raise VTPruneError(f"video layout frames {self.frames} must give one frame per segment "
                                f"({len(self.segments)}), counting up from 0 in steps of 0 or 1 (-1: no frame)")
 
     @staticmethod
-    def video(frame: Segment, frames: int) -> "ImageLayout":
+    def video(frame: Segment, frames: int) -> ImageLayout:
         """A video of ``frames`` temporal groups, each one ``frame`` grid."""
         return ImageLayout((frame,) * frames, tuple(range(frames)))
 

@@ -25,6 +25,7 @@ A family with the same tower and positions but no DeepStack (Qwen3.5) subclasses
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -86,7 +87,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         t = positions[-3]
         cuts = [0, *(torch.nonzero(t[1:] != t[:-1]).flatten() + 1).tolist(), t.numel()]
         frames = []
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             h, w = (int(p[a:b].max() - p[a:b].min()) + 1 for p in positions[-2:])
             if h * w != b - a:
                 raise VTPruneError(f"a video frame's {b - a} tokens do not tile its {h}x{w} position grid")
