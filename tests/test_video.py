@@ -513,3 +513,20 @@ def test_video_in_a_later_turn(family, site):
             later()
     torch.testing.assert_close(got, one_pass, atol=1e-5, rtol=1e-5)
     assert (shifted - one_pass).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("site", SITES, ids=[s["site"] for s in SITES])
+def test_merge_proportional_on_video(site):
+    """merge="proportional": dropped video tokens merge into kept ones of the same video, with per_frame too; cached
+    == uncached."""
+    tv = model("qwen2_vl")
+    inputs = video_inputs(tv, [1])
+    for per_frame in (False, True):
+        with vtprune.apply(tv.model, "random", keep=0.4, merge="proportional", per_frame=per_frame, **site):
+            seq_c, step_c = _generate(tv, inputs)
+            seq_u, step_u = _generate(tv, inputs, use_cache=False)
+        with vtprune.apply(tv.model, "random", keep=0.4, per_frame=per_frame, **site):
+            _, dropped = _generate(tv, inputs)
+        assert torch.equal(seq_c, seq_u)
+        torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
+        assert (step_c - dropped).abs().max() > 1e-4  # negative control: merging changed the outcome
