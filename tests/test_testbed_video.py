@@ -251,3 +251,15 @@ def test_smoke_pipeline_from_the_image_checkpoint(tmp_path):
     assert processor.tokenizer.convert_tokens_to_ids("disappears") != processor.tokenizer.unk_token_id
     result = evaluate(model, processor, make_video_eval_set(VIDEO_HELDOUT_SEED, 6), family="qwen2_vl")
     assert result.summary()["accuracy"] == log["eval"]["heldout"]["accuracy"]
+
+
+def test_video_stage1_losses_read_only_their_patches():
+    """Motion is scored on movers' patches and event on object patches; a batch without movers adds 0, not NaN
+    (negative control: plain cross-entropy over no patches is NaN)."""
+    from eval.testbed.train import _patch_loss
+    logits, target = torch.randn(2, 5, 3), torch.tensor([[0, 1, 2, 0, 0], [0, 0, 1, 0, 0]])
+    where = target > 0
+    torch.testing.assert_close(_patch_loss(logits, target, where),
+                               torch.nn.functional.cross_entropy(logits[where], target[where]))
+    assert _patch_loss(logits, target, target > 5).item() == 0.0
+    assert torch.isnan(torch.nn.functional.cross_entropy(logits[target > 5], target[target > 5]))

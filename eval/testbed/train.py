@@ -74,13 +74,18 @@ from vtprune.testbed.scenes import COLOUR_NAMES, SHAPES
 from vtprune.testbed.video import DIRECTIONS
 
 from .evaluate import TEST_SUBSET, VALIDATION_SEED, EvalResult, default_checkpoint, evaluate, format_table
-from .training_data import (CLS_TARGETS, EVENT_CLASSES, SIZE_CLASSES, Stage1Batch, isolated_mask, isolated_positions, prefetch,
-                            stage1_batch, stage2_batch)
+from .training_data import (CLS_TARGETS, EVENT_CLASSES, SIZE_CLASSES, DenseTargets, Stage1Batch, isolated_mask,
+                            isolated_positions, prefetch, stage1_batch, stage2_batch)
 
 VALIDATION_N = 240  # quick check at each quarter of stage 2 (40 per category)
 LOSS_POINTS = 50  # the loss curve in the log is averaged into this many windows
 STATS_WINDOW = 50  # stage-1 patch accuracies in the log are averaged over this many last steps
 TARGET_WEIGHTS = {"size": 0.5, "row": 0.5, "col": 0.5}  # stage-1 loss weights; the other targets weigh 1
+# video stage-1 targets scored on some patches only (the others on all): on all patches the 98 % of still background
+# swamps them (pilot: motion recall 0.0, event 0.54 after 150 steps); event on object patches, motion (the direction)
+# on the patches of movers, as a pixel probe that reads it at 80 % (docs/testbed_runs.md, "Video testbed")
+TARGET_PATCHES: dict[str, Callable[[DenseTargets], torch.Tensor]] = {"event": lambda d: d.colour > 0,
+                                                                      "motion": lambda d: d.motion > 0}
 
 
 @dataclass(frozen=True)
@@ -202,9 +207,9 @@ def stage1_loss(model: nn.Module, heads: VisionHeads, family: str, batch: Stage1
     patches, cls = vision_features(model, family, batch.inputs)
     logits = dict(zip(heads.targets, heads.patch(patches).split(heads.sizes, dim=-1)))
     d = batch.dense
-    loss = sum(w * nn.functional.cross_entropy(logits[t].flatten(0, 1), getattr(d, t).flatten())
-               for w, t in zip(heads.weights, heads.targets))
     on_object = d.colour > 0
+    loss = sum(w * _patch_loss(logits[t], getattr(d, t), TARGET_PATCHES[t](d) if t in TARGET_PATCHES else None)
+               for w, t in zip(heads.weights, heads.targets))
     stats = {"centre_recall": _acc(logits["centre"], d.centre, d.centre > 0)} if "centre" in logits else {}
     stats |= {f"{t}_acc": _acc(logits[t], getattr(d, t), on_object) for t in heads.targets if t in ("colour", "shape")}
     stats |= {f"{t}_recall": _acc(logits[t], getattr(d, t), getattr(d, t) > 0) for t in heads.targets
@@ -214,6 +219,13 @@ def stage1_loss(model: nn.Module, heads: VisionHeads, family: str, batch: Stage1
         loss = loss + nn.functional.binary_cross_entropy_with_logits(cls_logits, batch.cls)
         stats["cls_acc"] = float(((cls_logits > 0).float() == batch.cls).float().mean())
     return loss, stats
+
+
+def _patch_loss(logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy over all patches, or over the ``where`` patches (0 when a batch has none of them)."""
+    if where is None:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+    return nn.functional.cross_entropy(logits[where], target[where], reduction="sum") / max(1, int(where.sum()))
 
 
 def _acc(logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> float:

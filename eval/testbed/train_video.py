@@ -14,8 +14,8 @@ Recipe, the image testbed's two stages (``train.py``) on video:
   (the image ids are unchanged) and the embeddings and LM head grow to match. ``--scratch`` starts from random
   weights instead (the measurement that chose the checkpoint is in docs/testbed_runs.md, "Video testbed").
 * Stage 1 trains the ViT (not the merger) on per-patch targets of every temporal group: the image targets (colour,
-  shape, size class, centre) plus the object's motion (still / left / right / up / down) and whether it appears
-  or disappears inside the group. Events happen inside a 2-frame temporal patch, so the ViT can see them locally.
+  shape, size class, centre) plus the object's motion (its direction, scored on the movers' patches) and whether
+  it appears or disappears inside the group (scored on object patches; ``train.TARGET_PATCHES``). Events happen inside a 2-frame temporal patch, so the ViT can see them locally.
 * Stage 2 freezes the ViT and trains merger + LLM on up to ``VIDEO_QA`` isolated question turns per video
   (``training_data.video_stage2_batch``), validating on ``make_video_eval_set(VALIDATION_SEED, 240)`` at each
   quarter.
