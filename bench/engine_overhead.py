@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import vtprune
-from vtprune.benchmark import synthetic_inputs
+from vtprune.benchmark import placeholder_ids, synthetic_inputs
 from vtprune.measure import environment, median
 from vtprune.testing import FAMILIES, shortened_lm_inputs, tiny_vlm
 
@@ -476,6 +476,13 @@ class DecodeStart:
     max_abs_diff: float = 0.0
 
 
+def greedy_token(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """[b, 1] greedy next token of the last position, never an image / video placeholder (a random model may rank
+    one first; fed back, it would read as a new image or video without pixels)."""
+    banned = torch.tensor(placeholder_ids(model.config), dtype=torch.long, device=logits.device)
+    return logits[:, -1:].index_fill(-1, banned, float("-inf")).argmax(-1)
+
+
 def decode_steps(model: nn.Module, cache: Any, token: torch.Tensor, steps: int,
                  next_pos: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``steps`` greedy decode forwards from ``cache``; the positions are the engine's (``next_pos`` None, hooked
@@ -487,7 +494,7 @@ def decode_steps(model: nn.Module, cache: Any, token: torch.Tensor, steps: int,
             pos = (next_pos + step)[..., None]
             kw["position_ids"] = pos[0] if pos.shape[0] == 1 else pos
         logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw).logits
-        token = logits[:, -1:].argmax(-1)
+        token = greedy_token(model, logits)
         out.append(logits)
     return out
 
@@ -500,7 +507,7 @@ def check_decode(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell, 
 
     with vtprune.apply(model, cell.pruner, **cell.options):
         out = model(**inputs, use_cache=True, logits_to_keep=1)
-        start = DecodeStart(copy.deepcopy(out.past_key_values), out.logits[:, -1:].argmax(-1),
+        start = DecodeStart(copy.deepcopy(out.past_key_values), greedy_token(model, out.logits),
                             ledger_of(out.past_key_values).next_pos, steps)
         pruned = decode_steps(model, out.past_key_values, start.token, steps)
     expected = decode_steps(model, copy.deepcopy(start.cache), start.token, steps, start.next_pos)

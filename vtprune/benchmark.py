@@ -119,7 +119,7 @@ def _check_fits(cls: type, config: Any, dtype: torch.dtype, device: str) -> None
                            f"{free / 2**30:.1f} GiB is free on {device}; use --dtype bfloat16/float16 or a GPU")
 
 
-def _special_ids(config: Any) -> list[int]:
+def placeholder_ids(config: Any) -> list[int]:
     """Placeholder / marker token ids of a VLM config."""
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "pad_token_id")
     return sorted({int(getattr(config, n)) for n in names if getattr(config, n, None) is not None})
@@ -128,7 +128,7 @@ def _special_ids(config: Any) -> list[int]:
 def _quiet_generation(model: nn.Module) -> None:
     """A random model must never stop early nor emit image placeholders while generating."""
     gen = model.generation_config
-    gen.suppress_tokens = _special_ids(model.config)
+    gen.suppress_tokens = placeholder_ids(model.config)
     gen.eos_token_id = None
 
 
@@ -149,7 +149,7 @@ def synthetic_inputs(config: Any, *, image_size: tuple[int, int] | None = None, 
         image = family.synthetic_video(config, video_frames, image_size, g)
     else:
         image = family.synthetic_image(config, image_size, g)
-    specials = set(_special_ids(config))
+    specials = set(placeholder_ids(config))
     allowed = torch.tensor([i for i in range(min(config.text_config.vocab_size, 4096)) if i not in specials])
     text = allowed[torch.randint(len(allowed), (text_tokens,), generator=g)]
     before, after = text[:TEXT_BEFORE_IMAGE], text[TEXT_BEFORE_IMAGE:]
