@@ -71,12 +71,15 @@ def _capture(module: torch.nn.Module, run) -> tuple[tuple, dict]:
 
 
 def _keep(tv, inputs, keep: float = 0.4) -> torch.Tensor:
-    """Sequence indices the 'uniform' pruner keeps in a one-row batch: text + a lattice of each image's tokens."""
+    """Sequence indices the 'uniform' pruner keeps in a one-row batch with one image or one video: text + a lattice
+    of the item's tokens (a video is one item, its budget on the whole video)."""
     ids = inputs["input_ids"][0]
-    img = (ids == tv.model.config.image_token_id).nonzero().flatten()
-    n = img.numel()
-    keep_mask = ids != tv.model.config.image_token_id
-    keep_mask[img[lattice(n, max(1, int(keep * n + 0.5))).indices]] = True
+    keep_mask = torch.ones_like(ids, dtype=torch.bool)
+    for token in (tv.model.config.image_token_id, tv.model.config.video_token_id):
+        item = (ids == token).nonzero().flatten()
+        if n := item.numel():
+            keep_mask[item] = False
+            keep_mask[item[lattice(n, max(1, int(keep * n + 0.5))).indices]] = True
     return keep_mask.nonzero().flatten()
 
 
