@@ -118,9 +118,26 @@ def pixel_hash(image: Image.Image) -> str:
 def save_set(path: str | Path, items: list[Item], hash_sizes: tuple[int, ...] = HASH_SIZES) -> None:
     """Write scene specs, Q/A, category, targets and per-size pixel hashes as JSON (gzip if ``.gz``).
     The bytes are a deterministic function of the items."""
-    doc = {"format": FORMAT, "hash_sizes": list(hash_sizes), "items": [_entry(it, hash_sizes) for it in items]}
+    write_set(path, FORMAT, hash_sizes, [_entry(it, hash_sizes) for it in items])
+
+
+def write_set(path: str | Path, fmt: str, hash_sizes: tuple[int, ...], entries: list[dict]) -> None:
+    """A stored set's JSON (gzip if ``.gz``; no timestamp, sorted keys), so its bytes depend on the entries only."""
+    doc = {"format": fmt, "hash_sizes": list(hash_sizes), "items": entries}
     data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
+
+
+def read_set(path: str | Path, fmt: str, limit: int | None = None) -> list[dict]:
+    """The entries (or the first ``limit``) of a set written by ``write_set`` in format ``fmt``."""
+    raw = Path(path).read_bytes()
+    doc = json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
+    if doc.get("format") != fmt:
+        raise IntegrityError(f"{path}: format {doc.get('format')!r}, expected {fmt!r}")
+    entries = doc["items"]
+    if limit is not None and not 1 <= limit <= len(entries):
+        raise ValueError(f"{path} has {len(entries)} items; cannot load {limit}")
+    return entries[:limit]
 
 
 def _entry(item: Item, hash_sizes: tuple[int, ...]) -> dict:
@@ -139,14 +156,7 @@ def load_set(path: str | Path, image_size: int, limit: int | None = None) -> lis
     Each image is checked against its stored hash; when ``image_size`` has none, the item is rendered and
     checked at the smallest stored size instead. Each question must still be a valid question of its scene,
     with the same answer and targets. Raises ``IntegrityError`` naming the first item that fails."""
-    raw = Path(path).read_bytes()
-    doc = json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
-    if doc.get("format") != FORMAT:
-        raise IntegrityError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
-    entries = doc["items"]
-    if limit is not None and not 1 <= limit <= len(entries):
-        raise ValueError(f"{path} has {len(entries)} items; cannot load {limit}")
-    return [_load_entry(e, image_size) for e in entries[:limit]]
+    return [_load_entry(e, image_size) for e in read_set(path, FORMAT, limit)]
 
 
 def _load_entry(entry: dict, image_size: int) -> tuple[Item, Image.Image]:

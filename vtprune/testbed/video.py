@@ -39,9 +39,7 @@ category, ``save_video_set`` / ``load_video_set`` store specs with a SHA-256 of 
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .dataset import EVAL_STREAM, TRAIN_STREAM, IntegrityError, dealt_answer
+from .dataset import EVAL_STREAM, TRAIN_STREAM, IntegrityError, dealt_answer, read_set, write_set
 from .questions import NUMBERS, Question
 from .scenes import (COLOUR_NAMES, REF_SIZE, SHAPES, Box, Forbid, Obj, Request, Scene, _apart, _draw_object, pick, render,
                      render_mask, sample_scene)
@@ -486,24 +484,15 @@ def save_video_set(path: str | Path, items: list[VideoItem], hash_sizes: tuple[i
                 "category": it.question.category, "targets": list(it.question.targets),
                 "frames": list(it.question.frames),
                 "frames_sha256": {str(s): video_hash(it.video, s) for s in hash_sizes}} for it in items]
-    data = json.dumps({"format": VIDEO_FORMAT, "hash_sizes": list(hash_sizes), "items": entries}, sort_keys=True,
-                      separators=(",", ":")).encode()
-    Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
+    write_set(path, VIDEO_FORMAT, hash_sizes, entries)
 
 
 def load_video_set(path: str | Path, limit: int | None = None) -> list[VideoItem]:
     """Read a saved set (or its first ``limit`` items) and verify it: each question must still be a question of
     its video with the same answer, targets and frames, and the frames must render to every stored hash.
     Raises ``IntegrityError`` naming the first item that fails."""
-    raw = Path(path).read_bytes()
-    doc = json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
-    if doc.get("format") != VIDEO_FORMAT:
-        raise IntegrityError(f"{path}: format {doc.get('format')!r}, expected {VIDEO_FORMAT!r}")
-    entries = doc["items"]
-    if limit is not None and not 1 <= limit <= len(entries):
-        raise ValueError(f"{path} has {len(entries)} items; cannot load {limit}")
     out = []
-    for e in entries[:limit]:
+    for e in read_set(path, VIDEO_FORMAT, limit):
         video = Video.from_dict(e["video"])
         question = VideoQuestion(e["question"], e["answer"], e["category"], tuple(e["targets"]), tuple(e["frames"]))
         if question not in video_questions_for(video, question.category):
