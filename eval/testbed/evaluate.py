@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     path = args.checkpoint or default_checkpoint(args.family, args.video)
     if not (path / "config.json").exists():
-        parser.error(f"no checkpoint at {path}; train one with `python -m eval.testbed.train --family {args.family}`")
+        how = "train_video" if args.video else f"train --family {args.family}"
+        parser.error(f"no checkpoint at {path}; train one with `python -m eval.testbed.{how}`")
     torch.set_num_threads(args.threads)
     model, processor = load_checkpoint(path)
     items = make_video_eval_set(args.seed, args.n) if args.video else make_eval_set(args.seed, args.n)
