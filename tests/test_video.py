@@ -530,3 +530,21 @@ def test_merge_proportional_on_video(site):
         assert torch.equal(seq_c, seq_u)
         torch.testing.assert_close(step_c, step_u, atol=1e-5, rtol=1e-5)
         assert (step_c - dropped).abs().max() > 1e-4  # negative control: merging changed the outcome
+
+
+def test_later_cuts_of_a_schedule_still_see_frames(monkeypatch):
+    """A schedule's second cut gets the survivors one row per frame, so per_frame keeps splitting the budget over
+    frames there (with a one-row layout it would see the whole video as one image: the negative control)."""
+    from vtprune.methods.random import RandomPruner
+
+    seen: list = []
+    select = RandomPruner.select
+    monkeypatch.setattr(RandomPruner, "select", lambda self, view, k: seen.append((view.num_tokens, k,
+                        view.layout.is_video)) or select(self, view, k))
+    tv = model("qwen2_5_vl")
+    inputs = video_inputs(tv, [1])
+    with vtprune.apply(tv.model, "random", schedule=[(1, 0.5), (2, 0.25)], site="layer", per_frame=True):
+        tv.model(**inputs)
+    # first cut: the image 8 -> 4, the video's two temporal groups 6 -> 3 each; second cut (keep 0.25 of the
+    # original): the image 4 -> 2, the video's 3 = 2 + 1 over its groups' 3 survivors each
+    assert seen == [(8, 4, False), (6, 3, False), (6, 3, False), (4, 2, False), (3, 2, False), (3, 1, False)]

@@ -128,20 +128,35 @@ def checked_schedule(schedule: Any) -> Schedule:
 
 def _restrict(spans: Any, rows: KeepPlan) -> Any:
     """The images of a call that earlier cuts pruned by ``rows``: each image's surviving tokens as slots of the
-    shortened sequence, its layout one row of them in original order (the survivors no longer tile a grid), and
-    its per-token signals (vision q/k patch maps, projector inputs) restricted to the survivors."""
+    shortened sequence, its layout one row of them in original order (the survivors no longer tile a grid; a video
+    one row per frame), and its per-token signals (vision q/k patch maps, projector inputs) restricted to the
+    survivors."""
     b = rows.index.shape[0]
     slot_of = torch.full((b, rows.full_len), -1, dtype=torch.long, device=rows.index.device)
     r, s = rows.valid.nonzero(as_tuple=True)
     slot_of[r, rows.index[r, s]] = s
     positions, layouts, extras = [], [], []
-    for row, pos, ex in zip(spans.rows, spans.positions, spans.extras):
+    for row, pos, ex, layout in zip(spans.rows, spans.positions, spans.extras, spans.layouts):
         slots = slot_of[row, pos]
         kept = (slots >= 0).nonzero().flatten()
         positions.append(slots[kept])
-        layouts.append(ImageLayout((Segment(1, kept.numel()),)))
+        layouts.append(_survivors_layout(layout, kept))
         extras.append(_restrict_extras(ex, kept, pos.numel()))
     return dataclasses.replace(spans, positions=positions, layouts=layouts, extras=extras)
+
+
+def _survivors_layout(layout: ImageLayout, kept: torch.Tensor) -> ImageLayout:
+    """The layout of an item's surviving tokens ``kept`` (sorted indices into its original tokens): one row in
+    original order for an image; for a video one row per frame that still has tokens (frames renumbered densely), so
+    that ``per_frame`` budgets and frame-aware methods keep seeing frames at later cuts."""
+    if not layout.is_video:
+        return ImageLayout((Segment(1, kept.numel()),))
+    frames, counts = torch.unique_consecutive(layout.frame_index()[kept.cpu()], return_counts=True)
+    dense: dict[int, int] = {}
+    ids = [f if f < 0 else dense.setdefault(f, len(dense)) for f in frames.tolist()]
+    if not dense:  # only tokens outside every frame survived
+        return ImageLayout((Segment(1, kept.numel()),))
+    return ImageLayout(tuple(Segment(1, c) for c in counts.tolist()), tuple(ids))
 
 
 def _restrict_extras(extras: dict[str, Any], kept: torch.Tensor, n: int) -> dict[str, Any]:
