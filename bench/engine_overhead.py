@@ -104,6 +104,8 @@ MID_SIZE: dict[str, tuple[dict[str, Any], tuple[int, int] | None]] = {
                 (768, 768)),  # 16-px patches: 576 visual tokens; linear and full layers alternate (K=2 allowed)
 }
 TINY_IMAGE = (112, 56)
+#: each frame of ``--video-frames`` prompts: a multiple of every Qwen patch × merge unit (28 and 32)
+VIDEO_FRAME = (224, 224)
 ATOL = RTOL = 1e-5
 
 
@@ -124,9 +126,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build(family: str, tiny: bool, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def build(family: str, tiny: bool, seed: int = 0, video_frames: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A random-weight float32 SDPA model of ``family`` and one synthetic prompt: the tiny test model, or the
-    mid-size one (its tiny config with bench-small's LLM and :data:`MID_SIZE`'s vision settings)."""
+    mid-size one (its tiny config with bench-small's LLM and :data:`MID_SIZE`'s vision settings); with
+    ``video_frames`` a video of that many frames (each the image's size) instead of the image."""
     model = tiny_vlm(family, attn_implementation="sdpa", seed=seed).model
     image = TINY_IMAGE
     if not tiny:
@@ -138,7 +141,8 @@ def build(family: str, tiny: bool, seed: int = 0) -> tuple[nn.Module, dict[str, 
         config = type(model.config)(**{k: v for k, v in data.items() if k != "model_type"})
         torch.manual_seed(seed)
         model = type(model)._from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return model, synthetic_inputs(model.config, image_size=image, text_tokens=20 if tiny else 65, seed=seed)
+    return model, synthetic_inputs(model.config, image_size=VIDEO_FRAME if video_frames else image,
+                                   text_tokens=20 if tiny else 65, seed=seed, video_frames=video_frames)
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -396,8 +400,8 @@ def kept_rows(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> 
             else:
                 del cls.select  # inherited: leave the class as it was
     ids = inputs["input_ids"][0]
-    image = (ids == model.config.image_token_id).nonzero().flatten()
-    text = ids != model.config.image_token_id
+    visual = _item_tokens(model, ids)
+    image, text = visual.nonzero().flatten(), ~visual  # every item's tokens in sequence order (items do not interleave)
     if cell.schedule:  # one image, one selection per cut among the tokens the earlier cuts kept (sequence order)
         cell.stages, remaining = [], image
         for (layer, _), (n, idx) in zip(cell.schedule, chosen, strict=True):
@@ -416,6 +420,13 @@ def kept_rows(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell) -> 
     cell.tokens, cell.kept = ids.numel(), cell.keep_index.numel()
     cell.visual = (image.numel(), sum(idx.numel() for _, idx in chosen))
     return logits
+
+
+def _item_tokens(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Where ``ids`` holds an image's or a video's placeholder (not the markers around them)."""
+    cfg = model.config
+    tokens = [getattr(cfg, name, None) for name in ("image_token_id", "video_token_id")]
+    return torch.isin(ids, torch.tensor([t for t in tokens if t is not None], device=ids.device))
 
 
 @torch.inference_mode()
@@ -599,7 +610,7 @@ def profile_hooks(model: nn.Module, inputs: dict[str, torch.Tensor], cell: Cell,
 
 def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], layer: int, repeats: int,
         warmup: int, tiny: bool, hook_runs: int = 0, progress: bool = False, decode: int = 0,
-        schedule: tuple[tuple[int, float], ...] = SCHEDULE) -> tuple[list[Cell], dict[str, Any]]:
+        schedule: tuple[tuple[int, float], ...] = SCHEDULE, video_frames: int = 0) -> tuple[list[Cell], dict[str, Any]]:
     """Check and time every family × site × keep, and the ``schedule`` cell where ``sites`` has "schedule" (then,
     with ``hook_runs``, time the hooks; with ``decode``, check and time that many decode steps); returns the cells
     and the environment."""
@@ -607,7 +618,7 @@ def run(families: Sequence[str], sites: Sequence[str], keeps: Sequence[float], l
     env: dict[str, Any] = {}
     with torch.inference_mode():
         for family in families:
-            model, inputs = build(family, tiny)
+            model, inputs = build(family, tiny, video_frames=video_frames)
             env = env or environment(model)
             mine = [Cell(family, site, keep, layer) for site in sites if site in SITES for keep in keeps]
             if "schedule" in sites:
@@ -708,6 +719,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny test models: checks the plumbing in seconds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--video-frames", type=int, default=0, metavar="N",
+                        help="prompt with a video of N frames instead of the image (families that prune videos)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.hooks < 0 or args.decode < 0:
         raise BenchSetupError(f"need repeats >= 1, warmup >= 0, hooks >= 0, decode >= 0 (got {args.repeats}, "
@@ -721,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     before = _provenance()
     cells, env = run(families, sites, keeps, args.layer, args.repeats, args.warmup, args.tiny, args.hooks,
-                     progress=True, decode=args.decode, schedule=schedule)
+                     progress=True, decode=args.decode, schedule=schedule, video_frames=args.video_frames)
     print(f"{env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} thread(s), torch {env['torch']}, "
           f"transformers {env['transformers']}; vtprune from {before['vtprune']} at {before['commit']}; "
           f"load average {before['loadavg'][0]:.2f} before, {os.getloadavg()[0]:.2f} after; median of "

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
+import torch
 from bench_scripts import bench_script
 
 from vtprune.testing import FAMILIES
@@ -119,3 +120,28 @@ def test_multi_stage_cells_check_against_a_staged_oracle(bench, tmp_path, monkey
 def test_bad_options_are_named_errors(bench, argv):
     with pytest.raises(bench.BenchSetupError):
         bench.main(["--tiny", *argv])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_video_cells_check_against_the_oracle(bench, family, monkeypatch):
+    """--video-frames: a video prompt's pruned prefill and decode match the oracle at both sites; an oracle that
+    keeps the video's first tokens instead of the selected ones is refused (negative control)."""
+    model, inputs = bench.build(family, tiny=True, video_frames=4)
+    assert "pixel_values_videos" in inputs and "pixel_values" not in inputs
+    for site in ("pre_llm", "layer"):
+        cell = bench.Cell(family, site, 0.25, layer=2)
+        bench.check(model, inputs, cell)
+        bench.check_decode(model, inputs, cell, 2)
+        assert 0 < cell.visual[1] < cell.visual[0]
+    wrong = bench.Cell(family, "pre_llm", 0.25, layer=2)
+    bench.check(model, inputs, wrong)
+    right = bench.oracle
+    visual = bench._item_tokens(model, inputs["input_ids"][0])
+    first = torch.cat([(~visual).nonzero().flatten(), visual.nonzero().flatten()[:wrong.visual[1]]]).sort().values
+
+    def first_tokens(model, inputs, keep, site, layer, last_only, stages=()):
+        return right(model, inputs, first, site, layer, last_only, stages)
+
+    monkeypatch.setattr(bench, "oracle", first_tokens)
+    with pytest.raises(bench.OracleMismatch):
+        bench.check(model, inputs, wrong)
