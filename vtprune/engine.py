@@ -34,8 +34,8 @@ from .models import ImageSpans, ModelAdapter
 from .ops import merge_dropped
 from .plan import KeepPlan
 from .sites import ImageCall, site_class
+from .sites.base import restrict_extras
 from .sites.continuation import drop_leading, is_static, ledger_of, refed_tokens
-from .sites.layer import _restrict_extras as restrict_extras
 from .stats import StatsRecorder
 from .view import ImageLayout, Selection, VisualView, frame_budgets
 

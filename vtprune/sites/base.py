@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,3 +107,25 @@ class Site:
     def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
         """A call of ``q`` tokens without images on a cache that a pruned call wrote."""
         raise NotImplementedError
+
+
+def restrict_extras(extras: dict[str, Any], kept: torch.Tensor, n: int) -> dict[str, Any]:
+    """One image's extras for its tokens ``kept`` (indices into its ``n`` original tokens): vision q/k patch maps
+    and projector inputs restricted, decoder q/k left out (a later in-LLM cut recomputes them; a per-frame selection
+    points them at the frame)."""
+    out = {k: v for k, v in extras.items() if k not in ("llm_qk", "layer_qk")}
+    if "vision_qk" in extras:
+        new_index = torch.full((n,), -1, dtype=torch.long, device=kept.device)
+        new_index[kept] = torch.arange(kept.numel(), device=kept.device)
+
+        def remap(view: Any) -> Any:
+            tokens = view.token_of_patch
+            moved = new_index.to(tokens.device)[tokens.clamp(min=0)]
+            return dataclasses.replace(view, token_of_patch=torch.where(tokens >= 0, moved, -1))
+        out["vision_qk"] = {layer: [remap(v) for v in views] for layer, views in extras["vision_qk"].items()}
+    proj = extras.get("projector")
+    if proj is not None:
+        idx = kept.to(proj.inputs.device)
+        out["projector"] = dataclasses.replace(proj, inputs=proj.inputs[idx], valid=proj.valid[idx],
+                                               exact=None if proj.exact is None else proj.exact[idx])
+    return out

@@ -24,7 +24,7 @@ from ..errors import VTPruneError
 from ..merge import biased_mask, check_merge_support
 from ..plan import KeepPlan
 from ..view import ImageLayout, Segment
-from .base import ImageCall, Site
+from .base import ImageCall, Site, restrict_extras
 from .continuation import Ledger, attach, ledger_of
 
 #: a schedule as validated: ((layer, keep), ...)
@@ -141,7 +141,7 @@ def _restrict(spans: Any, rows: KeepPlan) -> Any:
         kept = (slots >= 0).nonzero().flatten()
         positions.append(slots[kept])
         layouts.append(_survivors_layout(layout, kept))
-        extras.append(_restrict_extras(ex, kept, pos.numel()))
+        extras.append(restrict_extras(ex, kept, pos.numel()))
     return dataclasses.replace(spans, positions=positions, layouts=layouts, extras=extras)
 
 
@@ -157,27 +157,6 @@ def _survivors_layout(layout: ImageLayout, kept: torch.Tensor) -> ImageLayout:
     if not dense:  # only tokens outside every frame survived
         return ImageLayout((Segment(1, kept.numel()),))
     return ImageLayout(tuple(Segment(1, c) for c in counts.tolist()), tuple(ids))
-
-
-def _restrict_extras(extras: dict[str, Any], kept: torch.Tensor, n: int) -> dict[str, Any]:
-    """One image's extras for its tokens ``kept`` (indices into its ``n`` original tokens); the decoder q/k are
-    recomputed by the cut itself."""
-    out = {k: v for k, v in extras.items() if k not in ("llm_qk", "layer_qk")}
-    if "vision_qk" in extras:
-        new_index = torch.full((n,), -1, dtype=torch.long, device=kept.device)
-        new_index[kept] = torch.arange(kept.numel(), device=kept.device)
-
-        def remap(view: Any) -> Any:
-            tokens = view.token_of_patch
-            moved = new_index.to(tokens.device)[tokens.clamp(min=0)]
-            return dataclasses.replace(view, token_of_patch=torch.where(tokens >= 0, moved, -1))
-        out["vision_qk"] = {layer: [remap(v) for v in views] for layer, views in extras["vision_qk"].items()}
-    proj = extras.get("projector")
-    if proj is not None:
-        idx = kept.to(proj.inputs.device)
-        out["projector"] = dataclasses.replace(proj, inputs=proj.inputs[idx], valid=proj.valid[idx],
-                                               exact=None if proj.exact is None else proj.exact[idx])
-    return out
 
 
 class LayerSite(Site):
