@@ -83,10 +83,13 @@ def video_prompt(question: str) -> str:
 
 
 def chat_template(family: str) -> str:
-    """A Jinja chat template that renders a user turn [image, text] as ``prompt(family, text)``; an assistant
-    turn [text] adds ``text <eos>``. Roles are not rendered: the testbed has no chat format."""
+    """A Jinja chat template that renders a user turn [image, text] as ``prompt(family, text)`` (Qwen2-VL: [video,
+    text] as ``video_prompt(text)``); an assistant turn [text] adds ``text <eos>``. Roles are not rendered: the
+    testbed has no chat format."""
+    image = f"{{% if c['type'] == 'image' %}}{IMAGE_PREFIX[family]} "
+    video = f"{{% elif c['type'] == 'video' %}}{VIDEO_PREFIX} " if family == "qwen2_vl" else ""
     return ("{% for m in messages %}{% for c in m['content'] %}"
-            f"{{% if c['type'] == 'image' %}}{IMAGE_PREFIX[family]} {{% else %}}{{{{ c['text'] }}}} {{% endif %}}"
+            f"{image}{video}{{% else %}}{{{{ c['text'] }}}} {{% endif %}}"
             f"{{% endfor %}}{{% if m['role'] == 'assistant' %}}{EOS} {{% endif %}}{{% endfor %}}")
 
 
