@@ -1,6 +1,7 @@
 """Host work per prefill, the part a GPU at batch 1 waits on: top-level aten ops dispatched (≈ kernel launches) and
-host syncs (``aten::_local_scalar_dense``: ``.item()``, ``bool(t)``, ``int(t)``), unhooked vs pruned, per method and
-site, on a tiny random-weight model with many decoder layers (the arithmetic is negligible, the op count is what
+host syncs (``aten::_local_scalar_dense``: ``.item()``, ``bool(t)``, ``int(t)``), plus every other read of device
+values the host waits for on a GPU (``nonzero``: boolean-mask indexing, ``equal``, ``.tolist()``), unhooked vs pruned,
+per method and site, on a tiny random-weight model with many decoder layers (the arithmetic is negligible, the op count is what
 the real model would launch). Measured on the CPU: counts, not times, so they hold on any machine.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/host_ops.py --families llava_next,qwen2_vl --layers 32
@@ -30,6 +31,9 @@ SETTINGS = (
     ("random K=2", "random", {"keep": 0.25, "site": "layer", "layer": 2}),
 )
 SYNC = "aten::_local_scalar_dense"
+#: the other host reads of device values: ``nonzero`` (also inside boolean-mask indexing) and ``equal`` at any depth;
+#: ``resolve_conj`` at top level is what ``Tensor.tolist()`` dispatches (a copy to the host on a GPU)
+READS = "host reads"
 
 
 def count_ops(model: torch.nn.Module, inputs: dict[str, Any]) -> collections.Counter:
@@ -43,9 +47,12 @@ def count_ops(model: torch.nn.Module, inputs: dict[str, Any]) -> collections.Cou
         if not e.name.startswith("aten::"):
             continue
         parent = e.cpu_parent
+        top = parent is None or not parent.name.startswith("aten::")
         if e.name == SYNC:
             counts[SYNC] += 1
-        if parent is None or not parent.name.startswith("aten::"):
+        if e.name in (SYNC, "aten::nonzero", "aten::equal") or (top and e.name == "aten::resolve_conj"):
+            counts[READS] += 1
+        if top:
             counts[e.name] += 1
     return counts
 
@@ -55,15 +62,21 @@ def family_rows(family: str, layers: int) -> list[dict[str, Any]]:
     tiny = tiny_vlm(family, num_layers=layers)
     inputs = tiny.inputs([tiny.prompt("how many")], [random_image(0, (64, 64))])
     base = count_ops(tiny.model, inputs)
-    rows = [{"family": family, "setting": "unhooked", "ops": sum(base.values()) - base[SYNC], "syncs": base[SYNC]}]
+    rows = [{"family": family, "setting": "unhooked", "ops": _ops(base), "syncs": base[SYNC], "reads": base[READS]}]
     for label, method, options in SETTINGS:
         with vtprune.apply(tiny.model, method, **options):
             c = count_ops(tiny.model, inputs)
         extra = (c - base) + collections.Counter()
         extra.pop(SYNC, None)
-        rows.append({"family": family, "setting": label, "ops": sum(c.values()) - c[SYNC], "syncs": c[SYNC],
+        extra.pop(READS, None)
+        rows.append({"family": family, "setting": label, "ops": _ops(c), "syncs": c[SYNC], "reads": c[READS],
                      "extra_top": dict(extra.most_common(6))})
     return rows
+
+
+def _ops(counts: collections.Counter) -> int:
+    """Top-level aten ops of a :func:`count_ops` result (its sync tallies left out)."""
+    return sum(counts.values()) - counts[SYNC] - counts[READS]
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -75,14 +88,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     rows = [r for fam in args.families.split(",") if fam for r in family_rows(fam, args.layers)]
     print(f"tiny models with {args.layers} decoder layers, torch {torch.__version__}; one cached prefill each")
-    print("| family | setting | aten ops | vs unhooked | host syncs | most added ops |")
-    print("|---|---|---|---|---|---|")
+    print("| family | setting | aten ops | vs unhooked | host syncs | all host reads | most added ops |")
+    print("|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:
         base.setdefault(r["family"], r["ops"])
         added = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in r.get("extra_top", {}).items())
         print(f"| {r['family']} | {r['setting']} | {r['ops']} | {r['ops'] - base[r['family']]:+d} | {r['syncs']} "
-              f"| {added} |")
+              f"| {r['reads']} | {added} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
