@@ -288,8 +288,7 @@ def add_qk_extras(key: str, q: torch.Tensor, k: torch.Tensor, scaling: float, wi
     """Attach post-RoPE q [b, H, L, hd] / k [b, H_kv, L, hd] of a call's L tokens (``real`` [b, L]) to each image's
     extras under ``key``, as :class:`LLMQK` over its sample's real tokens."""
     rank = real.long().cumsum(1) - 1
-    text = real & ~spans.image_mask(real.shape)
     for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
         idx = real[row].nonzero().flatten()
-        ex[key] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos], text=rank[row, text[row]],
-                        scaling=scaling, window=window)
+        ex[key] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos],
+                        text=rank[row, spans.text_index(real, row)], scaling=scaling, window=window)

@@ -37,7 +37,7 @@ from .sites import ImageCall, site_class
 from .sites.base import restrict_extras
 from .sites.continuation import drop_leading, is_static, ledger_of, refed_tokens
 from .stats import StatsRecorder
-from .view import ImageLayout, Selection, VisualView, frame_budgets
+from .view import ImageLayout, Selection, VisualView, frame_budgets, on_device
 
 
 def _past_len(kwargs: dict[str, Any]) -> int:
@@ -374,24 +374,22 @@ class Engine:
         how many tokens each of the call's tokens already stands for (``prior`` [b, L], earlier cuts' merges)."""
         pruner = self.pruner if pruner is None else pruner
         reuse = None if self._reuse is None else self._reuse.get(stage)
-        keep = torch.ones_like(real)
         replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         merging = self.config.merge == "proportional"
-        image_rows = spans.image_mask(real.shape)
+        keep = ~spans.image_mask(real.shape)  # visual tokens join as they are kept
         pruned_any = False
         selections: list[Selection] = []
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):
             n = pos.numel()
             k = min(pruner.count(layout) if counts is None else counts[i], n)
-            keep[row, pos] = False
             pruned_any |= k < n
             if k >= n and isinstance(pruner.config.keep, float):  # keep=1.0: nothing to choose, no pruner runs
                 sel = Selection(indices=torch.arange(n, device=pos.device))
             elif reuse is not None and i < len(reuse):
                 sel = reuse[i]
             else:
-                view = VisualView(features=states[row, pos], text=states[row, real[row] & ~image_rows[row]],
+                view = VisualView(features=states[row, pos], text=states[row, spans.text_index(real, row)],
                                   layout=layout, site=self.config.site, layer=pruner.config.layer,
                                   sample=row, image=i, extras=spans.extras[i])
                 sel = (select_per_frame(pruner, view, k) if self.config.per_frame and layout.is_video
@@ -399,8 +397,8 @@ class Engine:
                 sel.check(n, k)
             if merging:
                 sel = merge_dropped(states[row, pos], sel, None if prior is None else prior[row, pos])
-            kept = pos[sel.indices.to(pos.device)]
-            keep[row, kept] = True
+            kept = pos[on_device(sel.indices, pos.device)]
+            keep[row].index_fill_(0, kept, True)
             if sel.embeddings is not None:
                 replacements.append((row, kept, sel.embeddings))
             if merging and sel.sizes is not None:

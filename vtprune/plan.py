@@ -81,18 +81,24 @@ class KeepPlan:
         sizes [k])`` (the plan's ``bias`` is their log; none when every size is 1)."""
         b, full_len = keep.shape
         counts = keep.sum(1)
-        lk = int(counts.max())
-        # a stable sort puts kept tokens last, in original order: left re-padding for free
-        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, full_len - lk:]
-        valid = torch.arange(lk, device=keep.device)[None, :] >= (lk - counts)[:, None]
-        first = order.gather(1, (lk - counts).clamp(max=lk - 1)[:, None])
-        index = torch.where(valid, order, first)  # padding slots copy the row's first kept token
-        plan = cls(index=index, valid=valid, full_len=full_len)
+        per_row = counts.tolist()  # the one host read: the plan's length, and whether any row is re-padded
+        lk = max(per_row)
+        if min(per_row) == lk:  # every row keeps as many: no padding slots, the kept indices row by row
+            index = torch.nonzero_static(keep, size=b * lk)[:, 1].view(b, lk)
+            plan = cls(index=index, valid=torch.ones(b, lk, dtype=torch.bool, device=keep.device), full_len=full_len)
+        else:
+            # a stable sort puts kept tokens last, in original order: left re-padding for free
+            order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, full_len - lk:]
+            valid = torch.arange(lk, device=keep.device)[None, :] >= (lk - counts)[:, None]
+            first = order.gather(1, (lk - counts).clamp(max=lk - 1)[:, None])
+            index = torch.where(valid, order, first)  # padding slots copy the row's first kept token
+            plan = cls(index=index, valid=valid, full_len=full_len)
+        plan.has_padding_slots = min(per_row) < lk
         merged = any(bool((s > 1).any()) for _, _, s in sizes)
         if not merged and not replacements:  # the common case: nothing to place in slots
             return plan
         slot_of = torch.full((b, full_len), -1, dtype=torch.long, device=keep.device)
-        rows_v, slots_v = valid.nonzero(as_tuple=True)
+        rows_v, slots_v = plan.valid.nonzero(as_tuple=True)
         slot_of[rows_v, index[rows_v, slots_v]] = slots_v
         if merged:
             plan.bias = torch.zeros(b, lk, device=keep.device)

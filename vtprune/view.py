@@ -156,17 +156,47 @@ class Selection:
     sizes: torch.Tensor | None = None
 
     def check(self, num_tokens: int, k: int) -> None:
-        """Fail loudly if a pruner broke the contract."""
-        idx = self.indices
-        if idx.dim() != 1 or idx.numel() != k:
-            raise RuntimeError(f"pruner returned {tuple(idx.shape)} indices, expected exactly {k}")
-        if k and (idx.min() < 0 or idx.max() >= num_tokens or (idx[1:] <= idx[:-1]).any()):
-            raise RuntimeError("pruner indices must be sorted, unique and within the image's tokens")
+        """Fail loudly if a pruner broke the contract (one host read of the device checks)."""
+        self.check_shapes(k)
+        broken = self.broken(num_tokens)
+        if broken is not None and bool(broken):
+            self.explain(num_tokens)
+
+    def check_shapes(self, k: int) -> None:
+        """The contract checks that read no device value: one index per kept token, one embedding and size each."""
+        if self.indices.dim() != 1 or self.indices.numel() != k:
+            raise RuntimeError(f"pruner returned {tuple(self.indices.shape)} indices, expected exactly {k}")
         if self.embeddings is not None and self.embeddings.shape[0] != k:
             raise RuntimeError(f"pruner returned {self.embeddings.shape[0]} embeddings for {k} indices")
-        if self.sizes is not None and (self.sizes.shape != (k,) or bool((self.sizes < 1).any())):
+        if self.sizes is not None and self.sizes.shape != (k,):
             raise RuntimeError(f"pruner returned sizes of shape {tuple(self.sizes.shape)} for {k} indices; "
                                "expected one size >= 1 per kept token")
+
+    def broken(self, num_tokens: int) -> torch.Tensor | None:
+        """0-d bool on the device, true when the indices are not sorted, unique and in ``[0, num_tokens)`` or a size
+        is below 1 (``None``: nothing to check), so that a caller reads it with its other device values at once."""
+        idx = self.indices
+        bad = None
+        if idx.numel():  # strictly increasing from above -1 to below num_tokens
+            bad = torch.diff(idx, prepend=idx.new_full((1,), -1), append=idx.new_full((1,), num_tokens)).le(0).any()
+        if self.sizes is not None and self.sizes.numel():
+            small = (self.sizes < 1).any().to(idx.device)
+            bad = small if bad is None else bad | small
+        return bad
+
+    def explain(self, num_tokens: int) -> None:
+        """Raise what :meth:`broken` found, reading the details back (only once a check failed)."""
+        idx = self.indices
+        if idx.numel() and (idx.min() < 0 or idx.max() >= num_tokens or (idx[1:] <= idx[:-1]).any()):
+            raise RuntimeError("pruner indices must be sorted, unique and within the image's tokens")
+        raise RuntimeError(f"pruner returned sizes of shape {tuple(self.sizes.shape)} for {idx.numel()} indices; "
+                           "expected one size >= 1 per kept token")
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, without dispatching a no-op ``.to`` when it is there already (one op per call counts at
+    batch 1, where a GPU waits on the host's launches)."""
+    return t if t.device == device else t.to(device)
 
 
 def budget(keep: float | int, num_tokens: int) -> int:

@@ -106,17 +106,32 @@ class ImageSpans:
     #: [b, L] attention-block id per token of the call (-1: causal), for families whose image tokens attend
     #: bidirectionally within a block (:meth:`ModelAdapter.lm_masks`); ``None`` elsewhere
     blocks: torch.Tensor | None = None
+    #: what :meth:`image_mask` and :meth:`text_index` built for this call (a copy made by ``replace`` starts empty)
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def image_mask(self, shape: tuple[int, int]) -> torch.Tensor:
-        """[b, L] bool mask of every image token of the batch."""
-        device = self.positions[0].device if self.positions else None
-        mask = torch.zeros(shape, dtype=torch.bool, device=device)
-        for row, pos in zip(self.rows, self.positions):
-            mask[row, pos] = True
-        return mask
+        """[b, L] bool mask of every image token of the batch (built once per shape: treat it as read-only)."""
+        key = ("image", tuple(shape))
+        if key not in self._memo:
+            device = self.positions[0].device if self.positions else None
+            mask = torch.zeros(shape, dtype=torch.bool, device=device)
+            for row, pos in zip(self.rows, self.positions):
+                mask[row].index_fill_(0, pos, True)
+            self._memo[key] = mask
+        return self._memo[key]
+
+    def text_index(self, real: torch.Tensor, row: int) -> torch.Tensor:
+        """Sequence indices of ``row``'s real non-image tokens (``real`` [b, L]); found once per call and row, as
+        the selection and the decoder q/k capture both read them (a host read on a GPU)."""
+        key = ("text", id(real), row)
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not real:
+            text = real[row] & ~self.image_mask(real.shape)[row]
+            hit = self._memo[key] = (real, text.nonzero().flatten())
+        return hit[1]
 
 
 class ModelAdapter:

@@ -1,0 +1,50 @@
+"""The engine's host work per pruned call (issue 20): a pruner's answer is checked with one host read, a keep plan
+is built with one, and both still give what the slower forms gave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtprune.plan import KeepPlan
+from vtprune.view import Selection
+
+
+@pytest.mark.parametrize("indices, n", [([2, 1], 5), ([1, 1], 5), ([0, 5], 5), ([-1, 3], 5)])
+def test_unsorted_repeated_or_out_of_range_indices_are_refused(indices, n):
+    with pytest.raises(RuntimeError, match="sorted, unique and within"):
+        Selection(indices=torch.tensor(indices)).check(n, len(indices))
+
+
+def test_a_size_below_one_is_refused_and_a_good_selection_passes():
+    with pytest.raises(RuntimeError, match="one size >= 1 per kept token"):
+        Selection(indices=torch.tensor([0, 4]), sizes=torch.tensor([1.0, 0.0])).check(5, 2)
+    with pytest.raises(RuntimeError, match="expected exactly 3"):
+        Selection(indices=torch.tensor([0, 4])).check(5, 3)
+    Selection(indices=torch.tensor([0, 4]), sizes=torch.tensor([1.0, 2.0])).check(5, 2)  # negative control
+    Selection(indices=torch.tensor([], dtype=torch.long)).check(5, 0)
+
+
+def _reference_plan(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index and valid of a keep mask, row by row: kept indices in order, left-padded with the row's first."""
+    lk = int(keep.sum(1).max())
+    index, valid = [], []
+    for row in keep:
+        kept = row.nonzero().flatten().tolist()
+        pad = lk - len(kept)
+        index.append([kept[0]] * pad + kept)
+        valid.append([False] * pad + [True] * len(kept))
+    return torch.tensor(index), torch.tensor(valid)
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+def test_keep_plan_lists_each_rows_kept_tokens_in_order(uneven):
+    g = torch.Generator().manual_seed(0)
+    keep = torch.zeros(3, 12, dtype=torch.bool)
+    for r, n in enumerate((5, 3, 5) if uneven else (5, 5, 5)):
+        keep[r, torch.randperm(12, generator=g)[:n]] = True
+    plan = KeepPlan.from_keep_mask(keep)
+    index, valid = _reference_plan(keep)
+    assert torch.equal(plan.index, index) and torch.equal(plan.valid, valid)
+    assert plan.has_padding_slots == uneven == (not bool(plan.valid.all()))
+    assert not torch.equal(plan.index, index.flip(1))  # negative control: order matters
