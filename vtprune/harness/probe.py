@@ -123,9 +123,10 @@ class PruneProbe:
     def _measure(self, inputs: dict[str, Any], start: Mark, end: Mark, intervals: list[tuple[Mark, Mark]]
                  ) -> GenerateMeasurement:
         ids = inputs["input_ids"]
-        if self.handle is None:
-            image_id = self.model.config.image_token_id
-            before = after = [int(n) for n in (ids == image_id).sum(1).tolist()]
+        if self.handle is None:  # every image and video placeholder is a visual token of the unpruned model
+            config = self.model.config
+            visual = [t for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None]
+            before = after = [int(n) for n in torch.isin(ids, torch.tensor(visual, device=ids.device)).sum(1).tolist()]
         else:
             stats = self.handle.stats
             before, after = stats.visual_before, stats.visual_after
