@@ -16,6 +16,10 @@ Called by ``bench/gpu.sh``, which installs what it needs first. Per model (rando
 4. **oracle ratio**: ``bench/engine_overhead.py``'s ``time_cells`` (pruned and oracle prefills back to back,
    alternating order): ratio = median oracle time ÷ median pruned time (the pruned side includes the method's
    selection; the oracle is given the selection for free).
+5. **greedy kernel** (once per model, before its kernels): the greedy loops of DivPrune (both modes) and the k-center,
+   MMR and SADS scores on random features of the model's visual token count and hidden size, in its dtype, at
+   k = 64 / 192 / 320 / 640 below that count: picks of the one-launch Triton kernel (``vtprune.kernels``) against
+   the torch loop, and DivPrune's loop timed both ways; the report names a fallback (``greedy_kernel``).
 
 A global time budget (``--budget-s``) is split evenly over the (model, kernel) blocks still to run, builds
 reserved; a block that cannot fit is skipped with a note, a block that runs short of time stops its repeats
@@ -50,9 +54,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a pack
 import engine_overhead as eo
 
 import vtprune
+from vtprune import ops
 from vtprune.benchmark import Setting, build_model, resolve_model, run_bench, synthetic_inputs
 from vtprune.errors import VTPruneError
+from vtprune.kernels import status as kernel_status
+from vtprune.kernels import unsupported as kernel_unsupported
 from vtprune.measure import _cpu_name, median
+from vtprune.methods.divprune import nearest_neighbour_seed
+from vtprune.methods.kcenter import farthest_on_average_seed
+from vtprune.methods.mmr import MMRConfig
 from vtprune.models import family_class
 from vtprune.registry import make_config, pruner_class
 
@@ -63,6 +73,8 @@ DRY_KERNELS = ("sdpa", "eager")  # CPU stand-in for a second kernel: exercises t
 KEEP_ALL = 1_000_000  # an int budget above any image's token count: select runs and keeps everything
 #: DART's reported prefill speedup at 320 of 2880 tokens on LLaVA-NeXT-7B, to compare with
 DART_REPORTED = {"model": "llava-next-7b", "keep": 320, "speedup": 2.99}
+#: picks of the greedy check (those below the model's visual token count; the dry run: its scaled keeps)
+GREEDY_KEEPS = (64, 192, 320, 640)
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,75 @@ def oracle_check(model: nn.Module, inputs: dict[str, Any], cell: eo.Cell) -> dic
     return row
 
 
+# ---- the greedy selection kernel ------------------------------------------------------------------------
+def greedy_loops(features: torch.Tensor, generator: torch.Generator
+                 ) -> list[tuple[str, torch.Tensor, torch.Tensor, ops.StepScore]]:
+    """(name, similarity matrix, first pick, step score) of the methods' greedy loops on ``features`` [V, D] (the
+    model's dtype, as the methods see them): DivPrune in both modes, and the k-center, MMR (norm importance, its
+    default λ) and SADS (random sensitivity) scores over a precomputed float32 matrix."""
+    unit = ops.unit_rows(features)
+    sim = unit @ unit.T
+    own = ops.unit_rows(features, features.dtype)
+    sim_own = own @ own.T
+    imp = ops.min_max(features.float().norm(dim=-1), eps=1e-6)
+    sens = ops.min_max(torch.rand(features.shape[0], generator=generator).to(features.device), eps=1e-8,
+                       constant=1.0)
+    lam = MMRConfig.lam
+    return [("divprune", sim, nearest_neighbour_seed(sim), ops.Farthest()),
+            (f"divprune reference ({str(features.dtype).removeprefix('torch.')})", sim_own,
+             nearest_neighbour_seed(sim_own, second_smallest=True), ops.Farthest()),
+            ("k-center score", sim, farthest_on_average_seed(unit), ops.Farthest()),
+            ("mmr score", sim, imp.argmax(), ops.Marginal(lam * imp, 1 - lam)),
+            ("sads score", sim, sens.argmax(), ops.Farthest(sens))]
+
+
+def _greedy_ms(column: ops.SimColumn, tokens: int, k: int, first: torch.Tensor, score: ops.StepScore
+               ) -> tuple[torch.Tensor, float]:
+    """``ops.greedy``'s picks and its wall time in ms, the device synchronised before and after."""
+    device = first.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    picks = ops.greedy(column, tokens, k, first, score, device)
+    sync()
+    return picks, 1e3 * (time.perf_counter() - t)
+
+
+def greedy_check(tokens: int, dim: int, keeps: Sequence[int], device: str, dtype: torch.dtype, repeats: int,
+                 warmup: int) -> dict[str, Any]:
+    """Every loop of :func:`greedy_loops` on random features [tokens, dim] at every k of ``keeps``: the picks of
+    ``ops.greedy`` over the matrix (one kernel launch where it applies) against the torch loop (a plain column
+    function, which never dispatches), and for DivPrune the median time of both (``warmup`` + ``repeats`` runs,
+    synchronised). ``kernel_ran`` says whether the kernel ran or the torch loop stood in (``why_not``)."""
+    start = time.monotonic()
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(tokens, dim, generator=gen).to(device=device, dtype=dtype)
+    out: dict[str, Any] = {"tokens": tokens, "dim": dim, "dtype": str(dtype).removeprefix("torch."), "rows": []}
+    for name, sim, first, score in greedy_loops(features, gen):
+        matrix = ops.from_matrix(sim)
+        plain = matrix.__call__  # the same columns as a plain function: the torch loop, never the kernel
+        for k in keeps:
+            launches = kernel_status()["launches"]
+            fused, first_ms = _greedy_ms(matrix, tokens, k, first, score)
+            row: dict[str, Any] = {
+                "loop": name, "k": k, "kernel_ran": kernel_status()["launches"] > launches,
+                "equal": bool(torch.equal(fused, _greedy_ms(plain, tokens, k, first, score)[0])),
+                "first_call_ms": first_ms}
+            if name == "divprune":
+                times: dict[str, list[float]] = {"torch_ms": [], "kernel_ms": []}
+                for i in range(warmup + repeats):
+                    for key, column in (("torch_ms", plain), ("kernel_ms", matrix)):
+                        ms = _greedy_ms(column, tokens, k, first, score)[1]
+                        if i >= warmup:
+                            times[key].append(ms)
+                row |= {key: median(v) for key, v in times.items()}
+            out["rows"].append(row)
+    state = kernel_status()
+    out |= {"why_not": state["failure"] or kernel_unsupported(sim, 1, None), "kernel": state,
+            "seconds": time.monotonic() - start}
+    return out
+
+
 # ---- the time budget -------------------------------------------------------------------------------------
 class Budget:
     """A global deadline, shared out evenly over the blocks still to run; counted from now, or from this
@@ -356,6 +437,12 @@ def run_model(rec: dict[str, Any], spec: ModelSpec, kernels: Sequence[str], devi
             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "prompt_tokens": ids.shape[1], "visual_tokens": visual, "keeps": keeps,
             "image_size": image_size(spec, model.config, dry_run), "methods": list(opts.methods)}
+    try:
+        rec["greedy"] = greedy_check(visual, model.config.get_text_config().hidden_size,
+                                     [k for k in GREEDY_KEEPS if k < visual] or keeps, device, dtype,
+                                     repeats=opts.repeats, warmup=max(opts.warmup, 1))
+    except Exception as e:  # recorded, not fatal: the rest of the model's report still runs
+        rec["greedy"] = {"error": f"{type(e).__name__}: {e}"}
     for i, kernel in enumerate(kernels):
         if missing[kernel]:
             rec["kernels"].append({"attn": kernel, "status": f"skipped: {missing[kernel]}"})
@@ -417,6 +504,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"{size} parameters ({m['weights_bytes'] / 2 ** 30:.2f} GiB), prompt "
                      f"{m['prompt_tokens']} tokens of which {m['visual_tokens']} visual, image {m['image_size']}, "
                      f"built in {m['build_s']:.0f} s.")
+        lines += _greedy_table(m.get("greedy"))
         for k in m["kernels"]:
             lines += ["", f"### {m['name']}, attention {k['attn']}", ""]
             if k["status"] != "ok":
@@ -426,6 +514,25 @@ def markdown(report: dict[str, Any]) -> str:
             lines += _timing_table(k) + [""] + _oracle_table(k) + [""] + _keep_all_table(k)
     lines += ["", _dart_line(report)]
     return "\n".join(lines) + "\n"
+
+
+def _greedy_table(g: dict[str, Any] | None) -> list[str]:
+    """The greedy check of one model: same picks, and DivPrune's loop timed both ways."""
+    if g is None:
+        return []
+    title = ["", (f"**Greedy selection: one Triton launch vs the torch loop** ({g.get('tokens')} random "
+                  f"{g.get('dtype')} features of dim {g.get('dim')})")]
+    if "error" in g:
+        return title + ["", f"error: {g['error']}"]
+    ran = all(r["kernel_ran"] for r in g["rows"])
+    lines = title + ([] if ran else ["", f"kernel not used: {g['why_not']}"])
+    lines += ["", "| loop | k | kernel ran | same picks | first call ms | torch loop ms | kernel ms | speedup |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in g["rows"]:
+        speed = (f"{r['torch_ms'] / r['kernel_ms']:.1f}×" if r.get("kernel_ms") and r.get("torch_ms") else "")
+        lines.append(f"| {r['loop']} | {r['k']} | {r['kernel_ran']} | **{r['equal']}** | {r['first_call_ms']:.2f} "
+                     f"| {_f(r.get('torch_ms'), '.2f')} | {_f(r.get('kernel_ms'), '.2f')} | {speed} |")
+    return lines
 
 
 def _timing_table(k: dict[str, Any]) -> list[str]:
@@ -530,6 +637,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def save() -> None:
         report["meta"]["elapsed_s"] = time.monotonic() - budget.start
+        report["greedy_kernel"] = kernel_status()  # a fallback to the torch loop is named here
         write(out, report)
 
     specs = []

@@ -5,7 +5,8 @@
   largest cosine similarity to P (``maxsim``), updated from the newly picked token's similarity column only:
   O(V) work per step given the column (O(V·D) when computed on demand), O(k·V) overall, no host
   synchronisation in the loop. A step picks the argmax of a method-specific score of ``maxsim``; ties go to the
-  lowest index, picked tokens are masked out. Results are in pick order; methods sort them;
+  lowest index, picked tokens are masked out. Results are in pick order; methods sort them. Over a precomputed
+  matrix on a GPU the whole loop is one Triton launch with the same picks (:mod:`vtprune.kernels`);
 * DPC-KNN clustering (:func:`dpc_knn`, SparseVLM's token recycling) and plain cluster means;
 * attention recomputed from captured q/k (the model keeps running SDPA/FlashAttention): only the rows a method
   needs are materialised; whole-graph quantities (received attention, weighted PageRank) stream query blocks of
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .capture import VisionQK
 from .errors import VTPruneError
 from .view import ImageLayout, Selection, VisualView
@@ -125,9 +127,42 @@ def on_demand(unit: torch.Tensor) -> SimColumn:
     return lambda j: unit @ row(unit, j)
 
 
-def from_matrix(sim: torch.Tensor) -> SimColumn:
+@dataclass(frozen=True, eq=False)
+class MatrixColumns:
+    """Columns read off a precomputed [V, V] similarity matrix (row j: token j against all). :func:`greedy` over
+    them may run as one GPU kernel (:func:`vtprune.kernels.greedy_on_matrix`)."""
+
+    matrix: torch.Tensor
+
+    def __call__(self, j: torch.Tensor | int) -> torch.Tensor:
+        return row(self.matrix, j)
+
+
+def from_matrix(sim: torch.Tensor) -> MatrixColumns:
     """Columns read off a precomputed [V, V] similarity matrix (row j: token j against all)."""
-    return lambda j: row(sim, j)
+    return MatrixColumns(sim)
+
+
+@dataclass(frozen=True, eq=False)
+class Farthest:
+    """Step score ``weight · (1 - maxsim)``, or ``1 - maxsim`` without a weight: max-min diversity, SADS."""
+
+    weight: torch.Tensor | None = None
+
+    def __call__(self, maxsim: torch.Tensor) -> torch.Tensor:
+        far = 1 - maxsim
+        return far if self.weight is None else self.weight * far
+
+
+@dataclass(frozen=True, eq=False)
+class Marginal:
+    """Step score ``relevance - penalty · maxsim``: MMR with ``relevance = λ·Imp`` and ``penalty = 1 - λ``."""
+
+    relevance: torch.Tensor
+    penalty: float
+
+    def __call__(self, maxsim: torch.Tensor) -> torch.Tensor:
+        return self.relevance - self.penalty * maxsim
 
 
 def row(x: torch.Tensor, j: torch.Tensor | int) -> torch.Tensor:
@@ -138,7 +173,15 @@ def row(x: torch.Tensor, j: torch.Tensor | int) -> torch.Tensor:
 
 def greedy(column: SimColumn, num_tokens: int, k: int, first: torch.Tensor | int, score: StepScore,
            device: torch.device | str) -> torch.Tensor:
-    """Pick ``first``, then repeatedly the token maximising ``score(maxsim)`` until k are picked."""
+    """Pick ``first``, then repeatedly the token maximising ``score(maxsim)`` until k are picked. Over a matrix's
+    columns with a :class:`Farthest` or :class:`Marginal` score, one GPU kernel launch where it applies (same
+    picks)."""
+    if isinstance(column, MatrixColumns) and isinstance(score, (Farthest, Marginal)):
+        fused = (kernels.greedy_on_matrix(column.matrix, k, first, kernels.FARTHEST, score.weight)
+                 if isinstance(score, Farthest) else
+                 kernels.greedy_on_matrix(column.matrix, k, first, kernels.MARGINAL, score.relevance, score.penalty))
+        if fused is not None:
+            return fused
     picks = torch.empty(k, dtype=torch.long, device=device)
     chosen = torch.zeros(num_tokens, dtype=torch.bool, device=device)
     j = torch.as_tensor(first, dtype=torch.long, device=device)
@@ -166,7 +209,7 @@ def max_min(column: SimColumn, num_tokens: int, k: int, first: torch.Tensor | in
             device: torch.device | str) -> torch.Tensor:
     """Max-min diversity / farthest-point traversal with distance ``1 - cos``: each step adds the token
     farthest from its nearest picked token (DivPrune, k-center)."""
-    return greedy(column, num_tokens, k, first, lambda maxsim: 1 - maxsim, device)
+    return greedy(column, num_tokens, k, first, Farthest(), device)
 
 
 def greedy_blocks(column: SimColumn, first_score: torch.Tensor, k: int, score: StepScore, per_step: int
@@ -197,7 +240,7 @@ def mmr(column: SimColumn, importance: torch.Tensor, k: int, lam: float, per_ste
     ``argmax λ·Imp(i) - (1-λ)·max_{j∈P} cos(i, j)``; ``importance`` is already normalised. ``per_step`` > 1 takes
     that many tokens per step (the reference's ``parallel_k``; the first step: the most important ones)."""
     imp = importance.to(torch.float32)
-    step_score = lambda maxsim: lam * imp - (1 - lam) * maxsim
+    step_score = Marginal(lam * imp, 1 - lam)
     if per_step > 1:
         return greedy_blocks(column, imp, k, step_score, per_step)
     return greedy(column, imp.numel(), k, imp.argmax(), step_score, imp.device)
@@ -207,7 +250,7 @@ def sads(column: SimColumn, sensitivity: torch.Tensor, k: int) -> torch.Tensor:
     """Sensitivity-Aware Diverse Selection (ZOO-Prune): first the most sensitive token, then
     ``argmax Ŝ(i)·min_{j∈P}(1 - cos(i, j))`` with Ŝ the min-max normalised sensitivity (≡ 1 if constant)."""
     s = min_max(sensitivity.to(torch.float32), eps=1e-8, constant=1.0)
-    return greedy(column, s.numel(), k, s.argmax(), lambda maxsim: s * (1 - maxsim), s.device)
+    return greedy(column, s.numel(), k, s.argmax(), Farthest(s), s.device)
 
 
 # ---- attention rows and graphs ---------------------------------------------------------------------------
