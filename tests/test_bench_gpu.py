@@ -48,8 +48,12 @@ def test_dry_run_reports_every_model_kernel_and_setting(dry):
                 assert r["prefill_ms"] > 0 and r["speedup"] > 0 and r["ttft_ms"] > 0 and r["kv_bytes"] > 0
                 assert r["decode_tokens_per_s"] > 0 and "peak_bytes" in r
             assert k["settings"][0]["speedup"] == 1.0
+        greedy = m["greedy"]  # the greedy kernel check: the torch loop on CPU, the kernel named as not used
+        assert greedy["rows"] and all(r["equal"] for r in greedy["rows"]) and greedy["why_not"]
     md = (out / "report.md").read_text()
     assert "DRY RUN" in md and md.count("### ") == 4 and "DART reports 2.99×" in md
+    assert md.count("**Greedy selection: one Triton launch vs the torch loop**") == 2
+    assert report["greedy_kernel"]["launches"] == 0 and report["greedy_kernel"]["failure"] is None
 
 
 def test_dry_run_computes_exactness_and_the_oracle_ratio(dry):
