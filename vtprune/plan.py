@@ -35,6 +35,11 @@ class KeepPlan:
         asks at every layer)."""
         return not bool(self.valid.all())
 
+    @functools.cached_property
+    def _row_index(self) -> torch.Tensor:
+        """[Lk] the kept indices of a one-row plan, for :meth:`gather`."""
+        return self.index[0]
+
     @property
     def is_identity(self) -> bool:
         """True when the plan keeps every token in place with no merged states: applying it changes nothing."""
@@ -120,8 +125,11 @@ class KeepPlan:
                ) -> torch.Tensor:
         """Gather ``x`` along ``seq_dim`` with the plan's per-row index (batch along ``batch_dim``);
         a batch dimension of size 1 is broadcast first."""
-        index = self.index if index is None else index
         seq_dim, batch_dim = seq_dim % x.dim(), batch_dim % x.dim()
+        if x.shape[batch_dim] == 1 and (index if index is not None else self.index).shape[0] == 1:
+            # one row (batch 1): a single index_select, not reshape + expand + gather
+            return x.index_select(seq_dim, self._row_index if index is None else index[0])
+        index = self.index if index is None else index
         b, lk = index.shape
         if x.shape[batch_dim] != b:
             x = x.expand(*[b if d == batch_dim else -1 for d in range(x.dim())])

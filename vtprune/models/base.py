@@ -271,22 +271,27 @@ class ModelAdapter:
         ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
         mask = self.image_mask(ids, embeds)
         vmask = None if self.video_token_id is None else self.image_mask(ids, embeds, self.video_token_id)
-        has_video = vmask is not None and bool(vmask.any())
-        if not bool(mask.any()) and not has_video:
+        # the one host read: placeholders per row, images then videos (positions are then found without a read)
+        per_row = (mask.sum(1) if vmask is None else torch.cat([mask.sum(1), vmask.sum(1)])).tolist()
+        b = mask.shape[0]
+        found = {False: per_row[:b], True: per_row[b:] or [0] * b}
+        has_video = sum(found[True]) > 0
+        if sum(found[False]) == 0 and not has_video:
             return None
         counts = self.image_counts(inputs)
-        if counts is None or sum(counts) != int(mask.sum()):
+        if counts is None or sum(counts) != sum(found[False]):
             counts = _run_lengths(mask)  # one image per contiguous run of placeholders
         vcounts: list[int] = []
         if has_video:
             vcounts = self.video_counts(inputs) or []
-            if sum(vcounts) != int(vmask.sum()):
-                raise VTPruneError(f"the prompt holds {int(vmask.sum())} video placeholder tokens but the videos' "
+            if sum(vcounts) != sum(found[True]):
+                raise VTPruneError(f"the prompt holds {sum(found[True])} video placeholder tokens but the videos' "
                                    f"inputs account for {sum(vcounts)}")
         queues = {False: (mask, counts, "image"), True: (vmask, vcounts, "video")}
         spans, taken = ImageSpans([], []), {False: 0, True: 0}
-        for row in range(mask.shape[0]):
-            pos = {video: (m[row].nonzero().flatten() if m is not None else mask.new_zeros(0, dtype=torch.long))
+        for row in range(b):
+            pos = {video: (torch.nonzero_static(m[row], size=found[video][row]).flatten() if found[video][row]
+                           else mask.new_zeros(0, dtype=torch.long))
                    for video, (m, _, _) in queues.items()}
             start = {False: 0, True: 0}
             while any(start[v] < pos[v].numel() for v in pos):

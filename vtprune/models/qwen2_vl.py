@@ -24,6 +24,12 @@ CHAT_TEMPLATE = (
 )
 
 
+def _extents(rows: torch.Tensor) -> list[int]:
+    """``max - min + 1`` of each row of position ids [A, n], read to the host at once (one read, not one per row)."""
+    low, high = torch.aminmax(rows, dim=-1)
+    return [e + 1 for e in (high - low).tolist()]
+
+
 class Qwen2VLAdapter(ModelAdapter):
     """Layouts are read off the M-RoPE (t, h, w) position ids of each image's tokens, which the model
     computed from ``image_grid_thw`` on the full sequence. Each video is one item, laid out as one grid per
@@ -54,7 +60,7 @@ class Qwen2VLAdapter(ModelAdapter):
         n = features.shape[0]
         if positions.shape[0] < 3:
             return ImageLayout.flat(n)
-        t, h, w = (int(p.max() - p.min()) + 1 for p in positions[-3:])
+        t, h, w = _extents(positions[-3:])
         if t * h * w != n:
             return ImageLayout.flat(n)
         return ImageLayout((Segment(h, w),) * t)
@@ -63,7 +69,7 @@ class Qwen2VLAdapter(ModelAdapter):
         """One ``h x w`` grid per temporal group, read off the (h, w) position rows; the temporal row is scaled by
         the frame rate (Qwen2.5-VL's ``second_per_grid_ts``), so the groups are counted as ``n / (h w)``."""
         n = features.shape[0]
-        h, w = (int(p.max() - p.min()) + 1 for p in positions[-2:])
+        h, w = _extents(positions[-2:])
         if positions.shape[0] < 3 or n % (h * w):
             raise VTPruneError(f"a video's {n} tokens do not tile its {h}x{w} position grid into whole frames")
         return ImageLayout.video(Segment(h, w), n // (h * w))
