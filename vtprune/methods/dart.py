@@ -55,16 +55,15 @@ def quotas(total: int, pivots: int) -> list[int]:
     return [base + int(i < extra) for i in range(pivots)]
 
 
-def least_duplicated(sim: torch.Tensor, takes: list[int], pool: torch.Tensor) -> torch.Tensor:
+def least_duplicated(sim: torch.Tensor, takes: list[int], taken: torch.Tensor) -> torch.Tensor:
     """DART's gathering: pivot by pivot (rows of ``sim`` [P, V], cosine to each image token), take its
-    ``takes[i]`` least similar tokens still in ``pool`` (bool [V]; lowest index on ties) and remove them."""
-    pool = pool.clone()
+    ``takes[i]`` least similar tokens not yet ``taken`` (bool [V], updated in place; lowest index on ties)."""
     picked = []
     for row, take in zip(sim, takes):
         if take == 0:
             continue
-        chosen = torch.sort(row.masked_fill(~pool, float("inf")), stable=True).indices[:take]
-        pool[chosen] = False
+        chosen = torch.sort(row.masked_fill(taken, float("inf")), stable=True).indices[:take]
+        taken.index_fill_(0, chosen, True)
         picked.append(chosen)
     return torch.cat(picked) if picked else sim.new_zeros(0, dtype=torch.long)
 
@@ -131,10 +130,9 @@ class DARTPruner(Pruner):
         if reference:
             order = set_order(qk.image[image_pivots].tolist() + qk.text[text_rows].tolist())
             pivots = pivots[torch.tensor(order, device=pivots.device)]
-        pool = torch.ones(view.num_tokens, dtype=torch.bool, device=image_h.device)
-        pool[image_pivots] = False
+        taken = torch.zeros(view.num_tokens, dtype=torch.bool, device=image_h.device).index_fill_(0, image_pivots, True)
         takes = quotas(k - image_pivots.numel(), pivots.shape[0])
-        gathered = least_duplicated(pivots @ image_h.T, takes, pool)
+        gathered = least_duplicated(pivots @ image_h.T, takes, taken)
         return Selection(indices=torch.sort(torch.cat([image_pivots, gathered])).values)
 
     @classmethod
