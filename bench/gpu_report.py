@@ -52,6 +52,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package: its sibling scripts
 import engine_overhead as eo
+import greedy_stress
 
 import vtprune
 from vtprune import ops
@@ -279,18 +280,6 @@ def greedy_loops(features: torch.Tensor, generator: torch.Generator
             ("sads score", sim, sens.argmax(), ops.Farthest(sens))]
 
 
-def _greedy_ms(column: ops.SimColumn, tokens: int, k: int, first: torch.Tensor, score: ops.StepScore
-               ) -> tuple[torch.Tensor, float]:
-    """``ops.greedy``'s picks and its wall time in ms, the device synchronised before and after."""
-    device = first.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    picks = ops.greedy(column, tokens, k, first, score, device)
-    sync()
-    return picks, 1e3 * (time.perf_counter() - t)
-
-
 def greedy_check(tokens: int, dim: int, keeps: Sequence[int], device: str, dtype: torch.dtype, repeats: int,
                  warmup: int) -> dict[str, Any]:
     """Every loop of :func:`greedy_loops` on random features [tokens, dim] at every k of ``keeps``: the picks of
@@ -305,17 +294,16 @@ def greedy_check(tokens: int, dim: int, keeps: Sequence[int], device: str, dtype
         matrix = ops.from_matrix(sim)
         plain = matrix.__call__  # the same columns as a plain function: the torch loop, never the kernel
         for k in keeps:
-            launches = kernel_status()["launches"]
-            fused, first_ms = _greedy_ms(matrix, tokens, k, first, score)
+            fused, first_ms, ran = greedy_stress.run_greedy(matrix, tokens, k, first, score, sim.device)
             row: dict[str, Any] = {
-                "loop": name, "k": k, "kernel_ran": kernel_status()["launches"] > launches,
-                "equal": bool(torch.equal(fused, _greedy_ms(plain, tokens, k, first, score)[0])),
-                "first_call_ms": first_ms}
+                "loop": name, "k": k, "kernel_ran": ran, "first_call_ms": first_ms,
+                "equal": bool(torch.equal(fused, greedy_stress.run_greedy(plain, tokens, k, first, score,
+                                                                          sim.device)[0]))}
             if name == "divprune":
                 times: dict[str, list[float]] = {"torch_ms": [], "kernel_ms": []}
                 for i in range(warmup + repeats):
                     for key, column in (("torch_ms", plain), ("kernel_ms", matrix)):
-                        ms = _greedy_ms(column, tokens, k, first, score)[1]
+                        ms = greedy_stress.run_greedy(column, tokens, k, first, score, sim.device)[1]
                         if i >= warmup:
                             times[key].append(ms)
                 row |= {key: median(v) for key, v in times.items()}

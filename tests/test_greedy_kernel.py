@@ -74,16 +74,9 @@ def _cases() -> dict[str, object]:
     return cases
 
 
-def _negative_controls() -> dict[str, bool]:
+def _negative_controls(stress: types.ModuleType) -> dict[str, bool]:
     """Whether each deliberately wrong variant differs from the torch loop (it must)."""
-    from vtprune import triton_greedy as tg
-
-    def launch(sim: torch.Tensor, k: int, first: int, mode: int, vec: torch.Tensor | None, penalty: float,
-               rounding: int) -> torch.Tensor:
-        picks = torch.empty(k, dtype=torch.long)
-        tg.greedy_kernel[(1,)](sim, sim.stride(0), sim if vec is None else vec, torch.tensor([first]), picks, penalty,
-                               sim.shape[0], k, BLOCK=128, MODE=mode, HAS_VEC=vec is not None, ROUND=rounding)
-        return picks
+    from vtprune.triton_greedy import FARTHEST, NO_ROUNDING
 
     x = _features(80, 64, 100)
     sim_bf16, sim = _sim(x, torch.bfloat16), _sim(x)
@@ -92,17 +85,16 @@ def _negative_controls() -> dict[str, bool]:
     lowest = ops.max_min(lambda j: ops.row(dup, j), 45, 45, 0, "cpu")
     reversed_order = dup.flip(0).flip(1)  # lowest-index ties there are highest-index ties here
     highest = 44 - ops.max_min(lambda j: ops.row(reversed_order, j), 45, 45, 44, "cpu")
-    same = launch(sim, 79, 5, tg.FARTHEST, None, 0.0, tg.NO_ROUNDING)
     return {
         "bf16 matrix without rounding": not torch.equal(
-            launch(sim_bf16, 79, 5, tg.FARTHEST, None, 0.0, tg.NO_ROUNDING),
+            stress.launch(sim_bf16, 79, 5, FARTHEST, NO_ROUNDING),
             ops.max_min(lambda j: ops.row(sim_bf16, j), 80, 79, 5, "cpu")),
         "mmr relevance run as a farthest weight": not torch.equal(
-            launch(sim, 60, 5, tg.FARTHEST, 0.3 * imp, 0.7, tg.NO_ROUNDING),
+            stress.launch(sim, 60, 5, FARTHEST, NO_ROUNDING, 0.3 * imp, 0.7),
             ops.greedy(lambda j: ops.row(sim, j), 80, 60, 5, ops.Marginal(0.3 * imp, 0.7), "cpu")),
         "ties to the highest index": not torch.equal(lowest, highest),
-        "the control launcher itself matches": torch.equal(same, ops.max_min(lambda j: ops.row(sim, j), 80, 79, 5,
-                                                                            "cpu")),
+        "the control launcher itself matches": torch.equal(stress.launch(sim, 79, 5, FARTHEST, NO_ROUNDING),
+                                                           ops.max_min(lambda j: ops.row(sim, j), 80, 79, 5, "cpu")),
     }
 
 
@@ -120,7 +112,11 @@ def run_interpreted(out: str) -> None:
                          "launched": kernels.status()["launches"] - launches}
     with bench_script("gpu_report") as gpu_report:
         check = gpu_report.greedy_check(40, 16, [3, 12], "cpu", torch.bfloat16, repeats=1, warmup=1)
-    Path(out).write_text(json.dumps({"cases": results, "negative": _negative_controls(), "check": check,
+    with bench_script("greedy_stress") as stress:
+        controls = _negative_controls(stress)
+        sweep = stress.main(["--device", "cpu", "--sizes", "1,37", "--seeds", "1", "--controls", "1",
+                             "--control-tokens", "80"])
+    Path(out).write_text(json.dumps({"cases": results, "negative": controls, "check": check, "stress": sweep,
                                      "status": kernels.status()}, default=str))
 
 
@@ -163,6 +159,15 @@ def test_gpu_report_greedy_check_runs_the_kernel(interpreted):
     timed = [r for r in check["rows"] if r["loop"] == "divprune"]
     assert [r["k"] for r in timed] == [3, 12] and all(r["torch_ms"] > 0 and r["kernel_ms"] > 0 for r in timed)
     assert interpreted["status"]["failure"] is None and interpreted["status"]["interpreter"] is True
+
+
+def test_the_stress_script_runs_every_case_and_its_negative_control(interpreted):
+    """bench/greedy_stress.py (the GPU check of docs/benchmarks.md) at CPU sizes: V = 1 (k = 1) and 37 (k = 1, 2,
+    37), with and without duplicates, 3 dtypes, 4 score forms."""
+    sweep = interpreted["stress"]
+    assert sweep["stress"]["cases"] == 2 * 3 * 4 * (1 + 3) and sweep["stress"]["mismatches"] == []
+    assert sweep["negative"] == {"trials": 1, "unrounded_differs": 1, "kernel_matches": 1}
+    assert sweep["kernel_times"] == [] and sweep["kernel"]["failure"] is None  # no V above k = 64 here
 
 
 # ---- the dispatch, in process (no Triton import) -----------------------------------------------------------

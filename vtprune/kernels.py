@@ -54,6 +54,11 @@ def status() -> dict[str, Any]:
             "failure": _state["failure"], "launches": _state["launches"]}
 
 
+def launches() -> int:
+    """How many greedy loops the kernel ran in this process."""
+    return _state["launches"]
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
