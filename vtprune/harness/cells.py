@@ -97,13 +97,14 @@ def stable_hash(data: Any) -> str:
 
 
 def expand(config: SweepConfig, tasks: list[Task]) -> list[Cell]:
-    """All cells in run order: per model, per task it runs on, the baseline then every setting (duplicates
-    dropped)."""
-    settings = [Setting()] + [s for spec in config.pruners for s in settings_of(spec)]
+    """All cells in run order: per model, per task it runs on, the baseline then every setting of the task's own
+    ``pruners`` if it has them, else of the sweep's (duplicates dropped)."""
+    grids = [[Setting()] + [s for p in (config.pruners if t.pruners is None else t.pruners) for s in settings_of(p)]
+             for t in config.tasks]
     cells: list[Cell] = []
     seen: set[str] = set()
     for model in config.models:
-        for spec, task in zip(config.tasks, tasks, strict=True):
+        for spec, task, settings in zip(config.tasks, tasks, grids, strict=True):
             if spec.models is not None and model.name not in spec.models:
                 continue
             for setting in settings:

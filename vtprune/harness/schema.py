@@ -142,19 +142,22 @@ class PrunerSpec(_Strict):
 class TaskSpec(_Strict):
     """One local task: a folder (``path``), a generated one (``synthetic: shapes`` with ``size`` questions), or the
     first ``size`` held-out questions of the repository's testbed rendered for one testbed model (``testbed: llava``
-    or ``testbed: qwen2_vl``). ``name`` defaults to the folder's ``task.yaml`` name, else the folder name.
-    ``models`` names the models it runs on (default: every model of the sweep), e.g. a testbed task rendered for
-    one testbed model."""
+    or ``testbed: qwen2_vl``; ``testbed: qwen2_vl_video``: the video testbed's questions, 8 frames each, for the
+    Qwen2-VL video testbed; ``vtprune.testbed.export.TESTBEDS``). ``name`` defaults to the folder's ``task.yaml``
+    name, else the folder name. ``models`` names the models it runs on (default: every model of the sweep), e.g. a
+    testbed task rendered for one testbed model. ``pruners`` (entries as the sweep's) is the task's own grid, run
+    instead of the sweep's ``pruners`` (e.g. temporal methods on a video task of a sweep of image tasks)."""
 
     path: str | None = None
     synthetic: Literal["shapes"] | None = None
-    testbed: Literal["llava", "qwen2_vl"] | None = None
+    testbed: Literal["llava", "qwen2_vl", "qwen2_vl_video"] | None = None
     size: int = Field(24, ge=1)
     name: str | None = None
     metric: Literal["exact_match", "vqa", "multiple_choice"] | None = None
     limit: int | None = Field(None, ge=1)
     prompt_suffix: str | None = None
     models: list[str] | None = Field(None, min_length=1)
+    pruners: list[PrunerSpec] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
@@ -377,21 +380,24 @@ def _check_pruners(config: SweepConfig, prov: Provenance, root: Path) -> list[st
     pruner cannot act at fail now."""
     problems = []
 
-    def report(i: int, field: str, text: str) -> None:
-        loc = ("pruners", i, *field.split("."))
+    def report(where: tuple[Any, ...], field: str, text: str) -> None:
+        loc = (*where, *field.split("."))
         problems.append(f"{_file_for(loc, prov, root)}: {_field_name(loc)}: {text}")
 
-    for i, spec in enumerate(config.pruners):
+    entries = [(("pruners", i), spec) for i, spec in enumerate(config.pruners)]
+    entries += [(("tasks", t, "pruners", i), spec) for t, task in enumerate(config.tasks)
+                for i, spec in enumerate(task.pruners or [])]
+    for where, spec in entries:
         try:
             points = spec.grid()
         except VTPruneError as e:  # an unknown pruner
-            report(i, "name", str(e))
+            report(where, "name", str(e))
             continue
         for point in points:
             try:
                 make_config(spec.name, **point, **{"seed": config.seed, **spec.options})
             except VTPruneError as e:
-                report(i, _field_of(str(e), spec, point), str(e))
+                report(where, _field_of(str(e), spec, point), str(e))
                 break
     return problems
 
