@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -55,17 +57,25 @@ class LocalEvaluator:
         self._cache: dict[tuple[int, ...], dict[str, Any]] = {}
 
     def prompt(self, item: Item, task: Task) -> str:
-        """The model's text for a question: its chat template with the images first, or the ``prompt`` template."""
+        """The model's text for a question: its chat template with the images first, then the video (if any), or
+        the ``prompt`` template."""
         text = item.text(task.prompt_suffix)
         if self.spec.prompt != "chat":
             return self.spec.prompt.replace("{question}", text)
-        content = [{"type": "image"}] * len(item.images) + [{"type": "text", "text": text}]
+        content = [{"type": "image"}] * len(item.images) + [{"type": "video"}] * bool(item.video)
+        content.append({"type": "text", "text": text})
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def encode(self, items: list[Item], task: Task) -> dict[str, Any]:
-        """Processor outputs for a left-padded batch, on the model's device and dtype."""
-        images = [[Image.open(p).convert("RGB") for p in item.images] for item in items]
-        inputs = self.processor(text=[self.prompt(i, task) for i in items], images=images, padding=True,
+        """Processor outputs for a left-padded batch, on the model's device and dtype. A video goes to the processor
+        as one uint8 array [frames, H, W, 3], as ``eval/testbed/evaluate.py`` passes the testbed's videos; images and
+        videos are passed only when some item has them."""
+        media: dict[str, Any] = {}
+        if any(item.images for item in items):
+            media["images"] = [[Image.open(p).convert("RGB") for p in item.images] for item in items]
+        if any(item.video for item in items):
+            media["videos"] = [video_array(item.video) for item in items if item.video]
+        inputs = self.processor(text=[self.prompt(i, task) for i in items], **media, padding=True,
                                 return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
@@ -110,9 +120,15 @@ class LocalEvaluator:
         return result
 
 
+def video_array(frames: list[Path]) -> np.ndarray:
+    """A video's frame files as one uint8 array [frames, H, W, 3] (RGB)."""
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in frames])
+
+
 def _hinter(handle: Any, task: Task) -> Callable[[list[int]], None]:
     """For pruners that read hints (informed references): a function giving a batch's questions' extra fields
-    (``targets``, ``token_priority``, ...) to the handle; a no-op for every other pruner."""
+    (``targets``, ``token_priority``, ...) to the handle; a no-op for every other pruner. A question's priorities are
+    one list per visual token of its one image or video, or one such list per item (images, then the video)."""
     if handle is None or HINTS not in handle.pruner.needs:
         return lambda batch: None
     return lambda batch: handle.set_hints([task.items[i].extra for i in batch])
