@@ -8,6 +8,7 @@ Checked on an H200 too (Triton 3.6): the same picks in 536 cases, see docs/bench
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -122,6 +123,8 @@ def run_interpreted(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
+    if importlib.util.find_spec("triton") is None:  # torch's Linux x86 wheels bring it; other platforms may not
+        pytest.skip("triton is not installed: the kernel cannot run, the torch loop always does")
     out = tmp_path_factory.mktemp("greedy-kernel") / "results.json"
     env = os.environ | {"TRITON_INTERPRET": "1", kernels.ENV: "1"}
     tests = Path(__file__).resolve().parent
