@@ -60,6 +60,11 @@ def _real_tokens(mask: Any, b: int, n: int, past: int, device: torch.device) -> 
     return diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
 
 
+def _text_states(states: torch.Tensor, spans: ImageSpans, real: torch.Tensor, row: int) -> torch.Tensor:
+    """[T, D] ``states`` of ``row``'s real non-image tokens (a view's text, found only when a pruner reads it)."""
+    return states[row, spans.text_index(real, row)]
+
+
 def _decode_eagerly(kwargs: dict[str, Any]) -> None:
     """Keep ``generate`` from compiling its decode step. torch.compile does not retrace a module when hooks
     are added or removed after it was compiled (dynamo's ``skip_nnmodule_hook_guards``), so a compiled step
@@ -389,9 +394,9 @@ class Engine:
             elif reuse is not None and i < len(reuse):
                 sel = reuse[i]
             else:
-                view = VisualView(features=states[row, pos], text=states[row, spans.text_index(real, row)],
-                                  layout=layout, site=self.config.site, layer=pruner.config.layer,
-                                  sample=row, image=i, extras=spans.extras[i])
+                text = functools.partial(_text_states, states, spans, real, row)
+                view = VisualView(features=states[row, pos], text=text, layout=layout, site=self.config.site,
+                                  layer=pruner.config.layer, sample=row, image=i, extras=spans.extras[i])
                 sel = (select_per_frame(pruner, view, k) if self.config.per_frame and layout.is_video
                        else pruner.select(view, k))
                 sel.check(n, k)

@@ -35,6 +35,12 @@ class KeepPlan:
         asks at every layer)."""
         return not bool(self.valid.all())
 
+    @property
+    def may_pad(self) -> bool:
+        """False only when the plan is known to have no padding slots (built knowing it, or asked already): no host
+        read, so callers skip masking valid slots only when that is free to know."""
+        return self.__dict__.get("has_padding_slots", True)
+
     @functools.cached_property
     def _row_index(self) -> torch.Tensor:
         """[Lk] the kept indices of a one-row plan, for :meth:`gather`."""
@@ -51,7 +57,9 @@ class KeepPlan:
     def identity(cls, batch: int, length: int, device: torch.device) -> "KeepPlan":
         """The plan that keeps all ``length`` tokens of every row (an unpruned stretch of a cache)."""
         index = torch.arange(length, device=device).expand(batch, -1)
-        return cls(index=index, valid=torch.ones(batch, length, dtype=torch.bool, device=device), full_len=length)
+        plan = cls(index=index, valid=torch.ones(batch, length, dtype=torch.bool, device=device), full_len=length)
+        plan.has_padding_slots = False
+        return plan
 
     def extend(self, n: int) -> "KeepPlan":
         """This plan followed by ``n`` unpruned tokens (merged states are dropped: the result maps slots and key
@@ -150,9 +158,11 @@ class KeepPlan:
 
     def gather_2d_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """A [b, L(+extra)] padding mask -> kept columns (invalid slots zeroed), extra columns appended."""
-        head = self.gather(mask[:, :self.full_len], seq_dim=1)
-        head = head & self.valid if head.dtype == torch.bool else head * self.valid.to(head.dtype)
-        return torch.cat([head, mask[:, self.full_len:]], dim=1)
+        extra = mask.shape[1] > self.full_len
+        head = self.gather(mask[:, :self.full_len] if extra else mask, seq_dim=1)
+        if self.may_pad:
+            head = head & self.valid if head.dtype == torch.bool else head * self.valid.to(head.dtype)
+        return torch.cat([head, mask[:, self.full_len:]], dim=1) if extra else head
 
     def gather_4d_mask(self, mask: torch.Tensor, rows: "KeepPlan | None" = None, fixed_width: bool = False
                        ) -> torch.Tensor:

@@ -125,7 +125,8 @@ class VisualView:
 
     features: [V, D] states of the image tokens: projected features (pre-LLM) or the input hidden
               states of decoder layer K (in-LLM).
-    text:     [T, D] states of the same sample's non-visual, non-padding tokens (the prompt/question).
+    text:     [T, D] states of the same sample's non-visual, non-padding tokens (the prompt/question); may be
+              given as a zero-argument callable, called on first read (the engine's: most pruners never read it).
     layout:   spatial layout of the V tokens.
     extras:   optional signals an adapter captured on request (keys, attention, vision q/k, ...).
     """
@@ -142,6 +143,21 @@ class VisualView:
     @property
     def num_tokens(self) -> int:
         return self.features.shape[0]
+
+
+def _get_text(view: VisualView) -> torch.Tensor:
+    text = view.__dict__["_text"]
+    if callable(text):
+        text = view.__dict__["_text"] = text()
+    return text
+
+
+def _set_text(view: VisualView, text: Any) -> None:
+    view.__dict__["_text"] = text
+
+
+# a property over the dataclass field, so that ``VisualView(text=...)``, ``replace`` and every reader keep working
+VisualView.text = property(_get_text, _set_text, doc="[T, D] the sample's text token states (found on first read)")
 
 
 @dataclass

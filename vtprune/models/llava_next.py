@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,24 @@ from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import ModelAdapter, SyntheticImage, VisionWork
 from .llava import CHAT_TEMPLATE, LlavaAdapter
+
+
+@functools.lru_cache(maxsize=256)
+def _anyres_tokens(side: int, patch: int, pins: tuple[tuple[int, int], ...], size: tuple[int, int]) -> int:
+    """:meth:`LlavaNextAdapter.anyres_tokens` for hashable arguments, remembered: every prefill asks it per image, and
+    working it out runs a dozen tensor ops."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    g = side // patch
+    if image_size_to_num_patches(list(size), [list(p) for p in pins], side) == 1:
+        return g * g + 1
+    nph, npw = get_anyres_image_grid_shape(list(size), [list(p) for p in pins], side)
+    rows, cols = unpad_image(torch.empty(1, nph * g, npw * g), torch.tensor(size)).shape[1:]
+    return g * g + int(rows) * (int(cols) + 1)
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -33,19 +52,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def anyres_tokens(config: Any, size: list[int]) -> int:
         """Visual tokens of one image of ``size`` [H, W]: the base view's grid, then (when AnyRes gives it more
         than one view) the unpadded crop grid with one newline per row; a lone view adds one newline."""
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
-
-        side, pins = config.vision_config.image_size, config.image_grid_pinpoints
-        g = side // config.vision_config.patch_size
-        if image_size_to_num_patches(size, pins, side) == 1:
-            return g * g + 1
-        nph, npw = get_anyres_image_grid_shape(size, pins, side)
-        rows, cols = unpad_image(torch.empty(1, nph * g, npw * g), torch.tensor(size)).shape[1:]
-        return g * g + int(rows) * (int(cols) + 1)
+        vc = config.vision_config
+        return _anyres_tokens(vc.image_size, vc.patch_size, tuple(map(tuple, config.image_grid_pinpoints)),
+                              tuple(size))
 
     def _crop_grid(self, rows: int, cols: int) -> tuple[int, int]:
         """The AnyRes crop grid (views down, views across) an unpadded rows x cols grid came from: the

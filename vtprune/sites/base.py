@@ -29,6 +29,9 @@ class ImageCall:
     static: bool
     base: KeepPlan | None = None
     base_real: torch.Tensor | None = None
+    #: :meth:`kept_real` by plan (a copy made by ``replace`` starts empty)
+    _kept: dict[int, tuple[KeepPlan, torch.Tensor]] = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                                                         compare=False)
 
     def cols(self, plan: KeepPlan) -> KeepPlan:
         """Cache slot -> conversation index once this call's tokens are pruned by ``plan``."""
@@ -39,8 +42,12 @@ class ImageCall:
         return kept_real if self.base_real is None else torch.cat([self.base_real, kept_real], 1)
 
     def kept_real(self, plan: KeepPlan) -> torch.Tensor:
-        """[b, plan.length] which of this call's slots hold real tokens once ``plan`` is applied."""
-        return plan.gather(self.real, 1) & plan.valid
+        """[b, plan.length] which of this call's slots hold real tokens once ``plan`` is applied (once per plan)."""
+        hit = self._kept.get(id(plan))
+        if hit is None or hit[0] is not plan:
+            kept = plan.gather(self.real, 1)
+            hit = self._kept[id(plan)] = (plan, kept & plan.valid if plan.may_pad else kept)
+        return hit[1]
 
     def rebuilt_masks(self, engine: Any, plan: KeepPlan, embeds: torch.Tensor, cache: Any, from_layer: int
                       ) -> dict[str, Any] | None:
