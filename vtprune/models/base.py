@@ -106,6 +106,10 @@ class ImageSpans:
     #: [b, L] attention-block id per token of the call (-1: causal), for families whose image tokens attend
     #: bidirectionally within a block (:meth:`ModelAdapter.lm_masks`); ``None`` elsewhere
     blocks: torch.Tensor | None = None
+    #: per row, its real non-image tokens, when the site read them before the decoder layers (so that
+    #: :meth:`text_index` reads nothing); per item, the text tokens after it (``None``: not read)
+    text_counts: list[int] | None = None
+    text_after: list[int] | None = None
     #: what :meth:`image_mask` and :meth:`text_index` built for this call (a copy made by ``replace`` starts empty)
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -125,12 +129,14 @@ class ImageSpans:
 
     def text_index(self, real: torch.Tensor, row: int) -> torch.Tensor:
         """Sequence indices of ``row``'s real non-image tokens (``real`` [b, L]); found once per call and row, as
-        the selection and the decoder q/k capture both read them (a host read on a GPU)."""
+        the selection and the decoder q/k capture both read them (a host read on a GPU, unless ``text_counts`` is known)."""
         key = ("text", id(real), row)
         hit = self._memo.get(key)
         if hit is None or hit[0] is not real:
             text = real[row] & ~self.image_mask(real.shape)[row]
-            hit = self._memo[key] = (real, text.nonzero().flatten())
+            index = (text.nonzero().flatten() if self.text_counts is None
+                     else torch.nonzero_static(text, size=self.text_counts[row], fill_value=0).flatten())
+            hit = self._memo[key] = (real, index)
         return hit[1]
 
 
