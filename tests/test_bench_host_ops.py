@@ -7,6 +7,8 @@ import torch
 from bench_scripts import bench_script
 
 from vtprune import ops
+from vtprune.models import adapter_for
+from vtprune.testing import random_image, tiny_vlm
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +42,31 @@ def test_pre_llm_pruning_adds_few_ops_and_host_reads(rows):
     added = by["random pre_llm"]["ops"] - by["unhooked"]["ops"]
     reads = by["random pre_llm"]["reads"] - by["unhooked"]["reads"]
     assert 0 < added <= 80 and 0 < reads <= 8
+
+
+def test_in_llm_pruning_reads_nothing_while_the_decoder_layers_run(rows):
+    """Issue 20: the in-LLM cut reads its sizes before layer 0 is queued and its checks after the last layer, so a
+    GPU never waits at the cut for the layers before it; and it reads less in all than it did (15-16 -> 13)."""
+    by = {r["setting"]: r for r in rows}
+    for setting in ("fastv K=2", "dart K=2", "random K=2"):
+        assert by[setting]["reads_in_layers"] == 0, setting
+        assert by[setting]["reads"] <= by["random pre_llm"]["reads"], setting
+
+
+def test_a_read_inside_the_decoder_layers_is_counted():
+    """Negative control of the span count: a layer hook that reads a device value adds one read there."""
+    with bench_script("host_ops") as host_ops:
+        tiny = tiny_vlm("llava_next", num_layers=4)
+        inputs = tiny.inputs([tiny.prompt("how many")], [random_image(0, (64, 64))])
+        layers = adapter_for(tiny.model).layers
+
+        def read(module, args) -> None:
+            bool(args[0].isfinite().all())
+
+        handle = layers[1].register_forward_pre_hook(read)
+        try:
+            counts = host_ops.count_ops(tiny.model, inputs, layers)
+        finally:
+            handle.remove()
+        assert counts[host_ops.IN_LAYERS] == 1
+        assert host_ops.count_ops(tiny.model, inputs, layers)[host_ops.IN_LAYERS] == 0

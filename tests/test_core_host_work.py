@@ -1,12 +1,16 @@
 """The engine's host work per pruned call (issue 20): a pruner's answer is checked with one host read, a keep plan
-is built with one, and both still give what the slower forms gave."""
+is built with one, and both still give what the slower forms gave; at the in-LLM cut the check is read after the
+language model ran, and still names a broken selection."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import batch_inputs, model
 
+import vtprune
 from vtprune.plan import KeepPlan
+from vtprune.registry import _REGISTRY
 from vtprune.view import Selection
 
 
@@ -48,3 +52,43 @@ def test_keep_plan_lists_each_rows_kept_tokens_in_order(uneven):
     assert torch.equal(plan.index, index) and torch.equal(plan.valid, valid)
     assert plan.has_padding_slots == uneven == (not bool(plan.valid.all()))
     assert not torch.equal(plan.index, index.flip(1))  # negative control: order matters
+
+
+class _Broken(vtprune.Pruner):
+    """Keeps the first k tokens, then breaks them the way :attr:`how` says ("fine": it does not)."""
+
+    config_class = type("BrokenConfig", (vtprune.UniformConfig,), {"name": "_test_broken"})
+    how = "fine"
+
+    def select(self, view, k):
+        idx = torch.arange(k, device=view.features.device)
+        if _Broken.how == "repeated":
+            idx[-1] = idx[0]
+        elif _Broken.how == "out of range":
+            idx[-1] = view.num_tokens
+        return Selection(indices=idx)
+
+
+@pytest.fixture
+def broken():
+    vtprune.register_pruner(_Broken)
+    yield _Broken
+    _Broken.how = "fine"
+    del _REGISTRY["_test_broken"]
+
+
+@pytest.mark.parametrize("site", ["pre_llm", "layer"])
+@pytest.mark.parametrize("how", ["repeated", "out of range"])
+def test_a_broken_selection_gets_the_named_error_at_either_site(broken, site, how):
+    """The in-LLM cut reads no check while layers run: its checks are read once the language model ran (or when
+    what the broken selection caused fails first), with the same message as at the pre-LLM site."""
+    tv = model("llava_next")
+    inputs = batch_inputs(tv, [0, 1])
+    options = {"site": "layer", "layer": 2} if site == "layer" else {}
+    with vtprune.apply(tv.model, "_test_broken", keep=0.5, **options):
+        tv.model(**inputs)  # negative control: a good selection passes
+        broken.how = how
+        with pytest.raises(RuntimeError, match="sorted, unique and within"):
+            tv.model(**inputs)
+        broken.how = "fine"
+        tv.model(**inputs)  # nothing of the failed call is left to raise again

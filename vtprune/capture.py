@@ -47,6 +47,8 @@ class LLMQK:
     scaling: float
     #: the layer's sliding window (``None``: full attention): query i sees only keys j with i - j < window
     window: int | None = None
+    #: how many of the last rows of ``text`` follow the image, when known on the host (``None``: not known)
+    text_after: int | None = None
 
 
 @dataclass
@@ -153,6 +155,11 @@ class Signals:
         self.projector: InputCapture | None = None
         self._consumed = True  # the last encoding pass was used by a prefill
         self.hints: list[Any] | None = None  # one caller-given value per batch row (``HINTS``)
+
+    @property
+    def reads_decoder_qk(self) -> bool:
+        """Whether the pruner reads decoder-layer q/k (:class:`LLMQK` extras)."""
+        return bool(self.needs & {LLM_QK, LAYER_QK})
 
     def check(self) -> None:
         """Refuse signals that do not exist or cannot be had at this site, before any hook goes in."""
@@ -286,9 +293,17 @@ class Signals:
 def add_qk_extras(key: str, q: torch.Tensor, k: torch.Tensor, scaling: float, window: int | None, spans: Any,
                   real: torch.Tensor) -> None:
     """Attach post-RoPE q [b, H, L, hd] / k [b, H_kv, L, hd] of a call's L tokens (``real`` [b, L]) to each image's
-    extras under ``key``, as :class:`LLMQK` over its sample's real tokens."""
+    extras under ``key``, as :class:`LLMQK` over its sample's real tokens. Where the site read each row's text count
+    before the decoder layers (``spans.text_counts``), the real tokens are found without a host read: they are the
+    row's text and its items' tokens."""
     rank = real.long().cumsum(1) - 1
-    for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
-        idx = real[row].nonzero().flatten()
+    after = spans.text_after or [None] * len(spans)
+    for ex, row, pos, text_after in zip(spans.extras, spans.rows, spans.positions, after):
+        if spans.text_counts is None:
+            idx = real[row].nonzero().flatten()
+        else:
+            n = spans.text_counts[row] + sum(p.numel() for r, p in zip(spans.rows, spans.positions) if r == row)
+            idx = torch.nonzero_static(real[row], size=n, fill_value=0).flatten()
         ex[key] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos],
-                        text=rank[row, spans.text_index(real, row)], scaling=scaling, window=window)
+                        text=rank[row, spans.text_index(real, row)], scaling=scaling, window=window,
+                        text_after=text_after)

@@ -127,6 +127,8 @@ def _frame_extras(extras: dict[str, Any], tokens: torch.Tensor, n: int) -> dict[
     for key in (LLM_QK, LAYER_QK, LM_INPUT):
         if key in extras:
             out[key] = dataclasses.replace(extras[key], image=extras[key].image[tokens.to(extras[key].image.device)])
+            if key != LM_INPUT:  # the text after the frame is not the text after the video
+                out[key].text_after = None
     return out
 
 
@@ -153,6 +155,9 @@ class Engine:
         self._memo: tuple[torch.Tensor, torch.Tensor, dict[int, list[Selection]]] | None = None
         self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reuse: dict[int, list[Selection]] | None = None
+        #: selections of the call in flight whose contract check is read after the language model ran:
+        #: (selection, its image's token count, the check's device bool)
+        self._unchecked: list[tuple[Selection, int, torch.Tensor]] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -161,6 +166,7 @@ class Engine:
         self._handles.append(self.model.register_forward_pre_hook(self._labels_pre, with_kwargs=True))
         self.hook_pre(a.backbone, self._backbone_pre)
         self.hook_pre(a.language_model, self._lm_pre)
+        self._handles.append(a.language_model.register_forward_hook(self._lm_post, with_kwargs=True))
         self.site.install()
         for layer in a.layers:
             self.hook_pre(layer, self._record_layer)
@@ -179,6 +185,7 @@ class Engine:
         """Forget everything earlier calls left behind (selections kept for reuse, in-flight state)."""
         self._spans = self._labels = None
         self._memo = self._prefix = self._reuse = None
+        self._unchecked = []
         self.site.reset()
 
     def hook_pre(self, module: nn.Module, fn) -> None:
@@ -262,6 +269,7 @@ class Engine:
     # ---- language model -----------------------------------------------------------------------------
     def _lm_pre(self, module, args, kwargs):
         spans, self._spans = self._spans, None
+        self._unchecked = []
         self.site.reset()
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -275,6 +283,24 @@ class Engine:
         finally:
             self.backbone_mask = None
         return args, kwargs
+
+    def _lm_post(self, module, args, kwargs, output):
+        """Raise what the deferred contract checks of this call's selections found."""
+        self.check_selections()
+        return None
+
+    def check_selections(self) -> None:
+        """Raise the named error of the first broken selection among those whose check was deferred (one host read
+        for all of them; the in-LLM site defers them so that its cut reads nothing while layers are in flight)."""
+        pending, self._unchecked = self._unchecked, []
+        if not pending:
+            return
+        device = pending[0][2].device
+        bads = [on_device(bad, device) for _, _, bad in pending]
+        if bool(bads[0] if len(bads) == 1 else torch.stack(bads).any()):
+            for sel, n, bad in pending:
+                if bool(bad):
+                    sel.explain(n)
 
     def _image_call(self, kwargs: dict[str, Any], spans: ImageSpans, embeds: torch.Tensor, real: torch.Tensor,
                     past: int, base: KeepPlan | None = None, base_real: torch.Tensor | None = None) -> ImageCall:
@@ -376,7 +402,10 @@ class Engine:
         """Ask the pruner about every image of a call (its tokens' ``states``) and turn the answers into a keep
         plan over the call's tokens. A later cut of a multi-stage schedule (``stage`` > 0, in-LLM) passes its own
         ``pruner``, the tokens to keep per image (``counts``, from each image's full layout) and, with merging,
-        how many tokens each of the call's tokens already stands for (``prior`` [b, L], earlier cuts' merges)."""
+        how many tokens each of the call's tokens already stands for (``prior`` [b, L], earlier cuts' merges). Where
+        the site read the rows' text counts beforehand (``spans.text_counts``), nothing here reads the device: the
+        plan's row lengths follow from them and the budgets, and the selections' contract checks are read after the
+        language model ran (:meth:`check_selections`)."""
         pruner = self.pruner if pruner is None else pruner
         reuse = None if self._reuse is None else self._reuse.get(stage)
         replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -384,6 +413,8 @@ class Engine:
         merging = self.config.merge == "proportional"
         keep = ~spans.image_mask(real.shape)  # visual tokens join as they are kept
         pruned_any = False
+        known = spans.text_counts
+        kept_per_row = [0] * real.shape[0]
         selections: list[Selection] = []
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):
             n = pos.numel()
@@ -399,7 +430,14 @@ class Engine:
                                   layer=pruner.config.layer, sample=row, image=i, extras=spans.extras[i])
                 sel = (select_per_frame(pruner, view, k) if self.config.per_frame and layout.is_video
                        else pruner.select(view, k))
-                sel.check(n, k)
+                if known is None:
+                    sel.check(n, k)
+                else:
+                    sel.check_shapes(k)
+                    bad = sel.broken(n)
+                    if bad is not None:
+                        self._unchecked.append((sel, n, bad))
+            kept_per_row[row] += k
             if merging:
                 sel = merge_dropped(states[row, pos], sel, None if prior is None else prior[row, pos])
             kept = pos[on_device(sel.indices, pos.device)]
@@ -420,7 +458,10 @@ class Engine:
             self._memo[2][stage] = selections
         if pruned_any:  # drop the batch's original padding too; rows are re-padded to the new longest row
             keep &= real
-        return KeepPlan.from_keep_mask(keep, replacements, sizes)
+        counts = None
+        if known is not None:  # a row keeps its text and its items' budgets, or (nothing pruned) every token
+            counts = [t + k for t, k in zip(known, kept_per_row)] if pruned_any else [real.shape[1]] * len(known)
+        return KeepPlan.from_keep_mask(keep, replacements, sizes, counts)
 
     # ---- stats --------------------------------------------------------------------------------------
     def _record_layer(self, module, args, kwargs):

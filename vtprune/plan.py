@@ -88,18 +88,21 @@ class KeepPlan:
 
     @classmethod
     def from_keep_mask(cls, keep: torch.Tensor, replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = (),
-                       sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = ()) -> "KeepPlan":
+                       sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = (), per_row: list[int] | None = None
+                       ) -> "KeepPlan":
         """Build from a [b, L] bool mask of surviving tokens, optional merged states given as
         ``(row, sequence positions [k], states [k, D])`` and optional token counts ``(row, positions [k],
-        sizes [k])`` (the plan's ``bias`` is their log; none when every size is 1)."""
+        sizes [k])`` (the plan's ``bias`` is their log; none when every size is 1). ``per_row``: each row's
+        surviving tokens when the caller knows them (no host read; a wrong count gives a wrong plan)."""
         b, full_len = keep.shape
-        counts = keep.sum(1)
-        per_row = counts.tolist()  # the one host read: the plan's length, and whether any row is re-padded
+        if per_row is None:
+            per_row = keep.sum(1).tolist()  # the one host read: the plan's length, and whether any row is re-padded
         lk = max(per_row)
         if min(per_row) == lk:  # every row keeps as many: no padding slots, the kept indices row by row
-            index = torch.nonzero_static(keep, size=b * lk)[:, 1].view(b, lk)
+            index = torch.nonzero_static(keep, size=b * lk, fill_value=0)[:, 1].view(b, lk)
             plan = cls(index=index, valid=torch.ones(b, lk, dtype=torch.bool, device=keep.device), full_len=full_len)
         else:
+            counts = keep.sum(1)
             # a stable sort puts kept tokens last, in original order: left re-padding for free
             order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, full_len - lk:]
             valid = torch.arange(lk, device=keep.device)[None, :] >= (lk - counts)[:, None]

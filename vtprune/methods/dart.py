@@ -75,7 +75,11 @@ def set_order(indices: list[int]) -> list[int]:
 
 
 def text_after_image(qk: LLMQK) -> torch.Tensor:
-    """Rows of ``view.text`` that follow this image in the sequence (DART's text-pivot candidates)."""
+    """Rows of ``view.text`` that follow this image in the sequence (DART's text-pivot candidates): the last
+    ``qk.text_after`` rows when the site counted them (no host read), else found here."""
+    if qk.text_after is not None:
+        t = qk.text.numel()
+        return torch.arange(t - qk.text_after, t, device=qk.text.device)
     return (qk.text > qk.image.max()).nonzero().flatten()
 
 

@@ -142,7 +142,8 @@ def _restrict(spans: Any, rows: KeepPlan) -> Any:
         positions.append(slots[kept])
         layouts.append(_survivors_layout(layout, kept))
         extras.append(restrict_extras(ex, kept, pos.numel()))
-    return dataclasses.replace(spans, positions=positions, layouts=layouts, extras=extras)
+    # text tokens are never pruned (their counts stand); the text after an item's survivors is counted anew
+    return dataclasses.replace(spans, positions=positions, layouts=layouts, extras=extras, text_after=None)
 
 
 def _survivors_layout(layout: ImageLayout, kept: torch.Tensor) -> ImageLayout:
@@ -297,12 +298,27 @@ class LayerSite(Site):
             t = call.base.full_len - ledger.plan.full_len
             calls = [dataclasses.replace(call, base=g.plan.extend(t), base_real=g.physical_mask(t).bool())
                      for g in map(ledger.group, range(len(self.stages)))]
+        self._read_sizes(call)
         base = None if call.base is None or call.base.is_identity else call.base  # unpruned: nothing to gather
         self.in_flight = _InFlight(static=call.static, cols=base, extra=call.embeds.shape[1], call=call, calls=calls,
                                    layer=self.stages[0].layer,
                                    dict_masks=isinstance(kwargs.get("attention_mask"), dict))
         for st in self.stages[1:]:
             st.signals.begin_prefill()
+
+    def _read_sizes(self, call: ImageCall) -> None:
+        """Read, in one go before decoder layer 0 is queued (nothing in flight yet), each row's text-token count and,
+        for pruners that read decoder q/k, the text tokens after each item: the cuts then size their index tensors
+        and keep plans from these, and read nothing while earlier layers are still running on a GPU."""
+        spans, real = call.spans, call.real
+        text = real & ~spans.image_mask(real.shape)
+        parts = [text.sum(1)]
+        if self.engine.signals.reads_decoder_qk:
+            at_or_after = text.flip(1).cumsum(1).flip(1)  # [b, L] text tokens at or after each position
+            parts += [at_or_after[row, pos.amax(0, keepdim=True)] for row, pos in zip(spans.rows, spans.positions)]
+        sizes = torch.cat(parts).tolist()
+        b = real.shape[0]
+        spans.text_counts, spans.text_after = sizes[:b], sizes[b:] or None
 
     def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
         self._check_ledger(ledger)
@@ -377,7 +393,11 @@ class LayerSite(Site):
             stage.signals.end_prefill()
             counts = [stage.pruner.count(layout) for layout in call.spans.layouts]
         prior = None if prev is None or prev.bias is None else prev.bias.exp().round()  # sizes merged so far
-        plan = engine.select(hidden, spans, real, stage=index, pruner=stage.pruner, counts=counts, prior=prior)
+        try:
+            plan = engine.select(hidden, spans, real, stage=index, pruner=stage.pruner, counts=counts, prior=prior)
+        except Exception:  # a broken selection whose check was deferred may be what failed: name it first
+            engine.check_selections()
+            raise
         if not plan.is_identity:
             state.rows = plan if prev is None else prev.then(plan)
             engine.recorder.real = call.kept_real(state.rows).sum(1)
