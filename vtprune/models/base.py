@@ -129,7 +129,7 @@ class ImageSpans:
 
     def text_index(self, real: torch.Tensor, row: int) -> torch.Tensor:
         """Sequence indices of ``row``'s real non-image tokens (``real`` [b, L]); found once per call and row, as
-        the selection and the decoder q/k capture both read them (a host read on a GPU, unless ``text_counts`` is known)."""
+        the selection and the decoder q/k capture both read them (a host read on a GPU unless ``text_counts``)."""
         key = ("text", id(real), row)
         hit = self._memo.get(key)
         if hit is None or hit[0] is not real:
