@@ -2,8 +2,9 @@
 host syncs (``aten::_local_scalar_dense``: ``.item()``, ``bool(t)``, ``int(t)``), plus every other read of device
 values the host waits for on a GPU (``nonzero``: boolean-mask indexing, ``equal``, ``.tolist()``), unhooked vs pruned,
 per method and site, and the reads inside the decoder layers' span (from decoder layer 0's start to the last layer's
-end: a read there makes the host wait for the layers queued before it instead of queueing the rest), on a tiny random-weight model with many decoder layers (the arithmetic is negligible, the op count is what
-the real model would launch). Measured on the CPU: counts, not times, so they hold on any machine.
+end: a read there makes the host wait for the layers queued before it instead of queueing the rest), on a tiny
+random-weight model with many decoder layers (the arithmetic is negligible, the op count is what the real model
+would launch). Measured on the CPU: counts, not times, so they hold on any machine.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python bench/host_ops.py --families llava_next,qwen2_vl --layers 32
 """
@@ -131,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     rows = [r for fam in args.families.split(",") if fam for r in family_rows(fam, args.layers)]
     print(f"tiny models with {args.layers} decoder layers, torch {torch.__version__}; one cached prefill each")
-    print("| family | setting | aten ops | vs unhooked | host syncs | all host reads | reads in layers | most added ops |")
+    print("| family | setting | aten ops | vs unhooked | host syncs | all host reads | reads in layers "
+          "| most added ops |")
     print("|---|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:

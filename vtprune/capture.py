@@ -281,9 +281,9 @@ class Signals:
         if self.lm_input is not None and self.lm_input.calls:
             states = self.lm_input.tensor("hidden_states")
             rank = real.long().cumsum(1) - 1
-            text = real & ~spans.image_mask(real.shape)
             for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
-                ex[LM_INPUT] = LMInput(states=states[row][real[row]], image=rank[row, pos], text=rank[row, text[row]])
+                ex[LM_INPUT] = LMInput(states=states[row][real_index(spans, real, row)], image=rank[row, pos],
+                                       text=rank[row, spans.text_index(real, row)])
         if self.llm is None:
             return
         q, k, scaling = self.adapter.llm_qk(self.config.layer - 1, self.llm)
@@ -293,17 +293,21 @@ class Signals:
 def add_qk_extras(key: str, q: torch.Tensor, k: torch.Tensor, scaling: float, window: int | None, spans: Any,
                   real: torch.Tensor) -> None:
     """Attach post-RoPE q [b, H, L, hd] / k [b, H_kv, L, hd] of a call's L tokens (``real`` [b, L]) to each image's
-    extras under ``key``, as :class:`LLMQK` over its sample's real tokens. Where the site read each row's text count
-    before the decoder layers (``spans.text_counts``), the real tokens are found without a host read: they are the
-    row's text and its items' tokens."""
+    extras under ``key``, as :class:`LLMQK` over its sample's real tokens."""
     rank = real.long().cumsum(1) - 1
     after = spans.text_after or [None] * len(spans)
     for ex, row, pos, text_after in zip(spans.extras, spans.rows, spans.positions, after):
-        if spans.text_counts is None:
-            idx = real[row].nonzero().flatten()
-        else:
-            n = spans.text_counts[row] + sum(p.numel() for r, p in zip(spans.rows, spans.positions) if r == row)
-            idx = torch.nonzero_static(real[row], size=n, fill_value=0).flatten()
+        idx = real_index(spans, real, row)
         ex[key] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos],
                         text=rank[row, spans.text_index(real, row)], scaling=scaling, window=window,
                         text_after=text_after)
+
+
+def real_index(spans: Any, real: torch.Tensor, row: int) -> torch.Tensor:
+    """Sequence indices of ``row``'s real tokens (``real`` [b, L]). Where the site read each row's text count before
+    the decoder layers (``spans.text_counts``), found without a host read: they are the row's text and its items'
+    tokens."""
+    if spans.text_counts is None:
+        return real[row].nonzero().flatten()
+    n = spans.text_counts[row] + sum(p.numel() for r, p in zip(spans.rows, spans.positions) if r == row)
+    return torch.nonzero_static(real[row], size=n, fill_value=0).flatten()
