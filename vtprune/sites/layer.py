@@ -311,14 +311,14 @@ class LayerSite(Site):
         for pruners that read decoder q/k, the text tokens after each item: the cuts then size their index tensors
         and keep plans from these, and read nothing while earlier layers are still running on a GPU."""
         spans, real = call.spans, call.real
-        text = real & ~spans.image_mask(real.shape)
-        parts = [text.sum(1)]
-        if self.engine.signals.reads_decoder_qk:
-            at_or_after = text.flip(1).cumsum(1).flip(1)  # [b, L] text tokens at or after each position
-            parts += [at_or_after[row, pos.amax(0, keepdim=True)] for row, pos in zip(spans.rows, spans.positions)]
-        sizes = torch.cat(parts).tolist()
+        up_to = (real & ~spans.image_mask(real.shape)).cumsum(1)  # [b, L] text tokens up to each position
+        parts = [up_to.select(1, -1)]
+        if self.engine.signals.reads_decoder_qk:  # and up to each item's last token
+            parts += [up_to[row, pos.amax(0, keepdim=True)] for row, pos in zip(spans.rows, spans.positions)]
+        sizes = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
         b = real.shape[0]
-        spans.text_counts, spans.text_after = sizes[:b], sizes[b:] or None
+        spans.text_counts = sizes[:b]
+        spans.text_after = [spans.text_counts[row] - n for row, n in zip(spans.rows, sizes[b:])] or None
 
     def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
         self._check_ledger(ledger)
