@@ -52,6 +52,9 @@ def test_keep_plan_lists_each_rows_kept_tokens_in_order(uneven):
     assert torch.equal(plan.index, index) and torch.equal(plan.valid, valid)
     assert plan.has_padding_slots == uneven == (not bool(plan.valid.all()))
     assert not torch.equal(plan.index, index.flip(1))  # negative control: order matters
+    known = KeepPlan.from_keep_mask(keep, per_row=keep.sum(1).tolist())  # row lengths known: the same plan, no read
+    assert torch.equal(known.index, index) and torch.equal(known.valid, valid)
+    assert known.has_padding_slots == uneven
 
 
 class _Broken(vtprune.Pruner):
