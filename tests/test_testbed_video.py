@@ -290,8 +290,6 @@ def test_shipped_video_checkpoint_reaches_its_recorded_accuracy():
     assert log["eval"]["test_subset"]["n"] == TEST_SUBSET
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 open: the shipped video testbed scores 85.7 % held-out (shape "
-                   "questions about the object that moves / appears / disappears: 28-53 %; docs/testbed_runs.md)")
 def test_shipped_video_checkpoint_meets_the_accuracy_bar():
     """The held-out score of the whole set (1,200 questions, 200 per category) clears the issue's bar."""
     _, log = _shipped_video_log()
