@@ -95,3 +95,23 @@ def test_a_broken_selection_gets_the_named_error_at_either_site(broken, site, ho
             tv.model(**inputs)
         broken.how = "fine"
         tv.model(**inputs)  # nothing of the failed call is left to raise again
+
+
+def test_a_plan_sized_on_a_wrong_row_count_gets_a_named_error(monkeypatch):
+    """The in-LLM cut sizes its keep plan from the text counts read before layer 0, without reading the mask: if
+    a count were wrong the plan would silently drop or repeat tokens, so the engine checks it after the model ran."""
+    from vtprune.sites.layer import LayerSite
+
+    tv = model("llava_next")
+    inputs = batch_inputs(tv, [0, 1])
+    with vtprune.apply(tv.model, "random", keep=0.5, site="layer", layer=2):
+        tv.model(**inputs)  # negative control: the counts read from the mask pass
+        read = LayerSite._read_sizes
+
+        def off_by_one(self, call):
+            read(self, call)
+            call.spans.text_counts = [n + 1 for n in call.spans.text_counts[:1]] + call.spans.text_counts[1:]
+
+        monkeypatch.setattr(LayerSite, "_read_sizes", off_by_one)
+        with pytest.raises(vtprune.VTPruneError, match=r"keep plan sized for \[\d+, \d+\] tokens per row"):
+            tv.model(**inputs)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -155,9 +155,9 @@ class Engine:
         self._memo: tuple[torch.Tensor, torch.Tensor, dict[int, list[Selection]]] | None = None
         self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reuse: dict[int, list[Selection]] | None = None
-        #: selections of the call in flight whose contract check is read after the language model ran:
-        #: (selection, its image's token count, the check's device bool)
-        self._unchecked: list[tuple[Selection, int, torch.Tensor]] = []
+        #: contract checks of the call in flight read after the language model ran: (the check's device bool,
+        #: what raises its named error once it read true)
+        self._unchecked: list[tuple[torch.Tensor, Callable[[], None]]] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -295,12 +295,12 @@ class Engine:
         pending, self._unchecked = self._unchecked, []
         if not pending:
             return
-        device = pending[0][2].device
-        bads = [on_device(bad, device) for _, _, bad in pending]
+        device = pending[0][0].device
+        bads = [on_device(bad, device) for bad, _ in pending]
         if bool(bads[0] if len(bads) == 1 else torch.stack(bads).any()):
-            for sel, n, bad in pending:
+            for bad, explain in pending:
                 if bool(bad):
-                    sel.explain(n)
+                    explain()
 
     def _image_call(self, kwargs: dict[str, Any], spans: ImageSpans, embeds: torch.Tensor, real: torch.Tensor,
                     past: int, base: KeepPlan | None = None, base_real: torch.Tensor | None = None) -> ImageCall:
@@ -436,7 +436,7 @@ class Engine:
                     sel.check_shapes(k)
                     bad = sel.broken(n)
                     if bad is not None:
-                        self._unchecked.append((sel, n, bad))
+                        self._unchecked.append((bad, functools.partial(sel.explain, n)))
             kept_per_row[row] += k
             if merging:
                 sel = merge_dropped(states[row, pos], sel, None if prior is None else prior[row, pos])
@@ -461,7 +461,21 @@ class Engine:
         counts = None
         if known is not None:  # a row keeps its text and its items' budgets, or (nothing pruned) every token
             counts = [t + k for t, k in zip(known, kept_per_row)] if pruned_any else [real.shape[1]] * len(known)
+            self._defer_count_check(keep, counts)
         return KeepPlan.from_keep_mask(keep, replacements, sizes, counts)
+
+    def _defer_count_check(self, keep: torch.Tensor, counts: list[int]) -> None:
+        """Check after the language model ran that each row's surviving tokens number what its plan was sized for
+        (text count + budgets): a plan built on a wrong count would silently drop or repeat tokens."""
+        found = keep.sum(1)  # compared with host ints one row at a time: a host-to-device copy would sync
+        bad = found.ne(counts[0]).any() if len(set(counts)) == 1 else torch.stack(
+            [f.ne(c) for f, c in zip(found.unbind(), counts)]).any()
+
+        def explain() -> None:
+            raise VTPruneError(f"keep plan sized for {counts} tokens per row, but the selections kept "
+                               f"{found.tolist()}: the rows' text counts read before layer 0 do not match the call")
+
+        self._unchecked.append((bad, explain))
 
     # ---- stats --------------------------------------------------------------------------------------
     def _record_layer(self, module, args, kwargs):
