@@ -1,8 +1,10 @@
-"""Does ZOO-Prune's low-rank sensitivity pass (``rank=128``) select the same tokens as the full-rank one?
-(issue 20, item 2: the fast estimator may become the default only if its selections match.)
+"""Does ZOO-Prune's low-rank sensitivity pass (``rank=128``), or its last-layer product in bf16
+(``precision="bfloat16"``, what ``precision="model"`` runs on a bf16 model), select the same tokens as the
+float32 full-rank one? (issue 20, item 2: a faster estimator may become the default only if its selections match.)
 
 For each view ``zoo`` receives (its default site and options), the tokens selected with the full-rank projector
-are compared with those of ``rank=r`` (same seed, so the same ZO directions): overlap = |A ∩ B| / k. As the noise
+are compared with those of ``rank=r`` or ``precision=p`` (same seed, so the same ZO directions): overlap = |A ∩ B| / k.
+As the noise
 floor of the estimator itself, the full-rank selection is also compared with a full-rank one drawn with another
 seed (other random directions): a rank whose overlap is as high as that floor changes nothing the estimator's own
 randomness does not already change.
@@ -49,15 +51,20 @@ def selected(view: VisualView, k: int, **options: Any) -> set[int]:
         return set(pruner.select(view, k).indices.flatten().tolist())
 
 
-def overlaps(view: VisualView, rank: int) -> dict[str, dict[str, float]]:
-    """Per keep: overlap of full rank with ``rank`` (same seed) and with full rank under another seed."""
+def overlaps(view: VisualView, variant: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per keep: overlap of the float32 full-rank default with ``variant`` (same seed) and with itself under
+    another seed."""
     out = {}
     for keep in KEEPS:
         k = budget(keep, view.num_tokens)
-        full = selected(view, k)
-        out[str(keep)] = {"k": k, "rank": len(full & selected(view, k, rank=rank)) / k,
-                          "other_seed": len(full & selected(view, k, seed=OTHER_SEED)) / k}
+        full = selected(view, k, precision="float32")
+        out[str(keep)] = {"k": k, "rank": len(full & selected(view, k, **variant)) / k,
+                          "other_seed": len(full & selected(view, k, seed=OTHER_SEED, precision="float32")) / k}
     return out
+
+
+def label(variant: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in variant.items())
 
 
 def real_size_views(models: Sequence[str] | None, tiny: bool) -> Iterator[tuple[str, VisualView]]:
@@ -94,30 +101,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", default=None, help="subset of the real-size cases (model names)")
     parser.add_argument("--testbed-items", type=int, default=50, help="held-out questions per testbed (0: none)")
     parser.add_argument("--testbed-rank", type=int, default=4, help="rank on the 128-wide testbeds")
+    parser.add_argument("--precision", default=None, help="compare precision=P (e.g. bfloat16) instead of ranks")
     parser.add_argument("--tiny", action="store_true", help="tiny random models instead of real sizes (plumbing)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     table: list[tuple[str, int, int, dict]] = []
     models = args.models.split(",") if args.models else None
-    for label, view in real_size_views(models, args.tiny):
-        table.append((label + " (random weights)", REAL_RANK, 1, overlaps(view, REAL_RANK)))
-        print(table[-1], flush=True)
+    real = [{"precision": args.precision}] if args.precision else [{"rank": REAL_RANK}]
+    testbed = [{"precision": args.precision}] if args.precision else [{"rank": REAL_RANK}, {"rank": args.testbed_rank}]
+    for name, view in real_size_views(models, args.tiny):
+        for variant in real:
+            table.append((name + " (random weights)", label(variant), 1, overlaps(view, variant)))
+            print(table[-1], flush=True)
     for kind in ("llava", "qwen2_vl") if args.testbed_items else ():
-        for rank in (REAL_RANK, args.testbed_rank):
-            rows = [overlaps(v, rank) for v in testbed_views(kind, args.testbed_items)]
-            table.append((f"testbed {kind}", rank, len(rows),
+        for variant in testbed:
+            rows = [overlaps(v, variant) for v in testbed_views(kind, args.testbed_items)]
+            table.append((f"testbed {kind}", label(variant), len(rows),
                           {keep: {key: mean(rows, keep, key) for key in ("rank", "other_seed")} | {"k": rows[0][keep]["k"]}
                            for keep in map(str, KEEPS)}))
             print(table[-1], flush=True)
-    lines = ["| views | rank | n | " + " | ".join(f"keep {k}: rank vs full | keep {k}: seed vs seed" for k in KEEPS)
+    lines = ["| views | variant | n | " + " | ".join(f"keep {k}: variant vs default | keep {k}: seed vs seed"
+                                                  for k in KEEPS)
              + " |", "|" + "---|" * (3 + 2 * len(KEEPS))]
-    for label, rank, n, res in table:
+    for name, variant, n, res in table:
         cells = " | ".join(f"{res[str(k)]['rank']:.3f} | {res[str(k)]['other_seed']:.3f}" for k in KEEPS)
-        lines.append(f"| {label} | {rank} | {n} | {cells} |")
+        lines.append(f"| {name} | {variant} | {n} | {cells} |")
     print("\n".join(lines))
     record = {"args": vars(args) | {"json": str(args.json)}, "rows": [
-        {"views": label, "rank": rank, "n": n, "overlap": res} for label, rank, n, res in table]}
+        {"views": name, "variant": variant, "n": n, "overlap": res} for name, variant, n, res in table]}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1))

@@ -11,11 +11,19 @@ def test_tiny_run_reports_every_view_and_rank(tmp_path):
         record = bench.main(["--tiny", "--models", "llava-1.5-7b", "--testbed-items", "1", "--testbed-rank", "2",
                               "--json", str(tmp_path / "o.json")])
     rows = record["rows"]
-    assert rows[0]["views"].startswith("llava-1.5-7b") and rows[0]["rank"] == 128
-    assert [(r["views"], r["rank"], r["n"]) for r in rows[1:]] == [
-        ("testbed llava", 128, 1), ("testbed llava", 2, 1), ("testbed qwen2_vl", 128, 1), ("testbed qwen2_vl", 2, 1)]
+    assert rows[0]["views"].startswith("llava-1.5-7b") and rows[0]["variant"] == "rank=128"
+    assert [(r["views"], r["variant"], r["n"]) for r in rows[1:]] == [
+        ("testbed llava", "rank=128", 1), ("testbed llava", "rank=2", 1), ("testbed qwen2_vl", "rank=128", 1),
+        ("testbed qwen2_vl", "rank=2", 1)]
     for r in rows:
         for keep in ("0.25", "0.11"):
             assert 0 <= r["overlap"][keep]["rank"] <= 1 and 0 <= r["overlap"][keep]["other_seed"] <= 1
     assert rows[1]["overlap"]["0.25"]["rank"] == 1.0  # rank 128 is the full rank of the 128-wide testbed
     assert min(r["overlap"][k]["rank"] for r in rows[2::2] for k in ("0.25", "0.11")) < 1.0  # rank 2 truncates
+
+
+def test_tiny_run_compares_a_precision_instead(tmp_path):
+    with bench_script("zoo_rank_overlap") as bench:
+        record = bench.main(["--tiny", "--models", "llava-1.5-7b", "--testbed-items", "1", "--precision", "bfloat16"])
+    assert [(r["views"].split(" ")[0], r["variant"]) for r in record["rows"]] == [
+        ("llava-1.5-7b", "precision=bfloat16"), ("testbed", "precision=bfloat16"), ("testbed", "precision=bfloat16")]

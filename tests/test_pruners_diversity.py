@@ -4,6 +4,7 @@ budgets and generation on every family, cached == uncached."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -367,3 +368,33 @@ def test_structured_mlp_sensitivity_equals_black_box_central_differences():
         low = mlp_sensitivity(x, mlp, u, 0.01, output_factor(proj.linear_2.weight, 8))
     torch.testing.assert_close(exact, black_box, rtol=2e-3, atol=1e-5)
     assert bool((low <= exact + 1e-5).all()) and not torch.allclose(low, exact)  # truncation only removes energy
+
+
+def test_zoo_precision_sets_the_dtype_of_the_last_layer_product_only():
+    """``precision="model"`` runs the structured estimator's product in the projector's dtype: a float32 model is
+    unchanged bit for bit, a bf16 one rounds only that product (differences and norms stay float32)."""
+    from vtprune.capture import MLPProjector, ProjectorInput
+    from vtprune.methods.zoo import ZOOptions, ZOScorer
+
+    proj = model("llava").model.model.multi_modal_projector
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 1, proj.linear_1.in_features, generator=g)
+
+    def sensitivity(module, precision: str) -> torch.Tensor:
+        mlp = MLPProjector(first=module.linear_1, act=module.act, last=module.linear_2)
+        signal = ProjectorInput(inputs=x.to(module.linear_1.weight.dtype), project=lambda t: module(t[:, 0]),
+                                valid=torch.ones(37, dtype=torch.bool), mlp=mlp)
+        with torch.no_grad():
+            return ZOScorer(ZOOptions(directions=16, precision=precision))(
+                {"projector": signal}, torch.Generator().manual_seed(1))
+
+    exact = sensitivity(proj, "float32")
+    assert torch.equal(sensitivity(proj, "model"), exact)
+    rounded = sensitivity(proj, "bfloat16")
+    torch.testing.assert_close(rounded, exact, rtol=2e-2, atol=1e-4)
+    assert not torch.equal(rounded, exact)  # negative control: the product really ran in bf16
+    half = copy.deepcopy(proj).to(torch.bfloat16)
+    assert torch.equal(sensitivity(half, "model"), sensitivity(half, "bfloat16"))
+    assert not torch.equal(sensitivity(half, "model"), sensitivity(half, "float32"))
+    with pytest.raises(VTPruneError, match="precision='fp8'"):
+        make_config("zoo", keep=0.5, precision="fp8")

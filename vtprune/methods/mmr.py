@@ -47,7 +47,7 @@ class MMRConfig(PrunerConfig, ZOOptions, ModeOption):
         of the cost.
       * ``"text"``: mean cosine of each token to the sample's non-visual token states (``VisualView.text``:
         the prompt, question included). Query-aware, O((V+T)·D).
-      * ``"zoo"``: ZO projector sensitivity (options ``directions``, ``step``, ``rank`` as for ``zoo``).
+      * ``"zoo"``: ZO projector sensitivity (options ``directions``, ``step``, ``rank``, ``precision`` as for ``zoo``).
       * ``"cls"`` / ``"pagerank"``: vision-encoder [CLS] attention (:func:`vtprune.ops.cls_attention_scores`) /
         Zero-TPrune's weighted PageRank (:func:`vtprune.methods.zero_tprune.pagerank_scores`).
       * ``"learned"``: a scorer loaded from ``scorer_path``.

@@ -38,6 +38,8 @@ from .base import Pruner
 
 #: perturbed projector evaluations per chunk, bounding memory to about this many output rows at a time
 CHUNK_ROWS = 8192
+#: ``precision`` values: the structured estimator's last-layer product in the projector's dtype, or a forced one
+PRECISIONS = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -48,11 +50,17 @@ class ZOOptions:
     step:       h, the central-difference step (default 0.01).
     rank:       if set, the sensitivity pass uses a rank-``rank`` truncated SVD of each projector linear layer
                 (biases kept; the selected tokens' embeddings still come from the real projector).
+    precision:  dtype of the structured estimator's one large product (the central differences times the last
+                layer, m·d_h·D multiply-adds per token): ``"model"`` (default) the projector's own dtype, as the
+                prefill runs (a float32 model is unchanged; a bf16 model runs it on tensor cores instead of in
+                float32), or a forced ``"float32"`` / ``"bfloat16"`` / ``"float16"``. The differences themselves are
+                always formed in float32 (they cancel), and norms are taken in float32.
     """
 
     directions: int = 64
     step: float = 0.01
     rank: int | None = None
+    precision: str = "model"
 
     def validate_zo(self) -> None:
         """Raise :class:`VTPruneError` naming the offending field."""
@@ -61,6 +69,8 @@ class ZOOptions:
             raise VTPruneError(f"step={self.step!r}: expected a finite float > 0 (central-difference step h)")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise VTPruneError(f"rank={self.rank!r}: expected None (full-rank projector) or an int >= 1")
+        if self.precision not in PRECISIONS:
+            raise VTPruneError(f"precision={self.precision!r}: expected one of {', '.join(map(repr, PRECISIONS))}")
 
 
 def unit_directions(m: int, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
@@ -99,19 +109,21 @@ def mlp_sensitivity(inputs: torch.Tensor, mlp: MLPProjector, directions: torch.T
     wasted work: ``W1(x ± h·u) + b1 = a(x) ± h·W1 u`` shares the first layer across tokens and directions,
     the biases of the last layer cancel, and ``‖W2 z‖ = ‖Σ Vᵀ z‖`` (``W2 = U Σ Vᵀ``), so the last layer is
     replaced by ``out_factor`` (:func:`output_factor`: W2 itself or its QR's R at full rank, ``Σᵣ Vᵣᵀ`` at rank r).
-    Per token this costs m·d_h·r multiply-adds instead of 2m·(d_v·d_h + d_h·D)."""
+    Per token this costs m·d_h·r multiply-adds instead of 2m·(d_v·d_h + d_h·D), in ``out_factor``'s dtype (the
+    differences are formed in float32 and rounded to it only for that product)."""
     n, _, d = inputs.shape
     m = directions.shape[0]
     first = mlp.first
     base = F.linear(inputs[:, 0], first.weight, first.bias).float()  # [n, d_h]
     shift = step * F.linear(directions.to(first.weight.dtype), first.weight).float()  # [m, d_h]
-    factor = out_factor.float()
+    factor_t = out_factor.T
     out = torch.empty(n, dtype=torch.float32, device=inputs.device)
     per_chunk = max(1, CHUNK_ROWS // m)
     for start in range(0, n, per_chunk):
         a = base[start:start + per_chunk, None]
         diff = mlp.act(a + shift) - mlp.act(a - shift)  # [c, m, d_h]
-        out[start:start + a.shape[0]] = (diff @ factor.T).norm(dim=-1).mean(-1) / (2 * step)
+        moved = diff.to(factor_t.dtype) @ factor_t
+        out[start:start + a.shape[0]] = moved.float().norm(dim=-1).mean(-1) / (2 * step)
     return out
 
 
@@ -212,10 +224,12 @@ class ZOScorer:
         self.directions: torch.Tensor | None = None
 
     def _out_factor(self, proj: ProjectorInput) -> torch.Tensor | None:
+        """The last layer's factor for :func:`mlp_sensitivity`, in the product's dtype (``precision``)."""
         if self.reference or proj.mlp is None:
             return None
         weight, rank = proj.mlp.last.weight, self.options.rank
-        return cached_for_weight(weight, ("out", rank), lambda: output_factor(weight, rank))
+        dtype = PRECISIONS[self.options.precision] or weight.dtype
+        return cached_for_weight(weight, ("out", rank, dtype), lambda: output_factor(weight, rank).to(dtype))
 
     def __call__(self, extras: dict, generator: torch.Generator) -> torch.Tensor:
         """[V] sensitivities of the image whose ``VisualView.extras`` are given."""
