@@ -69,7 +69,7 @@ class ZOOptions:
             raise VTPruneError(f"step={self.step!r}: expected a finite float > 0 (central-difference step h)")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise VTPruneError(f"rank={self.rank!r}: expected None (full-rank projector) or an int >= 1")
-        if self.precision not in PRECISIONS:
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise VTPruneError(f"precision={self.precision!r}: expected one of {', '.join(map(repr, PRECISIONS))}")
 
 
