@@ -37,6 +37,9 @@ SimColumn = Callable[[torch.Tensor], torch.Tensor]
 StepScore = Callable[[torch.Tensor], torch.Tensor]
 #: the most attention probabilities held at once (64 MiB in float32)
 CHUNK_ELEMENTS = 1 << 24
+#: probabilities per block of the streamed received-attention product: 16 MB blocks ran 14 % faster than 64 MB ones
+#: at Qwen2.5-VL's 11,520 patches (smaller ones slower again: thinner GEMMs; docs/benchmarks.md)
+ATTENTION_BLOCK = 1 << 22
 
 
 # ---- selection --------------------------------------------------------------------------------------------
@@ -283,18 +286,18 @@ def block_rows(cols: int, heads: int, budget: int) -> int:
 
 
 def attention_transpose_apply(query: torch.Tensor, key: torch.Tensor, scaling: float, weights: torch.Tensor,
-                              budget: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                              budget: int = ATTENTION_BLOCK) -> torch.Tensor:
     """Per head, ``Aᵀ w``: ``out[h, j] = Σ_q weights[h, q]·A_h[q, j]`` for A = softmax(q kᵀ·scaling),
     streamed over query blocks so at most ``budget`` probabilities exist at once. [H, n]."""
     heads, rows = query.shape[:2]
     key_t = expand_kv(key, heads).float().transpose(-1, -2)  # converted once, not per block
-    query = query.float()
+    query = query.float() * scaling  # the logits' scale folded into the queries: one pass over a block fewer
     out = torch.zeros(heads, key_t.shape[-1], dtype=torch.float32, device=query.device)
     step = block_rows(key_t.shape[-1], heads, budget)
     for s in range(0, rows, step):
         # softmax's exp in place, its normalisation folded into the weights, the weighted sum over queries as one
         # batched product: ~2.3x faster than materialising probabilities at 11,520 vision tokens (Qwen2.5-VL)
-        e = torch.matmul(query[:, s:s + step], key_t).mul_(scaling)
+        e = torch.matmul(query[:, s:s + step], key_t)
         e.sub_(e.amax(-1, keepdim=True)).exp_()
         coef = weights[:, s:s + step].float() / e.sum(-1)
         out += torch.bmm(coef[:, None, :], e)[:, 0]
@@ -315,7 +318,7 @@ def power_iteration(step: Callable[[torch.Tensor], torch.Tensor], init: torch.Te
 
 
 def weighted_pagerank(query: torch.Tensor, key: torch.Tensor, scaling: float, init: torch.Tensor, iters: int,
-                      tol: float = 0.0, budget: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                      tol: float = 0.0, budget: int = ATTENTION_BLOCK) -> torch.Tensor:
     """Zero-TPrune's weighted PageRank per head: ``s ← Aᵀ s`` (each token's importance is the attention it
     receives, weighted by the importance of who attends). Row-stochastic A preserves the mass. [H, n]."""
     return power_iteration(lambda s: attention_transpose_apply(query, key, scaling, s, budget), init, iters, tol)
@@ -470,7 +473,7 @@ def cls_attention(g: AttentionGraph) -> torch.Tensor:
     return attention_rows(g.query[:, :1], g.key, g.scaling)[:, 0].mean(0)
 
 
-def received_attention(g: AttentionGraph, budget: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def received_attention(g: AttentionGraph, budget: int = ATTENTION_BLOCK) -> torch.Tensor:
     """Head-mean attention each node receives, summed over all queries: [N]. The score for encoders
     without [CLS] (Qwen), and N times one PageRank iteration from a uniform start."""
     ones = torch.ones(g.heads, g.nodes, device=g.query.device)
