@@ -295,3 +295,22 @@ def test_shipped_video_checkpoint_meets_the_accuracy_bar():
     _, log = _shipped_video_log()
     assert log["eval"]["heldout"]["n"] == VIDEO_HELDOUT_N
     assert log["eval"]["heldout"]["accuracy"] >= VIDEO_MIN_ACCURACY
+
+
+@pytest.mark.parametrize("source", ["built", "qwen2_vl_video", "qwen2_vl"])
+def test_the_per_video_pixel_cap_is_pinned_off_and_changes_nothing(source):
+    """transformers warns that its Qwen video processors will start capping a video's pixels; the testbed's frames
+    are fixed at 224², so the cap changes nothing, and the testbed pins it off (built and shipped processors) so a
+    default flip cannot change the inputs. Capped and uncapped inputs are compared for one video."""
+    from transformers import AutoProcessor
+
+    from vtprune.testbed.model import build_processor
+
+    processor = (build_processor("qwen2_vl") if source == "built"
+                 else AutoProcessor.from_pretrained(default_checkpoint("qwen2_vl", video=source.endswith("video"))))
+    assert processor.video_processor.cap_pixels_per_frame is False
+    video = (np.random.default_rng(0).random((N_FRAMES, 224, 224, 3)) * 255).astype(np.uint8)
+    plain = processor.video_processor([video], return_tensors="pt")
+    capped = processor.video_processor([video], return_tensors="pt", cap_pixels_per_frame=True)
+    assert torch.equal(plain["pixel_values_videos"], capped["pixel_values_videos"])
+    assert plain["video_grid_thw"].tolist() == [[N_FRAMES // 2, 16, 16]]

@@ -139,7 +139,9 @@ def build_processor(family: str, extra_words: tuple[str, ...] = ()) -> tf.Proces
     pixels = {"shortest_edge": side * side, "longest_edge": side * side}
     geometry = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH)
     improc = tf.Qwen2VLImageProcessor(size=pixels, **geometry)
-    video = tf.Qwen2VLVideoProcessor(size=pixels, **geometry)
+    # frames are fixed at 224² (min = max pixels), so transformers' per-video pixel cap changes nothing: pinned off so
+    # that a transformers default flip cannot change the inputs, and its warning stays quiet
+    video = tf.Qwen2VLVideoProcessor(size=pixels, cap_pixels_per_frame=False, **geometry)
     return tf.Qwen2VLProcessor(improc, tok, video, chat_template=chat_template(family))
 
 
