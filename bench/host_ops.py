@@ -33,6 +33,7 @@ SETTINGS = (
     ("fastv K=2", "fastv", {"keep": 0.25, "site": "layer", "layer": 2}),
     ("dart K=2", "dart", {"keep": 0.25, "site": "layer", "layer": 2}),
     ("random K=2", "random", {"keep": 0.25, "site": "layer", "layer": 2}),
+    ("pyramiddrop", "pyramiddrop", {"keep": 0.25}),
 )
 SYNC = "aten::_local_scalar_dense"
 #: the other host reads of device values: ``nonzero`` (also inside boolean-mask indexing) and ``equal`` at any depth;

@@ -115,3 +115,19 @@ def test_a_plan_sized_on_a_wrong_row_count_gets_a_named_error(monkeypatch):
         monkeypatch.setattr(LayerSite, "_read_sizes", off_by_one)
         with pytest.raises(vtprune.VTPruneError, match=r"keep plan sized for \[\d+, \d+\] tokens per row"):
             tv.model(**inputs)
+
+
+def test_a_composed_plan_knows_its_padding_only_when_its_parts_do():
+    """A later cut's plan (``then``) needs no read to know whether it re-pads when both parts know they do not, or the
+    inner one does; otherwise it reads as before (negative control)."""
+    even = KeepPlan.from_keep_mask(torch.ones(2, 6, dtype=torch.bool).index_fill_(1, torch.tensor([1]), False))
+    inner = KeepPlan.from_keep_mask(torch.ones(2, 5, dtype=torch.bool).index_fill_(1, torch.tensor([0, 3]), False))
+    both = even.then(inner)
+    assert "has_padding_slots" in both.__dict__ and not both.has_padding_slots
+    assert torch.equal(both.index, torch.tensor([[2, 3, 5], [2, 3, 5]]))
+    ragged = torch.ones(2, 5, dtype=torch.bool)
+    ragged[0, 0] = False
+    padded = even.then(KeepPlan.from_keep_mask(ragged))
+    assert padded.__dict__["has_padding_slots"] is True and not bool(padded.valid.all())
+    unknown = KeepPlan(index=even.index, valid=even.valid, full_len=6).then(inner)
+    assert "has_padding_slots" not in unknown.__dict__ and not unknown.has_padding_slots

@@ -415,6 +415,7 @@ class Engine:
         pruned_any = False
         known = spans.text_counts
         kept_per_row = [0] * real.shape[0]
+        kept_per_item: list[int] = []
         selections: list[Selection] = []
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):
             n = pos.numel()
@@ -438,6 +439,7 @@ class Engine:
                     if bad is not None:
                         self._unchecked.append((bad, functools.partial(sel.explain, n)))
             kept_per_row[row] += k
+            kept_per_item.append(k)
             if merging:
                 sel = merge_dropped(states[row, pos], sel, None if prior is None else prior[row, pos])
             kept = pos[on_device(sel.indices, pos.device)]
@@ -462,7 +464,9 @@ class Engine:
         if known is not None:  # a row keeps its text and its items' budgets, or (nothing pruned) every token
             counts = [t + k for t, k in zip(known, kept_per_row)] if pruned_any else [real.shape[1]] * len(known)
             self._defer_count_check(keep, counts)
-        return KeepPlan.from_keep_mask(keep, replacements, sizes, counts)
+        plan = KeepPlan.from_keep_mask(keep, replacements, sizes, counts)
+        plan.item_counts = kept_per_item
+        return plan
 
     def _defer_count_check(self, keep: torch.Tensor, counts: list[int]) -> None:
         """Check after the language model ran that each row's surviving tokens number what its plan was sized for

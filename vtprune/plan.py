@@ -16,7 +16,8 @@ import torch
 class KeepPlan:
     """index: [b, Lk] full-sequence index per slot; valid: [b, Lk]; full_len: L before pruning;
     replace_mask/replace_values: slots whose state is replaced (merged tokens) and their new states;
-    bias: [b, Lk] float ``log size`` per slot (``merge="proportional"``: the key bias of merged tokens), or None."""
+    bias: [b, Lk] float ``log size`` per slot (``merge="proportional"``: the key bias of merged tokens), or None;
+    item_counts: the tokens kept of each item of the call whose selection built the plan, when known (host ints)."""
 
     index: torch.Tensor
     valid: torch.Tensor
@@ -24,6 +25,7 @@ class KeepPlan:
     replace_mask: torch.Tensor | None = None
     replace_values: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    item_counts: list[int] | None = None
 
     @property
     def length(self) -> int:
@@ -83,8 +85,12 @@ class KeepPlan:
         :meth:`extend`). ``inner``'s bias, when it has one, already counts what this plan merged (its cut merged
         tokens of known sizes); otherwise each slot keeps this plan's bias."""
         bias = inner.bias if inner.bias is not None or self.bias is None else self.bias.gather(1, inner.index)
-        return KeepPlan(index=self.index.gather(1, inner.index),
-                        valid=inner.valid & self.valid.gather(1, inner.index), full_len=self.full_len, bias=bias)
+        plan = KeepPlan(index=self.index.gather(1, inner.index), valid=inner.valid & self.valid.gather(1, inner.index),
+                        full_len=self.full_len, bias=bias, item_counts=inner.item_counts)
+        known = inner.__dict__.get("has_padding_slots"), self.__dict__.get("has_padding_slots")
+        if known[0] or known == (False, False):  # padding follows from the parts without a read: inner pads, or none
+            plan.has_padding_slots = bool(known[0])
+        return plan
 
     @classmethod
     def from_keep_mask(cls, keep: torch.Tensor, replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = (),

@@ -130,15 +130,19 @@ def _restrict(spans: Any, rows: KeepPlan) -> Any:
     """The images of a call that earlier cuts pruned by ``rows``: each image's surviving tokens as slots of the
     shortened sequence, its layout one row of them in original order (the survivors no longer tile a grid; a video
     one row per frame), and its per-token signals (vision q/k patch maps, projector inputs) restricted to the
-    survivors."""
-    b = rows.index.shape[0]
-    slot_of = torch.full((b, rows.full_len), -1, dtype=torch.long, device=rows.index.device)
-    r, s = rows.valid.nonzero(as_tuple=True)
-    slot_of[r, rows.index[r, s]] = s
+    survivors. With ``rows.item_counts`` (each item's survivors, known on the host) nothing is read from the device
+    for an image (a video's frames are still read back)."""
+    b, lk = rows.index.shape
+    # each valid slot's number at its sequence index; padding slots write to a dropped extra column instead
+    target = rows.index.masked_fill(~rows.valid, rows.full_len)
+    slot_of = torch.full((b, rows.full_len + 1), -1, dtype=torch.long, device=rows.index.device)
+    slot_of.scatter_(1, target, torch.arange(lk, device=target.device).expand(b, lk))
+    slot_of = slot_of[:, :-1]
+    counts = rows.item_counts or [None] * len(spans)
     positions, layouts, extras = [], [], []
-    for row, pos, ex, layout in zip(spans.rows, spans.positions, spans.extras, spans.layouts):
+    for row, pos, ex, layout, n in zip(spans.rows, spans.positions, spans.extras, spans.layouts, counts):
         slots = slot_of[row, pos]
-        kept = (slots >= 0).nonzero().flatten()
+        kept = (slots >= 0).nonzero().flatten() if n is None else torch.nonzero_static(slots >= 0, size=n).flatten()
         positions.append(slots[kept])
         layouts.append(_survivors_layout(layout, kept))
         extras.append(restrict_extras(ex, kept, pos.numel()))
