@@ -414,7 +414,6 @@ class Engine:
         keep = ~spans.image_mask(real.shape)  # visual tokens join as they are kept
         pruned_any = False
         known = spans.text_counts
-        kept_per_row = [0] * real.shape[0]
         kept_per_item: list[int] = []
         selections: list[Selection] = []
         for i, (row, pos, layout) in enumerate(zip(spans.rows, spans.positions, spans.layouts)):
@@ -438,7 +437,6 @@ class Engine:
                     bad = sel.broken(n)
                     if bad is not None:
                         self._unchecked.append((bad, functools.partial(sel.explain, n)))
-            kept_per_row[row] += k
             kept_per_item.append(k)
             if merging:
                 sel = merge_dropped(states[row, pos], sel, None if prior is None else prior[row, pos])
@@ -462,7 +460,10 @@ class Engine:
             keep &= real
         counts = None
         if known is not None:  # a row keeps its text and its items' budgets, or (nothing pruned) every token
-            counts = [t + k for t, k in zip(known, kept_per_row)] if pruned_any else [real.shape[1]] * len(known)
+            counts = list(known) if pruned_any else [real.shape[1]] * len(known)
+            if pruned_any:
+                for row, k in zip(spans.rows, kept_per_item):
+                    counts[row] += k
             self._defer_count_check(keep, counts)
         plan = KeepPlan.from_keep_mask(keep, replacements, sizes, counts)
         plan.item_counts = kept_per_item

@@ -37,7 +37,7 @@ SimColumn = Callable[[torch.Tensor], torch.Tensor]
 StepScore = Callable[[torch.Tensor], torch.Tensor]
 #: the most attention probabilities held at once (64 MiB in float32)
 CHUNK_ELEMENTS = 1 << 24
-#: probabilities per block of the streamed received-attention product: 16 MB blocks ran 14 % faster than 64 MB ones
+#: probabilities per block of the streamed received-attention product: 16 MB blocks ran 13 % faster than 64 MB ones
 #: at Qwen2.5-VL's 11,520 patches (smaller ones slower again: thinner GEMMs; docs/benchmarks.md)
 ATTENTION_BLOCK = 1 << 22
 

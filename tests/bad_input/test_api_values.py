@@ -38,7 +38,7 @@ BAD: dict[str, list[tuple[Any, dict[str, Any]]]] = {
     "directions": [(v, {}) for v in (0, 1.5, True, "64", None)],
     "step": [(v, {}) for v in (0, -0.01, INF, NAN, "0.01", True, None)],
     "rank": [(v, {}) for v in (0, 1.5, True, "128")],
-    "precision": [(v, {}) for v in ("fp8", "bf16", "", None, 16, ["model"])],
+    "precision": [(v, {}) for v in ("fp8", "bf16", "", None, 16, ["model"])] + [("float32", {"mode": "reference"})],
     "wpr_iters": [(v, {}) for v in (0, 1.5, True, "1")],
     "wpr_tol": [(v, {}) for v in (-1.0, NAN, "0", True, None)],
     "head_variance": [(v, {}) for v in (5, (1,), (0.7, 0.1), ("a", "b"), (-1, 1), (NAN, 1), (True, 1))],

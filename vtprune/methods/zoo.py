@@ -52,9 +52,10 @@ class ZOOptions:
                 (biases kept; the selected tokens' embeddings still come from the real projector).
     precision:  dtype of the structured estimator's one large product (the central differences times the last
                 layer, m·d_h·D multiply-adds per token): ``"model"`` (default) the projector's own dtype, as the
-                prefill runs (a float32 model is unchanged; a bf16 model runs it on tensor cores instead of in
-                float32), or a forced ``"float32"`` / ``"bfloat16"`` / ``"float16"``. The differences themselves are
-                always formed in float32 (they cancel), and norms are taken in float32.
+                prefill runs (a float32 model is unchanged; a bf16 model runs it in bf16 instead of float32), or a
+                forced ``"float32"`` / ``"bfloat16"`` / ``"float16"``. The differences themselves are always formed in
+                float32 (they cancel), and norms are taken in float32. The reference mode runs the projector as a
+                black box in its own dtype, so it accepts only ``"model"``.
     """
 
     directions: int = 64
@@ -71,6 +72,9 @@ class ZOOptions:
             raise VTPruneError(f"rank={self.rank!r}: expected None (full-rank projector) or an int >= 1")
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise VTPruneError(f"precision={self.precision!r}: expected one of {', '.join(map(repr, PRECISIONS))}")
+        if self.precision != "model" and getattr(self, "reference", False):
+            raise VTPruneError(f"precision={self.precision!r} with mode='reference': the reference runs the projector "
+                               "in its own dtype; use precision='model' (the default)")
 
 
 def unit_directions(m: int, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
@@ -252,7 +256,7 @@ class ZOScorer:
 @dataclass
 class ZooConfig(PrunerConfig, ZOOptions, ModeOption):
     """ZOO-Prune. Sensitivity options: ``directions`` (m = 64), ``step`` (h = 0.01), ``rank`` (None = full-rank
-    projector; e.g. 128, much cheaper). Directions come from the pruner's seeded generator, one bank per image
+    projector; e.g. 128, much cheaper), ``precision`` (see :class:`ZOOptions`). Directions come from the pruner's seeded generator, one bank per image
     shared by all its tokens. On LLaVA's MLP projector the clean mode computes the same central differences
     with the structured estimator of :func:`mlp_sensitivity` (identical at full rank;
     ``rank`` truncates the last layer's SVD); the reference mode runs the projector as a black box, with
