@@ -60,13 +60,24 @@ def test_one_iteration_from_uniform_is_mean_received_attention():
     q, k = torch.randn(3, 50, 8, generator=g), torch.randn(3, 50, 8, generator=g)
     probs = (q @ k.transpose(-1, -2) * 0.4).softmax(-1)
     init = torch.full((3, 50), 1 / 50)
-    for budget_ in (1 << 24, 3 * 50 * 7):  # whole matrix, and 7-row query blocks
+    for budget_ in (1 << 24, 50 * 7):  # whole matrix, and 7-row query blocks (one head per block on CPU)
         s = weighted_pagerank(q, k, 0.4, init, iters=1, budget=budget_)
         torch.testing.assert_close(s, probs.mean(1))
     graph = AttentionGraph(q, k, 0.4, torch.arange(50), has_cls=False)
     torch.testing.assert_close(received_attention(graph, budget=100), probs.sum(1).mean(0))
     w = torch.rand(3, 50, generator=g)
     torch.testing.assert_close(attention_transpose_apply(q, k, 0.4, w, budget=64), torch.einsum("hq,hqk->hk", w, probs))
+
+
+@pytest.mark.parametrize("heads_per_block", [1, 2, 4])  # per head (the CPU default), uneven groups, all heads
+@pytest.mark.parametrize("budget_", [1 << 24, 4 * 50 * 7 + 1, 1])  # one block, uneven row blocks, single rows
+def test_attention_transpose_apply_blocks_match_the_dense_product(heads_per_block, budget_):
+    g = torch.Generator().manual_seed(2)
+    q, k, w = torch.randn(4, 50, 8, generator=g), torch.randn(2, 50, 8, generator=g), torch.rand(4, 50, generator=g)
+    probs = (q @ k.repeat_interleave(2, 0).transpose(-1, -2) * 0.4).softmax(-1)  # grouped-query keys, 2 heads each
+    out = attention_transpose_apply(q, k, 0.4, w, budget=budget_, heads_per_block=heads_per_block)
+    torch.testing.assert_close(out, torch.einsum("hq,hqk->hk", w, probs))
+    assert not torch.allclose(out, torch.einsum("hq,hqk->hk", w.flip(1), probs))  # the weights are not ignored
 
 
 def test_default_vision_layers():

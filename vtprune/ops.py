@@ -286,22 +286,34 @@ def block_rows(cols: int, heads: int, budget: int) -> int:
 
 
 def attention_transpose_apply(query: torch.Tensor, key: torch.Tensor, scaling: float, weights: torch.Tensor,
-                              budget: int = ATTENTION_BLOCK) -> torch.Tensor:
+                              budget: int | None = None, heads_per_block: int | None = None) -> torch.Tensor:
     """Per head, ``Aᵀ w``: ``out[h, j] = Σ_q weights[h, q]·A_h[q, j]`` for A = softmax(q kᵀ·scaling),
-    streamed over query blocks so at most ``budget`` probabilities exist at once. [H, n]."""
+    streamed over blocks of ``heads_per_block`` heads × query rows so at most ``budget`` probabilities exist at once
+    (defaults: :func:`attention_block`; one head per block on CPU, where a batched GEMM of thin per-head slices ran at
+    half the speed of one tall one, all heads elsewhere, for fewer launches). [H, n]."""
     heads, rows = query.shape[:2]
-    key_t = expand_kv(key, heads).float().transpose(-1, -2)  # converted once, not per block
+    key_t = expand_kv(key, heads).float().transpose(-1, -2).contiguous()  # converted once, not per block
     query = query.float() * scaling  # the logits' scale folded into the queries: one pass over a block fewer
-    out = torch.zeros(heads, key_t.shape[-1], dtype=torch.float32, device=query.device)
-    step = block_rows(key_t.shape[-1], heads, budget)
-    for s in range(0, rows, step):
-        # softmax's exp in place, its normalisation folded into the weights, the weighted sum over queries as one
-        # batched product: ~2.3x faster than materialising probabilities at 11,520 vision tokens (Qwen2.5-VL)
-        e = torch.matmul(query[:, s:s + step], key_t)
-        e.sub_(e.amax(-1, keepdim=True)).exp_()
-        coef = weights[:, s:s + step].float() / e.sum(-1)
-        out += torch.bmm(coef[:, None, :], e)[:, 0]
+    cols = key_t.shape[-1]
+    group = heads_per_block or (1 if query.device.type == "cpu" else heads)
+    step = min(rows, block_rows(cols, group, budget or attention_block(query.device)))
+    # one buffer reused by every block: a fresh one per block paid its page faults each time
+    buffer = torch.empty(group * step * cols, dtype=torch.float32, device=query.device)
+    out = torch.zeros(heads, cols, dtype=torch.float32, device=query.device)
+    for h in range(0, heads, group):
+        for s in range(0, rows, step):
+            q = query[h:h + group, s:s + step]
+            probs = buffer[:q.numel() // q.shape[-1] * cols].view(q.shape[0], q.shape[1], cols)
+            torch.bmm(q, key_t[h:h + group], out=probs)
+            torch.softmax(probs, -1, out=probs)  # in place: the fused kernel's one exp pass
+            out[h:h + group] += torch.bmm(weights[h:h + group, None, s:s + step].float(), probs)[:, 0]
     return out
+
+
+def attention_block(device: torch.device) -> int:
+    """Probabilities per block of the streamed attention products on ``device``: 16 MB on CPU (cache-sized blocks
+    ran fastest at Qwen2.5-VL's 11,520 patches, docs/benchmarks.md), 256 MB on accelerators (fewer launches)."""
+    return ATTENTION_BLOCK if device.type == "cpu" else 1 << 26
 
 
 def power_iteration(step: Callable[[torch.Tensor], torch.Tensor], init: torch.Tensor, iters: int,
@@ -318,7 +330,7 @@ def power_iteration(step: Callable[[torch.Tensor], torch.Tensor], init: torch.Te
 
 
 def weighted_pagerank(query: torch.Tensor, key: torch.Tensor, scaling: float, init: torch.Tensor, iters: int,
-                      tol: float = 0.0, budget: int = ATTENTION_BLOCK) -> torch.Tensor:
+                      tol: float = 0.0, budget: int | None = None) -> torch.Tensor:
     """Zero-TPrune's weighted PageRank per head: ``s ← Aᵀ s`` (each token's importance is the attention it
     receives, weighted by the importance of who attends). Row-stochastic A preserves the mass. [H, n]."""
     return power_iteration(lambda s: attention_transpose_apply(query, key, scaling, s, budget), init, iters, tol)
@@ -473,7 +485,7 @@ def cls_attention(g: AttentionGraph) -> torch.Tensor:
     return attention_rows(g.query[:, :1], g.key, g.scaling)[:, 0].mean(0)
 
 
-def received_attention(g: AttentionGraph, budget: int = ATTENTION_BLOCK) -> torch.Tensor:
+def received_attention(g: AttentionGraph, budget: int | None = None) -> torch.Tensor:
     """Head-mean attention each node receives, summed over all queries: [N]. The score for encoders
     without [CLS] (Qwen), and N times one PageRank iteration from a uniform start."""
     ones = torch.ones(g.heads, g.nodes, device=g.query.device)
