@@ -78,6 +78,8 @@ def test_attention_transpose_apply_blocks_match_the_dense_product(heads_per_bloc
     out = attention_transpose_apply(q, k, 0.4, w, budget=budget_, heads_per_block=heads_per_block)
     torch.testing.assert_close(out, torch.einsum("hq,hqk->hk", w, probs))
     assert not torch.allclose(out, torch.einsum("hq,hqk->hk", w.flip(1), probs))  # the weights are not ignored
+    graded = attention_transpose_apply(q.requires_grad_(), k, 0.4, w, budget_, heads_per_block)  # a model's own q
+    assert torch.equal(graded, out) and not graded.requires_grad  # a selection signal: detached, not refused
 
 
 def test_default_vision_layers():

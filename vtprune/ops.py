@@ -37,8 +37,8 @@ SimColumn = Callable[[torch.Tensor], torch.Tensor]
 StepScore = Callable[[torch.Tensor], torch.Tensor]
 #: the most attention probabilities held at once (64 MiB in float32)
 CHUNK_ELEMENTS = 1 << 24
-#: probabilities per block of the streamed received-attention product: 16 MB blocks ran 13 % faster than 64 MB ones
-#: at Qwen2.5-VL's 11,520 patches (smaller ones slower again: thinner GEMMs; docs/benchmarks.md)
+#: probabilities per block of the streamed received-attention product on CPU: 16 MB (364 query rows of one head at
+#: Qwen2.5-VL's 11,520 patches); blocks of 8 to 128 MB ran within 7 % of it (docs/benchmarks.md)
 ATTENTION_BLOCK = 1 << 22
 
 
@@ -290,7 +290,9 @@ def attention_transpose_apply(query: torch.Tensor, key: torch.Tensor, scaling: f
     """Per head, ``Aᵀ w``: ``out[h, j] = Σ_q weights[h, q]·A_h[q, j]`` for A = softmax(q kᵀ·scaling),
     streamed over blocks of ``heads_per_block`` heads × query rows so at most ``budget`` probabilities exist at once
     (defaults: :func:`attention_block`; one head per block on CPU, where a batched GEMM of thin per-head slices ran at
-    half the speed of one tall one, all heads elsewhere, for fewer launches). [H, n]."""
+    half the speed of one tall one, all heads elsewhere, for fewer launches). [H, n], a selection signal: detached
+    (the in-place products into one buffer cannot carry gradients)."""
+    query, key, weights = query.detach(), key.detach(), weights.detach()
     heads, rows = query.shape[:2]
     key_t = expand_kv(key, heads).float().transpose(-1, -2).contiguous()  # converted once, not per block
     query = query.float() * scaling  # the logits' scale folded into the queries: one pass over a block fewer
