@@ -26,7 +26,8 @@ import vtprune
 from vtprune.models import adapter_for
 from vtprune.testing import random_image, tiny_vlm
 
-#: (label, method, apply options): the settings of the GPU report, at their default sites
+#: (label, method, apply options): the settings of the GPU report at their default sites, the multi-stage
+#: schedule, and in-LLM merging
 SETTINGS = (
     ("random pre_llm", "random", {"keep": 0.25}),
     ("divprune pre_llm", "divprune", {"keep": 0.25}),
@@ -34,6 +35,7 @@ SETTINGS = (
     ("dart K=2", "dart", {"keep": 0.25, "site": "layer", "layer": 2}),
     ("random K=2", "random", {"keep": 0.25, "site": "layer", "layer": 2}),
     ("pyramiddrop", "pyramiddrop", {"keep": 0.25}),
+    ("fastv K=2 merge", "fastv", {"keep": 0.25, "site": "layer", "layer": 2, "merge": "proportional"}),
 )
 SYNC = "aten::_local_scalar_dense"
 #: the other host reads of device values: ``nonzero`` (also inside boolean-mask indexing) and ``equal`` at any depth;

@@ -57,6 +57,30 @@ def test_keep_plan_lists_each_rows_kept_tokens_in_order(uneven):
     assert known.has_padding_slots == uneven
 
 
+@pytest.mark.parametrize("uneven", [False, True])
+def test_keep_plan_places_merged_states_and_sizes_in_their_slots(uneven):
+    """Merged states and sizes land in the slots of their tokens (found by a scatter, padding slots aside), and
+    ``merged`` given by the caller builds the same plan as the read it replaces."""
+    keep = torch.zeros(2, 8, dtype=torch.bool)
+    keep[0, [1, 4, 6]] = True
+    keep[1, [0, 2, 5] if not uneven else [2, 5]] = True
+    states = [(0, torch.tensor([4, 6]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])), (1, torch.tensor([5]), torch.ones(1, 2))]
+    sizes = [(0, torch.tensor([1, 4, 6]), torch.tensor([1.0, 3.0, 1.0])), (1, torch.tensor([2, 5]), torch.tensor([4.0, 2.0]))]
+    read = KeepPlan.from_keep_mask(keep, states, sizes)
+    told = KeepPlan.from_keep_mask(keep, states, sizes, per_row=keep.sum(1).tolist(), merged=True)
+    hidden = torch.arange(2 * 8 * 2, dtype=torch.float32).view(2, 8, 2)
+    for plan in (read, told):
+        out = plan.apply_states(hidden)  # row 0 keeps 1, 4, 6; row 1 keeps 0, 2, 5 or (padding), 2, 5
+        assert torch.equal(out[0], torch.stack([hidden[0, 1], torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]))
+        assert torch.equal(out[1, 1:], torch.stack([hidden[1, 2], torch.ones(2)]))  # token 5 replaced, 2 not
+        assert torch.equal(out[1, 0], hidden[1, 0] if not uneven else hidden[1, 2])  # a padding slot copies the first
+        assert torch.allclose(plan.bias.exp(), torch.tensor([[1.0, 3.0, 1.0], [1.0, 4.0, 2.0]]))  # not the padding slot
+    assert torch.equal(read.index, told.index) and torch.equal(read.bias, told.bias)
+    assert read.has_padding_slots == told.has_padding_slots == uneven
+    unmerged = KeepPlan.from_keep_mask(keep, (), [(0, torch.tensor([1]), torch.ones(1))], merged=False)
+    assert unmerged.bias is None and unmerged.replace_slots is None  # all sizes 1: no bias, as the read decides
+
+
 class _Broken(vtprune.Pruner):
     """Keeps the first k tokens, then breaks them the way :attr:`how` says ("fine": it does not)."""
 

@@ -465,7 +465,9 @@ class Engine:
                 for row, k in zip(spans.rows, kept_per_item):
                     counts[row] += k
             self._defer_count_check(keep, counts)
-        plan = KeepPlan.from_keep_mask(keep, replacements, sizes, counts)
+        # merged sizes exceed 1 where a merging cut dropped tokens or an earlier cut merged some (the sizes add up)
+        merged = bool(sizes) and (pruned_any or prior is not None)
+        plan = KeepPlan.from_keep_mask(keep, replacements, sizes, counts, merged)
         plan.item_counts = kept_per_item
         return plan
 

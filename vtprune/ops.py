@@ -447,10 +447,12 @@ def merge_dropped(features: torch.Tensor, sel: Selection, sizes: torch.Tensor | 
     kept = sel.indices.to(features.device)
     states = features[kept] if sel.embeddings is None else sel.embeddings
     prior = torch.ones(features.shape[0], device=features.device) if sizes is None else sizes.float()
+    drop = features.shape[0] - kept.numel()  # a selection of distinct tokens (its check, maybe deferred) leaves these
+    if drop == 0:
+        return Selection(indices=sel.indices, embeddings=sel.embeddings, sizes=prior[kept])
     dropped = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
     dropped[kept] = False
-    if not bool(dropped.any()):
-        return Selection(indices=sel.indices, embeddings=sel.embeddings, sizes=prior[kept])
+    dropped = torch.nonzero_static(dropped, size=drop, fill_value=0).flatten()  # sized from the host: no read
     target = best_match(features[dropped], features[kept])[1]
     merged, total = size_weighted_merge(states, prior[kept], features[dropped], target, prior[dropped])
     return Selection(indices=sel.indices, embeddings=merged, sizes=total)

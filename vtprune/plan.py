@@ -15,14 +15,15 @@ import torch
 @dataclass
 class KeepPlan:
     """index: [b, Lk] full-sequence index per slot; valid: [b, Lk]; full_len: L before pruning;
-    replace_mask/replace_values: slots whose state is replaced (merged tokens) and their new states;
+    replace_slots/replace_values: the (row [r], slot [r]) pairs whose state is replaced (merged tokens) and their new
+    states [r, D];
     bias: [b, Lk] float ``log size`` per slot (``merge="proportional"``: the key bias of merged tokens), or None;
     item_counts: the tokens kept of each item of the call whose selection built the plan, when known (host ints)."""
 
     index: torch.Tensor
     valid: torch.Tensor
     full_len: int
-    replace_mask: torch.Tensor | None = None
+    replace_slots: tuple[torch.Tensor, torch.Tensor] | None = None
     replace_values: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     item_counts: list[int] | None = None
@@ -51,7 +52,7 @@ class KeepPlan:
     @property
     def is_identity(self) -> bool:
         """True when the plan keeps every token in place with no merged states: applying it changes nothing."""
-        return (self.length == self.full_len and self.replace_mask is None and self.bias is None
+        return (self.length == self.full_len and self.replace_slots is None and self.bias is None
                 and not self.has_padding_slots
                 and bool((self.index == torch.arange(self.full_len, device=self.index.device)).all()))
 
@@ -94,12 +95,13 @@ class KeepPlan:
 
     @classmethod
     def from_keep_mask(cls, keep: torch.Tensor, replacements: list[tuple[int, torch.Tensor, torch.Tensor]] = (),
-                       sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = (), per_row: list[int] | None = None
-                       ) -> "KeepPlan":
+                       sizes: list[tuple[int, torch.Tensor, torch.Tensor]] = (), per_row: list[int] | None = None,
+                       merged: bool | None = None) -> "KeepPlan":
         """Build from a [b, L] bool mask of surviving tokens, optional merged states given as
         ``(row, sequence positions [k], states [k, D])`` and optional token counts ``(row, positions [k],
         sizes [k])`` (the plan's ``bias`` is their log; none when every size is 1). ``per_row``: each row's
-        surviving tokens when the caller knows them (no host read; a wrong count gives a wrong plan)."""
+        surviving tokens when the caller knows them, ``merged``: whether any of ``sizes`` exceeds 1 when the caller
+        knows it (no host read for either; a wrong value gives a wrong plan)."""
         b, full_len = keep.shape
         if per_row is None:
             per_row = keep.sum(1).tolist()  # the one host read: the plan's length, and whether any row is re-padded
@@ -116,25 +118,22 @@ class KeepPlan:
             index = torch.where(valid, order, first)  # padding slots copy the row's first kept token
             plan = cls(index=index, valid=valid, full_len=full_len)
         plan.has_padding_slots = min(per_row) < lk
-        merged = any(bool((s > 1).any()) for _, _, s in sizes)
+        if merged is None:
+            merged = any(bool((s > 1).any()) for _, _, s in sizes)
         if not merged and not replacements:  # the common case: nothing to place in slots
             return plan
-        slot_of = torch.full((b, full_len), -1, dtype=torch.long, device=keep.device)
-        rows_v, slots_v = plan.valid.nonzero(as_tuple=True)
-        slot_of[rows_v, index[rows_v, slots_v]] = slots_v
+        # each kept token's slot, by a scatter (padding slots write to a spare column L): no host read
+        slot_of = torch.full((b, full_len + 1), -1, dtype=torch.long, device=keep.device)
+        slot_of.scatter_(1, torch.where(plan.valid, index, full_len),
+                         torch.arange(lk, device=keep.device).expand(b, lk))
         if merged:
             plan.bias = torch.zeros(b, lk, device=keep.device)
             for row, pos, size in sizes:
                 plan.bias[row, slot_of[row, pos]] = size.to(plan.bias).log()
         if replacements:
-            dim = replacements[0][2].shape[-1]
-            values = torch.zeros(b, lk, dim, dtype=replacements[0][2].dtype, device=keep.device)
-            mask = torch.zeros(b, lk, dtype=torch.bool, device=keep.device)
-            for row, pos, states in replacements:
-                slots = slot_of[row, pos]
-                mask[row, slots] = True
-                values[row, slots] = states
-            plan.replace_mask, plan.replace_values = mask, values[mask]
+            rows = torch.cat([torch.full_like(pos, row) for row, pos, _ in replacements])
+            slots = torch.cat([slot_of[row, pos] for row, pos, _ in replacements])
+            plan.replace_slots, plan.replace_values = (rows, slots), torch.cat([v for _, _, v in replacements])
         return plan
 
     # ---- gathering --------------------------------------------------------------------------------
@@ -160,9 +159,9 @@ class KeepPlan:
     def apply_states(self, states: torch.Tensor) -> torch.Tensor:
         """[b, L, D] -> [b, Lk, D], with merged tokens' states substituted."""
         out = self.gather(states, seq_dim=1)
-        if self.replace_mask is not None:
+        if self.replace_slots is not None:
             out = out.clone()
-            out[self.replace_mask] = self.replace_values.to(out.dtype)
+            out[self.replace_slots] = self.replace_values.to(out.dtype)
         return out
 
     def gather_2d_mask(self, mask: torch.Tensor) -> torch.Tensor:
