@@ -26,8 +26,8 @@ import vtprune
 from vtprune.models import adapter_for
 from vtprune.testing import random_image, tiny_vlm
 
-#: (label, method, apply options): the settings of the GPU report at their default sites, the multi-stage
-#: schedule, and in-LLM merging
+#: (label, method, apply options): the settings of the GPU report at their default sites, multi-stage schedules
+#: (PyramidDrop, DART cut twice, SparseVLM) and in-LLM merging
 SETTINGS = (
     ("random pre_llm", "random", {"keep": 0.25}),
     ("divprune pre_llm", "divprune", {"keep": 0.25}),
@@ -36,6 +36,8 @@ SETTINGS = (
     ("random K=2", "random", {"keep": 0.25, "site": "layer", "layer": 2}),
     ("pyramiddrop", "pyramiddrop", {"keep": 0.25}),
     ("fastv K=2 merge", "fastv", {"keep": 0.25, "site": "layer", "layer": 2, "merge": "proportional"}),
+    ("dart 2 cuts", "dart", {"schedule": ((1, 0.5), (3, 0.25))}),
+    ("sparsevlm", "sparsevlm", {"keep": 0.25}),
 )
 SYNC = "aten::_local_scalar_dense"
 #: the other host reads of device values: ``nonzero`` (also inside boolean-mask indexing) and ``equal`` at any depth;

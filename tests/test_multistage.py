@@ -344,3 +344,26 @@ def test_labels_follow_every_cut():
     assert out.logits.shape[1] == kept.numel()
     expected = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), kept[1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("family, samples", [("llava_next", "images"), ("qwen3_vl", [0, 1]), ("qwen2_vl", [1, 3])])
+def test_later_cuts_know_the_text_after_each_item_without_reading_it(family, samples):
+    """DART's text pivots and SparseVLM's raters are the text after an item, counted once before layer 0: a later cut
+    keeps that count for an item with no text inside its span (it reads nothing) and counts anew where text sits
+    inside (Qwen3-VL's video timestamps). Either way the count is the text after the item's survivors, as read."""
+    from test_video import video_inputs
+    tv = model(family)
+    inputs = batch_inputs(tv, [0, 1]) if samples == "images" else video_inputs(tv, samples)
+    seen = []
+    with vtprune.apply(tv.model, "dart", schedule=((1, 0.5), (3, 0.25))) as handle:
+        for stage in handle._engine.site.stages:
+            stage.pruner.select = lambda view, k, _s=stage.pruner.select: seen.append(view) or _s(view, k)
+        tv.model(**inputs)
+    assert len(seen) >= 4
+    later = [v for v in seen if v.layer == 3]
+    for view in seen:
+        qk = view.extras["llm_qk"]
+        if qk.text_after is not None:  # what the site counted is what a read finds
+            assert qk.text_after == int((qk.text > qk.image.max()).sum())
+    inside = [v.layout.is_video and family == "qwen3_vl" for v in later]
+    assert [v.extras["llm_qk"].text_after is None for v in later] == inside  # counted anew only with text inside

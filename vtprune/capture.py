@@ -60,6 +60,17 @@ class LMInput:
     states: torch.Tensor
     image: torch.Tensor
     text: torch.Tensor
+    #: how many of the last rows of ``text`` follow the image, when known on the host (``None``: not known)
+    text_after: int | None = None
+
+
+def text_after_image(signal: LLMQK | LMInput) -> torch.Tensor:
+    """Rows of ``signal.text`` (the sample's non-visual tokens) that follow its image in the sequence: the last
+    ``signal.text_after`` rows when the site counted them (no host read), else found here (a read)."""
+    if signal.text_after is not None:
+        t = signal.text.numel()
+        return torch.arange(t - signal.text_after, t, device=signal.text.device)
+    return (signal.text > signal.image.max()).nonzero().flatten()
 
 
 @dataclass
@@ -281,9 +292,10 @@ class Signals:
         if self.lm_input is not None and self.lm_input.calls:
             states = self.lm_input.tensor("hidden_states")
             rank = real.long().cumsum(1) - 1
-            for ex, row, pos in zip(spans.extras, spans.rows, spans.positions):
+            after = spans.text_after or [None] * len(spans)
+            for ex, row, pos, text_after in zip(spans.extras, spans.rows, spans.positions, after):
                 ex[LM_INPUT] = LMInput(states=states[row][real_index(spans, real, row)], image=rank[row, pos],
-                                       text=rank[row, spans.text_index(real, row)])
+                                       text=rank[row, spans.text_index(real, row)], text_after=text_after)
         if self.llm is None:
             return
         q, k, scaling = self.adapter.llm_qk(self.config.layer - 1, self.llm)

@@ -478,7 +478,9 @@ def cluster_means(x: torch.Tensor, assign: torch.Tensor, clusters: int) -> torch
     """Plain (unweighted) mean of x [n, D]'s rows per cluster of ``assign`` [n] -> [clusters, D], in x's dtype;
     accumulated in float32."""
     total = x.new_zeros(clusters, x.shape[-1], dtype=torch.float32).index_add(0, assign, x.float())
-    count = torch.bincount(assign, minlength=clusters).clamp(min=1)
+    # counted by index_add, not bincount, which reads its input's maximum back to the host on a GPU
+    count = torch.zeros(clusters, device=x.device).index_add_(0, assign, torch.ones(assign.shape, device=x.device))
+    count = count.clamp(min=1)
     return (total / count[:, None]).to(x.dtype)
 
 

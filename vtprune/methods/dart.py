@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..capture import FINAL_NORM, LLM_QK, LLMQK
+from ..capture import FINAL_NORM, LLM_QK, LLMQK, text_after_image
 from ..config import ModeOption, PrunerConfig, check_int
 from ..errors import VTPruneError
 from ..registry import register_pruner
@@ -72,15 +72,6 @@ def set_order(indices: list[int]) -> list[int]:
     """Where each element of ``list(set(indices))`` sits in ``indices``: the reference visits its pivots in
     CPython's iteration order of a ``set`` of their sequence indices (hash-slot order for small ints)."""
     return [indices.index(i) for i in set(indices)]
-
-
-def text_after_image(qk: LLMQK) -> torch.Tensor:
-    """Rows of ``view.text`` that follow this image in the sequence (DART's text-pivot candidates): the last
-    ``qk.text_after`` rows when the site counted them (no host read), else found here."""
-    if qk.text_after is not None:
-        t = qk.text.numel()
-        return torch.arange(t - qk.text_after, t, device=qk.text.device)
-    return (qk.text > qk.image.max()).nonzero().flatten()
 
 
 @register_pruner

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..capture import LLM_QK, LLMQK, LM_INPUT, LMInput
+from ..capture import LLM_QK, LLMQK, LM_INPUT, LMInput, text_after_image
 from ..config import ModeOption, PrunerConfig
 from ..errors import VTPruneError
 from ..registry import register_pruner
@@ -127,25 +127,26 @@ class SparseVLMConfig(PrunerConfig, ModeOption):
 
 
 def raters(lm: LMInput) -> torch.Tensor:
-    """Positions among the text tokens after the image of its raters: ``P = softmax over text of E_v E_tᵀ`` on layer
-    0's input states, averaged over the visual tokens; raters are the text tokens above the mean of P (all of them
-    when P is flat). Float32."""
-    after = lm.text[lm.text > lm.image.max()]
+    """Which text tokens after the image rate it, as 0/1 weights over them (a mask, not indices: nothing is read from
+    the device): ``P = softmax over text of E_v E_tᵀ`` on layer 0's input states, averaged over the visual tokens;
+    raters are the text tokens above the mean of P (all of them when P is flat). Float32."""
+    after = lm.text[text_after_image(lm)]
     if after.numel() == 0:
         raise VTPruneError("sparsevlm: no text token follows the image, so there are no raters to score it; put the "
                            "question after the image")
     e_v, e_t = lm.states[lm.image].float(), lm.states[after].float()
     relevance = (e_v @ e_t.T).softmax(-1).mean(0)
-    chosen = (relevance > relevance.mean()).nonzero().flatten()
-    return chosen if chosen.numel() else torch.arange(after.numel(), device=after.device)
+    chosen = relevance > relevance.mean()
+    return torch.where(chosen.any(), chosen, torch.ones_like(chosen)).float()
 
 
-def rater_scores(qk: LLMQK, rows: torch.Tensor) -> torch.Tensor:
+def rater_scores(qk: LLMQK, weights: torch.Tensor) -> torch.Tensor:
     """[V] mean over raters and heads of layer K-1's causal attention probabilities (softmax over all keys) from the
-    raters (``rows``: positions among the text tokens after the image) to each of the image's tokens still present."""
-    after = qk.text[qk.text > qk.image.max()]
-    probs = ops.causal_attention_rows(qk.query[:, after[rows]], qk.key, after[rows], qk.scaling, qk.window)
-    return probs[:, :, qk.image].mean((0, 1))
+    raters (``weights``: 1 for a rater among the text tokens after the image) to each of the image's tokens still
+    present."""
+    after = qk.text[text_after_image(qk)]
+    probs = ops.causal_attention_rows(qk.query[:, after], qk.key, after, qk.scaling, qk.window)
+    return (probs[:, :, qk.image].mean(0) * (weights / weights.sum())[:, None]).sum(0)
 
 
 @register_pruner
@@ -162,10 +163,11 @@ class SparseVLMPruner(ScorerPruner):
 
     def score(self, view: VisualView) -> torch.Tensor:
         qk, lm = view.extras["llm_qk"], view.extras["lm_input"]
-        if int((qk.text > qk.image.max()).sum()) != int((lm.text > lm.image.max()).sum()):
-            raise VTPruneError(f"sparsevlm: image {view.image} has {int((lm.text > lm.image.max()).sum())} text tokens "
-                               f"after it at layer 0 but {int((qk.text > qk.image.max()).sum())} at the cut at layer "
-                               f"{view.layer}; its raters cannot be found again (text inside the image's span?)")
+        at_cut, at_input = (text_after_image(s).numel() for s in (qk, lm))  # host counts where the site read them
+        if at_cut != at_input:
+            raise VTPruneError(f"sparsevlm: image {view.image} has {at_input} text tokens after it at layer 0 but "
+                               f"{at_cut} at the cut at layer {view.layer}; its raters cannot be found again (text "
+                               "inside the image's span?)")
         return rater_scores(qk, raters(lm))
 
     def select(self, view: VisualView, k: int) -> Selection:
@@ -177,8 +179,8 @@ class SparseVLMPruner(ScorerPruner):
             return sel
         deleted = torch.ones(tokens, dtype=torch.bool, device=scores.device)
         deleted[sel.indices] = False
-        candidates = deleted.nonzero().flatten()
-        n, clusters = recycled(candidates.numel())
+        candidates = torch.nonzero_static(deleted, size=tokens - kept).flatten()  # top_k's kept are distinct
+        n, clusters = recycled(tokens - kept)
         best = candidates[torch.sort(scores[candidates], descending=True, stable=True).indices[:n]]
         centres, assign = ops.dpc_knn(view.features[best], clusters, self.generator(view))
         hosts = best[centres]

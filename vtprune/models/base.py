@@ -107,9 +107,11 @@ class ImageSpans:
     #: bidirectionally within a block (:meth:`ModelAdapter.lm_masks`); ``None`` elsewhere
     blocks: torch.Tensor | None = None
     #: per row, its real non-image tokens, when the site read them before the decoder layers (so that
-    #: :meth:`text_index` reads nothing); per item, the text tokens after it (``None``: not read)
+    #: :meth:`text_index` reads nothing); per item, the text tokens after it and those between its first and last
+    #: token (a video's timestamps; ``None``: not read)
     text_counts: list[int] | None = None
     text_after: list[int] | None = None
+    text_inside: list[int] | None = None
     #: what :meth:`image_mask` and :meth:`text_index` built for this call (a copy made by ``replace`` starts empty)
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 

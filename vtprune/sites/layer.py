@@ -146,8 +146,10 @@ def _restrict(spans: Any, rows: KeepPlan) -> Any:
         positions.append(slots[kept])
         layouts.append(_survivors_layout(layout, kept))
         extras.append(restrict_extras(ex, kept, pos.numel()))
-    # text tokens are never pruned (their counts stand); the text after an item's survivors is counted anew
-    return dataclasses.replace(spans, positions=positions, layouts=layouts, extras=extras, text_after=None)
+    # text tokens are never pruned, so their counts stand, and so does the text after an item with no text inside its
+    # span (whose last survivor has no text before its former last token); others' is counted anew
+    after = spans.text_after and [a if inside == 0 else None for a, inside in zip(spans.text_after, spans.text_inside)]
+    return dataclasses.replace(spans, positions=positions, layouts=layouts, extras=extras, text_after=after)
 
 
 def _survivors_layout(layout: ImageLayout, kept: torch.Tensor) -> ImageLayout:
@@ -317,12 +319,15 @@ class LayerSite(Site):
         spans, real = call.spans, call.real
         up_to = (real & ~spans.image_mask(real.shape)).cumsum(1)  # [b, L] text tokens up to each position
         parts = [up_to.select(1, -1)]
-        if self.engine.signals.reads_decoder_qk:  # and up to each item's last token
+        if self.engine.signals.reads_decoder_qk:  # and up to each item's last and first token
             parts += [up_to[row, pos.amax(0, keepdim=True)] for row, pos in zip(spans.rows, spans.positions)]
+            parts += [up_to[row, pos.amin(0, keepdim=True)] for row, pos in zip(spans.rows, spans.positions)]
         sizes = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
-        b = real.shape[0]
+        b, n = real.shape[0], len(spans)
         spans.text_counts = sizes[:b]
-        spans.text_after = [spans.text_counts[row] - n for row, n in zip(spans.rows, sizes[b:])] or None
+        last, first = sizes[b:b + n], sizes[b + n:]
+        spans.text_after = [spans.text_counts[row] - t for row, t in zip(spans.rows, last)] or None
+        spans.text_inside = [t - f for t, f in zip(last, first)] or None
 
     def continuation(self, kwargs: dict[str, Any], ledger: Ledger, past: int, q: int, static: bool) -> None:
         self._check_ledger(ledger)
