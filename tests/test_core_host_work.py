@@ -121,6 +121,24 @@ def test_a_broken_selection_gets_the_named_error_at_either_site(broken, site, ho
         tv.model(**inputs)  # nothing of the failed call is left to raise again
 
 
+@pytest.mark.parametrize("site", ["pre_llm", "layer"])
+@pytest.mark.parametrize("how", ["repeated", "out of range"])
+def test_a_broken_per_frame_selection_gets_the_named_error_at_either_site(broken, site, how):
+    """Per-frame selection (``per_frame=True``) checks each frame's answer: at once before the LLM, after the language
+    model ran at the in-LLM cut (no read while the layers run), with the same message."""
+    from test_video import video_inputs
+    tv = model("qwen2_vl")
+    inputs = video_inputs(tv, [0, 1])
+    options = {"site": "layer", "layer": 2} if site == "layer" else {}
+    with vtprune.apply(tv.model, "_test_broken", keep=0.5, per_frame=True, **options):
+        tv.model(**inputs)  # negative control: a good selection passes
+        broken.how = how
+        with pytest.raises(RuntimeError, match="sorted, unique and within"):
+            tv.model(**inputs)
+        broken.how = "fine"
+        tv.model(**inputs)
+
+
 def test_a_plan_sized_on_a_wrong_row_count_gets_a_named_error(monkeypatch):
     """The in-LLM cut sizes its keep plan from the text counts read before layer 0, without reading the mask: if
     a count were wrong the plan would silently drop or repeat tokens, so the engine checks it after the model ran."""

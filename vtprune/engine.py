@@ -80,11 +80,13 @@ def _decode_eagerly(kwargs: dict[str, Any]) -> None:
     kwargs["disable_compile"] = True
 
 
-def select_per_frame(pruner: Pruner, view: VisualView, k: int) -> Selection:
+def select_per_frame(pruner: Pruner, view: VisualView, k: int,
+                     check: Callable[[Selection, int, int], None] = Selection.check) -> Selection:
     """A video's selection with its ``k`` tokens shared over its frames (``per_frame=True``,
     :func:`vtprune.view.frame_budgets`): the pruner chooses in each frame alone, seeing that frame as an image (its
     grid, its tokens' states and per-token signals); states it replaces are merged back in video order. Tokens
-    outside every frame (LLaVA-OneVision's trailing newline) are kept and count toward ``k``."""
+    outside every frame (LLaVA-OneVision's trailing newline) are kept and count toward ``k``. Each frame's answer goes
+    through ``check(selection, tokens, k)`` (the engine's may defer the read of its device checks)."""
     if HINTS in pruner.needs:
         raise VTPruneError(f"pruner {pruner.config.name!r} reads caller hints given per token of the whole video, "
                            "which per-frame selection cannot index; use per_frame=False")
@@ -103,7 +105,7 @@ def select_per_frame(pruner: Pruner, view: VisualView, k: int) -> Selection:
         sub = dataclasses.replace(view, features=view.features[tokens], layout=frame,
                                   extras=_frame_extras(view.extras, tokens, n))
         sel = pruner.select(sub, kf)
-        sel.check(tokens.numel(), kf)
+        check(sel, tokens.numel(), kf)
         parts.append((tokens, sel))
     if outside.numel():
         parts.append((outside, Selection(indices=torch.arange(outside.numel(), device=outside.device))))
@@ -428,15 +430,10 @@ class Engine:
                 text = functools.partial(_text_states, states, spans, real, row)
                 view = VisualView(features=states[row, pos], text=text, layout=layout, site=self.config.site,
                                   layer=pruner.config.layer, sample=row, image=i, extras=spans.extras[i])
-                sel = (select_per_frame(pruner, view, k) if self.config.per_frame and layout.is_video
+                check = Selection.check if known is None else self._check_later
+                sel = (select_per_frame(pruner, view, k, check) if self.config.per_frame and layout.is_video
                        else pruner.select(view, k))
-                if known is None:
-                    sel.check(n, k)
-                else:
-                    sel.check_shapes(k)
-                    bad = sel.broken(n)
-                    if bad is not None:
-                        self._unchecked.append((bad, functools.partial(sel.explain, n)))
+                check(sel, n, k)
             kept_per_item.append(k)
             if merging:
                 sel = merge_dropped(states[row, pos], sel, None if prior is None else prior[row, pos])
@@ -470,6 +467,14 @@ class Engine:
         plan = KeepPlan.from_keep_mask(keep, replacements, sizes, counts, merged)
         plan.item_counts = kept_per_item
         return plan
+
+    def _check_later(self, sel: Selection, n: int, k: int) -> None:
+        """:meth:`Selection.check` with its device checks read after the language model ran
+        (:meth:`check_selections`), for a cut inside the decoder layers; the shape checks run now."""
+        sel.check_shapes(k)
+        bad = sel.broken(n)
+        if bad is not None:
+            self._unchecked.append((bad, functools.partial(sel.explain, n)))
 
     def _defer_count_check(self, keep: torch.Tensor, counts: list[int]) -> None:
         """Check after the language model ran that each row's surviving tokens number what its plan was sized for
