@@ -20,6 +20,11 @@ Called by ``bench/gpu.sh``, which installs what it needs first. Per model (rando
    MMR and SADS scores on random features of the model's visual token count and hidden size, in its dtype, at
    k = 64 / 192 / 320 / 640 below that count: picks of the one-launch Triton kernel (``vtprune.kernels``) against
    the torch loop, and DivPrune's loop timed both ways; the report names a fallback (``greedy_kernel``).
+6. **received attention** (once, before the models): ``ops.attention_transpose_apply``, the encoder-attention score
+   of VisionZip / VisPruner / VTC-CLS / Zero-TPrune on encoders without [CLS], at Qwen2.5-VL's last full-attention
+   block (16 heads, d = 80) for its 576- and 2880-token views (2304 / 11,520 patches), bf16 q/k as the model gives
+   them: the default blocks (all heads per block on a GPU) and one head per block (the CPU's choice), timed
+   (synchronised medians) and compared with each other.
 
 A global time budget (``--budget-s``) is split evenly over the (model, kernel) blocks still to run, builds
 reserved; a block that cannot fit is skipped with a note, a block that runs short of time stops its repeats
@@ -60,7 +65,7 @@ from vtprune.benchmark import Setting, build_model, resolve_model, run_bench, sy
 from vtprune.errors import VTPruneError
 from vtprune.kernels import status as kernel_status
 from vtprune.kernels import unsupported as kernel_unsupported
-from vtprune.measure import _cpu_name, median
+from vtprune.measure import Timer, _cpu_name, median
 from vtprune.methods.divprune import nearest_neighbour_seed
 from vtprune.methods.kcenter import farthest_on_average_seed
 from vtprune.methods.mmr import MMRConfig
@@ -76,6 +81,10 @@ KEEP_ALL = 1_000_000  # an int budget above any image's token count: select runs
 DART_REPORTED = {"model": "llava-next-7b", "keep": 320, "speedup": 2.99}
 #: picks of the greedy check (those below the model's visual token count; the dry run: its scaled keeps)
 GREEDY_KEEPS = (64, 192, 320, 640)
+#: the received-attention check: Qwen2.5-VL's vision heads and head size, patches of its 576- and 2880-token views
+#: (the dry run: 64 and 256)
+ATTENTION_HEADS, ATTENTION_DIM = 16, 80
+ATTENTION_PATCHES, DRY_ATTENTION_PATCHES = (2304, 11520), (64, 256)
 
 
 @dataclass(frozen=True)
@@ -314,6 +323,36 @@ def greedy_check(tokens: int, dim: int, keeps: Sequence[int], device: str, dtype
     return out
 
 
+def received_attention_check(patches: Sequence[int], device: str, dtype: torch.dtype, repeats: int, warmup: int
+                             ) -> dict[str, Any]:
+    """``ops.attention_transpose_apply`` (uniform weights: received attention) on random q/k [16, P, 80] in
+    ``dtype`` for each patch count P: median milliseconds (``warmup`` + ``repeats`` synchronised calls) with the
+    device's default blocks and with one head per block, and the largest relative difference between the two."""
+    start = time.monotonic()
+    gen = torch.Generator().manual_seed(0)
+    clock = Timer(device)
+    rows = []
+    for n in patches:
+        q, k = (torch.randn(ATTENTION_HEADS, n, ATTENTION_DIM, generator=gen).to(device=device, dtype=dtype)
+                for _ in range(2))
+        ones = torch.ones(ATTENTION_HEADS, n, device=device)
+        row: dict[str, Any] = {"patches": n, "tokens": n // 4}
+        outs = {}
+        for key, group in (("default_ms", None), ("per_head_ms", 1)):
+            times = []
+            for i in range(warmup + repeats):
+                begin = clock.mark()
+                outs[key] = ops.attention_transpose_apply(q, k, ATTENTION_DIM ** -0.5, ones, heads_per_block=group)
+                if i >= warmup:
+                    times.append(1e3 * clock.seconds(begin, clock.mark()))
+            row[key] = median(times)
+        a, b = outs["default_ms"], outs["per_head_ms"]
+        row["max_rel_diff"] = float(((a - b).abs() / b.abs().clamp(min=1e-30)).max())
+        rows.append(row)
+    return {"heads": ATTENTION_HEADS, "dim": ATTENTION_DIM, "dtype": str(dtype).removeprefix("torch."), "rows": rows,
+            "seconds": time.monotonic() - start}
+
+
 # ---- the time budget -------------------------------------------------------------------------------------
 class Budget:
     """A global deadline, shared out evenly over the blocks still to run; counted from now, or from this
@@ -483,6 +522,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# vtprune GPU report {meta['date']}{dry}", "", machine, method, ""]
     for note in report["notes"]:
         lines.append(f"* {note}")
+    lines += _attention_table(report.get("received_attention"))
     for m in report["models"]:
         lines += ["", f"## {m['name']} ({m['family']})", ""]
         if m["status"] != "ok":
@@ -502,6 +542,22 @@ def markdown(report: dict[str, Any]) -> str:
             lines += _timing_table(k) + [""] + _oracle_table(k) + [""] + _keep_all_table(k)
     lines += ["", _dart_line(report)]
     return "\n".join(lines) + "\n"
+
+
+def _attention_table(a: dict[str, Any] | None) -> list[str]:
+    """The received-attention check: milliseconds per call with both block shapes."""
+    if a is None:
+        return []
+    title = ["", f"**Received attention, one call** (random {a.get('dtype', '')} q/k, {a.get('heads')} heads × "
+                 f"d = {a.get('dim')}: Qwen2.5-VL's last full-attention block)", ""]
+    if "error" in a:
+        return title + [f"failed: {a['error']}"]
+    lines = title + ["| patches | visual tokens | default blocks ms | one head per block ms | max rel. difference |",
+                     "|---|---|---|---|---|"]
+    for r in a["rows"]:
+        lines.append(f"| {r['patches']} | {r['tokens']} | {r['default_ms']:.2f} | {r['per_head_ms']:.2f} "
+                     f"| {r['max_rel_diff']:.1e} |")
+    return lines
 
 
 def _greedy_table(g: dict[str, Any] | None) -> list[str]:
@@ -628,6 +684,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report["greedy_kernel"] = kernel_status()  # a fallback to the torch loop is named here
         write(out, report)
 
+    try:
+        report["received_attention"] = received_attention_check(DRY_ATTENTION_PATCHES if dry else ATTENTION_PATCHES,
+                                                                device, dtype, opts.repeats, max(opts.warmup, 1))
+    except Exception as e:  # recorded, not fatal: the models still run
+        report["received_attention"] = {"error": f"{type(e).__name__}: {e}"}
+        _free(device)
+    save()
     specs = []
     for spec in (m for m in MODELS if m.name in names):
         why = available(spec, dry)

@@ -54,6 +54,10 @@ def test_dry_run_reports_every_model_kernel_and_setting(dry):
     assert "DRY RUN" in md and md.count("### ") == 4 and "DART reports 2.99×" in md
     assert md.count("**Greedy selection: one Triton launch vs the torch loop**") == 2
     assert report["greedy_kernel"]["launches"] == 0 and report["greedy_kernel"]["failure"] is None
+    attention = report["received_attention"]  # both block shapes ran and agree
+    assert [r["patches"] for r in attention["rows"]] == [64, 256]
+    assert all(r["default_ms"] > 0 and r["per_head_ms"] > 0 and r["max_rel_diff"] < 1e-5 for r in attention["rows"])
+    assert "**Received attention, one call**" in md
 
 
 def test_dry_run_computes_exactness_and_the_oracle_ratio(dry):
