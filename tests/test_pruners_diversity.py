@@ -169,7 +169,7 @@ def test_low_rank_projector():
 
 
 def test_rank_truncates_a_black_box_projector_in_clean_mode():
-    """A projector without the MLP structure (Qwen's PatchMerger): ``rank`` truncates every layer in clean mode
+    """A projector without the MLP structure (InternVL's, Gemma 3's): ``rank`` truncates every layer in clean mode
     too, as in the reference mode; it used to be ignored there (the sensitivity stayed full-rank)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 10))
@@ -368,6 +368,33 @@ def test_structured_mlp_sensitivity_equals_black_box_central_differences():
         low = mlp_sensitivity(x, mlp, u, 0.01, output_factor(proj.linear_2.weight, 8))
     torch.testing.assert_close(exact, black_box, rtol=2e-3, atol=1e-5)
     assert bool((low <= exact + 1e-5).all()) and not torch.allclose(low, exact)  # truncation only removes energy
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])  # LayerNorm, RMSNorm, LayerNorm
+def test_structured_sensitivity_of_a_norm_first_merger_equals_black_box_central_differences(family):
+    """Qwen's PatchMerger normalises each of a token's 4 patch vectors before its MLP: the structured estimator
+    (per-vector norms from dot products, both linear layers shared) computes the black box's central differences;
+    negative control: the same MLP without its norm gives other values (and the plain estimator computes those)."""
+    from vtprune.capture import MLPProjector
+    from vtprune.methods.zoo import central_difference_sensitivity, mlp_sensitivity, output_factor, unit_directions
+    from vtprune.models import adapter_for
+
+    adapter = adapter_for(model(family).model)
+    mlp = adapter._mlp()
+    assert mlp is not None and mlp.norm is not None
+    g = torch.Generator().manual_seed(0)
+    d = mlp.first.in_features // 4
+    x = 3 * torch.randn(37, 4, d, generator=g) + 1  # off-centre and not unit-scaled: the norm matters
+    u = unit_directions(16, 4 * d, g)
+    factor = output_factor(mlp.last.weight, None)
+    with torch.no_grad():
+        black_box = central_difference_sensitivity(x, adapter._project, u, 0.01)
+        structured = mlp_sensitivity(x, mlp, u, 0.01, factor)
+        bare = mlp_sensitivity(x, MLPProjector(first=mlp.first, act=mlp.act, last=mlp.last), u, 0.01, factor)
+        unnormed = central_difference_sensitivity(x, lambda t: mlp.last(mlp.act(mlp.first(t.flatten(1)))), u, 0.01)
+    torch.testing.assert_close(structured, black_box, rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(bare, unnormed, rtol=2e-3, atol=1e-5)  # without a norm: the concatenated inputs
+    assert not torch.allclose(bare, black_box, rtol=2e-2)
 
 
 def test_zoo_precision_sets_the_dtype_of_the_last_layer_product_only():

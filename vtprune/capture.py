@@ -112,11 +112,21 @@ class ProjectorInput:
 @dataclass
 class MLPProjector:
     """The structure of a ``Linear -> activation -> Linear`` projector (LLaVA's), for estimators that can
-    exploit it (the first layer is linear in its input, the last is an isometry up to its singular values)."""
+    exploit it (the first layer is linear in its input, the last is an isometry up to its singular values).
+    ``norm``: a LayerNorm or RMSNorm applied to each of a token's g input vectors before they are concatenated
+    (Qwen's PatchMerger), or ``None``."""
 
     first: torch.nn.Linear
     act: Callable[[torch.Tensor], torch.Tensor]
     last: torch.nn.Linear
+    norm: torch.nn.Module | None = None
+
+
+def per_vector_norm(norm: Any) -> bool:
+    """Whether ``norm`` is a LayerNorm or an RMSNorm (a ``weight`` and a float ``variance_epsilon``, as transformers'
+    own) that :attr:`MLPProjector.norm` can describe."""
+    return isinstance(norm, torch.nn.LayerNorm) or (isinstance(getattr(norm, "weight", None), torch.Tensor)
+                                                    and isinstance(getattr(norm, "variance_epsilon", None), float))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -115,20 +115,70 @@ def mlp_sensitivity(inputs: torch.Tensor, mlp: MLPProjector, directions: torch.T
     replaced by ``out_factor`` (:func:`output_factor`: W2 itself or its QR's R at full rank, ``Σᵣ Vᵣᵀ`` at rank r).
     Per token this costs m·d_h·r multiply-adds instead of 2m·(d_v·d_h + d_h·D), in ``out_factor``'s dtype (the
     differences are formed in float32 and rounded to it only for that product)."""
-    n, _, d = inputs.shape
+    n = inputs.shape[0]
     m = directions.shape[0]
     first = mlp.first
-    base = F.linear(inputs[:, 0], first.weight, first.bias).float()  # [n, d_h]
-    shift = step * F.linear(directions.to(first.weight.dtype), first.weight).float()  # [m, d_h]
+    if mlp.norm is None:
+        base = F.linear(inputs.flatten(1), first.weight, first.bias).float()  # [n, d_h]: the g inputs concatenated
+        shift = step * F.linear(directions.to(first.weight.dtype), first.weight).float()  # [m, d_h]
+        pre = None
+    else:
+        pre = NormedFirstLayer(inputs, mlp, directions, step)
     factor_t = out_factor.T
     out = torch.empty(n, dtype=torch.float32, device=inputs.device)
     per_chunk = max(1, CHUNK_ROWS // m)
     for start in range(0, n, per_chunk):
-        a = base[start:start + per_chunk, None]
-        diff = mlp.act(a + shift) - mlp.act(a - shift)  # [c, m, d_h]
+        if pre is None:
+            a = base[start:start + per_chunk, None]
+            plus, minus = a + shift, a - shift
+        else:
+            plus, minus = pre(slice(start, start + per_chunk))
+        diff = mlp.act(plus) - mlp.act(minus)  # [c, m, d_h]
         moved = diff.to(factor_t.dtype) @ factor_t
-        out[start:start + a.shape[0]] = moved.float().norm(dim=-1).mean(-1) / (2 * step)
+        out[start:start + diff.shape[0]] = moved.float().norm(dim=-1).mean(-1) / (2 * step)
     return out
+
+
+class NormedFirstLayer:
+    """The first layer's pre-activations ``W1·concat_p norm(x_p ± h·u_p) + b1`` of a projector that normalises each
+    of a token's g input vectors first (:attr:`MLPProjector.norm`, LayerNorm or RMSNorm), for every token and
+    direction without running the layer per direction. A norm is ``γ ⊙ c(v) / s(v) + β`` with ``c`` linear (the
+    centring, or nothing for RMSNorm) and ``s`` a scalar per vector, so with ``A_p = W1_p (γ ⊙ c(x_p))`` per token
+    and ``B_p = W1_p (γ ⊙ c(u_p))`` per direction (one first-layer pass each) the pre-activation is
+    ``Σ_p (A_p ± h·B_p) / s_p± + W1 β + b1``, where ``s_p±² = (‖c(x_p)‖² ± 2h c(x_p)·c(u_p) + h²‖c(u_p)‖²) / d + ε``
+    needs only dot products. Float32."""
+
+    def __init__(self, inputs: torch.Tensor, mlp: MLPProjector, directions: torch.Tensor, step: float) -> None:
+        n, g, d = inputs.shape
+        norm, weight = mlp.norm, mlp.first.weight.float()  # [d_h, g·d]
+        layer = isinstance(norm, torch.nn.LayerNorm)
+        gamma = norm.weight.float() if norm.weight is not None else torch.ones(d, device=inputs.device)
+        if gamma.shape != (d,) or weight.shape[1] != g * d:
+            raise VTPruneError(f"projector norm over {tuple(gamma.shape)} and first layer over {weight.shape[1]} "
+                               f"inputs: expected one norm per {d}-wide input vector and {g} x {d} inputs")
+        beta = getattr(norm, "bias", None) if layer else None
+        self.eps = float(norm.eps if layer else norm.variance_epsilon)
+        x, u = inputs.float(), directions.float().view(-1, g, d)
+        cx, cu = (x - x.mean(-1, keepdim=True), u - u.mean(-1, keepdim=True)) if layer else (x, u)
+        per_member = weight.view(-1, g, d).permute(1, 2, 0)  # [g, d, d_h]: W1_p transposed
+        self.a = torch.bmm((gamma * cx).transpose(0, 1), per_member).transpose(0, 1)  # [n, g, d_h]
+        self.b = step * torch.bmm((gamma * cu).transpose(0, 1), per_member)  # [g, m, d_h]: h·B_p
+        const = mlp.first.bias.float() if mlp.first.bias is not None else weight.new_zeros(weight.shape[0])
+        self.const = const if beta is None else const + weight @ beta.float().repeat(g)
+        self.var_x = cx.square().mean(-1)  # [n, g]
+        self.cross = 2 * step * torch.einsum("ngd,mgd->nmg", cx, cu) / d  # [n, m, g]
+        self.var_u = step * step * cu.square().mean(-1)  # [m, g]
+
+    def __call__(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-activations of the tokens ``rows`` for +h and -h: two [c, m, d_h]."""
+        a, base = self.a[rows], (self.var_x[rows, None] + self.var_u[None] + self.eps)  # [c, g, d_h], [c, m, g]
+        out = []
+        for sign in (1.0, -1.0):
+            r = (base + sign * self.cross[rows]).rsqrt()  # [c, m, g]: 1 / s_p±
+            own = torch.bmm(r, a)  # [c, m, d_h]: Σ_p A_p / s_p±
+            moved = torch.bmm(r.permute(1, 0, 2), self.b.transpose(0, 1)).transpose(0, 1)  # Σ_p h·B_p / s_p±
+            out.append(own + sign * moved + self.const)
+        return out[0], out[1]
 
 
 def output_factor(weight: torch.Tensor, rank: int | None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import InputCapture, ProjectorInput, VisionQK, rotate
+from ..capture import InputCapture, MLPProjector, ProjectorInput, VisionQK, per_vector_norm, rotate
 from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork, tiny_text_config, tiny_tokenizer
@@ -155,11 +155,20 @@ class Qwen2VLAdapter(ModelAdapter):
             order = torch.sort(token, stable=True).indices  # group each token's patches, encoder order kept
             inputs = x[sl][order].view(layout.size, m2, x.shape[-1])
             valid = torch.ones(layout.size, dtype=torch.bool, device=x.device)
-            out.append(ProjectorInput(inputs=inputs, valid=valid, project=self._project))
+            out.append(ProjectorInput(inputs=inputs, valid=valid, project=self._project, mlp=self._mlp()))
         return out
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(x.reshape(-1, x.shape[-1]))
+
+    def _mlp(self) -> MLPProjector | None:
+        """The PatchMerger as norm-each-patch -> Linear -> GELU -> Linear (Qwen2-VL: LayerNorm, Qwen2.5-VL:
+        RMSNorm), for the structured ZO estimator; ``None`` for a merger of another shape."""
+        p = self.projector
+        mlp = getattr(p, "mlp", None)
+        if not (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and per_vector_norm(getattr(p, "ln_q", None))):
+            return None
+        return MLPProjector(first=mlp[0], act=mlp[1], last=mlp[2], norm=p.ln_q)
 
     # ---- family level: FLOPs, tiny model, benchmark image -----------------------------------------------
     @classmethod

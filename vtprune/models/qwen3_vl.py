@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture import MLPProjector, per_vector_norm
 from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import LmmsWrapper, SyntheticImage
@@ -80,6 +81,15 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                        chat="lmms_eval.models.chat.qwen3_vl.Qwen3_VL", takes=("attn_implementation",))
     #: whether the vision tower feeds DeepStack features to the first decoder layers (off for Qwen3.5)
     deepstack: bool = True
+
+    def _mlp(self) -> MLPProjector | None:
+        """The merger as norm-each-patch (LayerNorm) -> Linear -> GELU -> Linear, for the structured ZO estimator;
+        ``None`` for a merger that normalises after concatenating (``use_postshuffle_norm``) or of another shape."""
+        p = self.projector
+        if getattr(p, "use_postshuffle_norm", True) or not per_vector_norm(getattr(p, "norm", None)) \
+                or not all(hasattr(p, n) for n in ("linear_fc1", "act_fn", "linear_fc2")):
+            return None
+        return MLPProjector(first=p.linear_fc1, act=p.act_fn, last=p.linear_fc2, norm=p.norm)
 
     def video_layout(self, features: torch.Tensor, positions: torch.Tensor) -> ImageLayout:
         """A video is laid out frame by frame, each temporal group a grid after its own timestamp text, with its own
