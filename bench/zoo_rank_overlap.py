@@ -1,6 +1,7 @@
-"""Does ZOO-Prune's low-rank sensitivity pass (``rank=128``), or its last-layer product in bf16
-(``precision="bfloat16"``, what ``precision="model"`` runs on a bf16 model), select the same tokens as the
-float32 full-rank one? (issue 20, item 2: a faster estimator may become the default only if its selections match.)
+"""Does ZOO-Prune's low-rank sensitivity pass (``rank=128``), its last-layer product in bf16
+(``precision="bfloat16"``, what ``precision="model"`` runs on a bf16 model), or the projector run as a black box
+(``--black-box``: ``2m`` projector passes per token, as before the structured estimator covered Qwen's PatchMerger)
+select the same tokens as the float32 full-rank structured one? (issue 20, item 2: a faster estimator may become the default only if its selections match.)
 
 For each view ``zoo`` receives (its default site and options), the tokens selected with the full-rank projector
 are compared with those of ``rank=r`` or ``precision=p`` (same seed, so the same ZO directions): overlap = |A ∩ B| / k.
@@ -23,6 +24,7 @@ randomness does not already change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -44,8 +46,12 @@ OTHER_SEED = 1
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def selected(view: VisualView, k: int, **options: Any) -> set[int]:
-    """The token indices ``zoo`` with ``options`` selects from ``view``."""
+def selected(view: VisualView, k: int, black_box: bool = False, **options: Any) -> set[int]:
+    """The token indices ``zoo`` with ``options`` selects from ``view`` (``black_box``: with the projector's structure
+    hidden, so that its sensitivity runs the projector itself)."""
+    if black_box:
+        proj = dataclasses.replace(view.extras["projector"], mlp=None)
+        view = dataclasses.replace(view, extras=view.extras | {"projector": proj})
     pruner = build_pruner(make_config("zoo", keep=k, **options))
     with torch.inference_mode():
         return set(pruner.select(view, k).indices.flatten().tolist())
@@ -102,19 +108,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--testbed-items", type=int, default=50, help="held-out questions per testbed (0: none)")
     parser.add_argument("--testbed-rank", type=int, default=4, help="rank on the 128-wide testbeds")
     parser.add_argument("--precision", default=None, help="compare precision=P (e.g. bfloat16) instead of ranks")
+    parser.add_argument("--black-box", action="store_true", help="compare the black-box projector instead of ranks")
+    parser.add_argument("--testbeds", default="llava,qwen2_vl", help="comma-separated testbeds (default: both)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models instead of real sizes (plumbing)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     table: list[tuple[str, int, int, dict]] = []
     models = args.models.split(",") if args.models else None
-    real = [{"precision": args.precision}] if args.precision else [{"rank": REAL_RANK}]
-    testbed = [{"precision": args.precision}] if args.precision else [{"rank": REAL_RANK}, {"rank": args.testbed_rank}]
+    if args.black_box:
+        real = testbed = [{"black_box": True}]
+    else:
+        real = [{"precision": args.precision}] if args.precision else [{"rank": REAL_RANK}]
+        testbed = [{"precision": args.precision}] if args.precision else [{"rank": REAL_RANK},
+                                                                          {"rank": args.testbed_rank}]
     for name, view in real_size_views(models, args.tiny):
         for variant in real:
             table.append((name + " (random weights)", label(variant), 1, overlaps(view, variant)))
             print(table[-1], flush=True)
-    for kind in ("llava", "qwen2_vl") if args.testbed_items else ():
+    for kind in args.testbeds.split(",") if args.testbed_items else ():
         for variant in testbed:
             rows = [overlaps(v, variant) for v in testbed_views(kind, args.testbed_items)]
             table.append((f"testbed {kind}", label(variant), len(rows),

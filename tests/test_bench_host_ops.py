@@ -49,7 +49,8 @@ def test_in_llm_pruning_reads_nothing_while_the_decoder_layers_run(rows):
     """Issue 20: the in-LLM cut reads its sizes before layer 0 is queued and its checks after the last layer, so a
     GPU never waits at the cut for the layers before it; and it reads less in all than it did (15-16 -> 13)."""
     by = {r["setting"]: r for r in rows}
-    for setting in ("fastv K=2", "dart K=2", "random K=2", "pyramiddrop", "fastv K=2 merge", "dart 2 cuts", "sparsevlm"):
+    for setting in ("fastv K=2", "dart K=2", "random K=2", "pyramiddrop", "fastv K=2 merge", "dart 2 cuts",
+                    "sparsevlm"):
         assert by[setting]["reads_in_layers"] == 0, setting
         assert by[setting]["reads"] <= by["random pre_llm"]["reads"], setting
 

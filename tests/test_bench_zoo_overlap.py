@@ -27,3 +27,15 @@ def test_tiny_run_compares_a_precision_instead(tmp_path):
         record = bench.main(["--tiny", "--models", "llava-1.5-7b", "--testbed-items", "1", "--precision", "bfloat16"])
     assert [(r["views"].split(" ")[0], r["variant"]) for r in record["rows"]] == [
         ("llava-1.5-7b", "precision=bfloat16"), ("testbed", "precision=bfloat16"), ("testbed", "precision=bfloat16")]
+
+
+def test_tiny_run_compares_the_black_box_instead():
+    """``--black-box``: the structured estimator against the projector run as a black box (Qwen2.5-VL's merger here):
+    the same sensitivities to rounding, so the selections of one tiny view agree."""
+    with bench_script("zoo_rank_overlap") as bench:
+        record = bench.main(["--tiny", "--models", "qwen2.5-vl-7b", "--testbed-items", "1", "--testbeds", "qwen2_vl",
+                             "--black-box"])
+    rows = record["rows"]
+    assert [(r["views"].split(" ")[0], r["variant"]) for r in rows] == [
+        ("qwen2.5-vl-7b", "black_box=True"), ("qwen2.5-vl-7b", "black_box=True"), ("testbed", "black_box=True")]
+    assert all(r["overlap"][k]["rank"] == 1.0 for r in rows for k in ("0.25", "0.11"))

@@ -64,8 +64,10 @@ def test_keep_plan_places_merged_states_and_sizes_in_their_slots(uneven):
     keep = torch.zeros(2, 8, dtype=torch.bool)
     keep[0, [1, 4, 6]] = True
     keep[1, [0, 2, 5] if not uneven else [2, 5]] = True
-    states = [(0, torch.tensor([4, 6]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])), (1, torch.tensor([5]), torch.ones(1, 2))]
-    sizes = [(0, torch.tensor([1, 4, 6]), torch.tensor([1.0, 3.0, 1.0])), (1, torch.tensor([2, 5]), torch.tensor([4.0, 2.0]))]
+    states = [(0, torch.tensor([4, 6]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])),
+              (1, torch.tensor([5]), torch.ones(1, 2))]
+    sizes = [(0, torch.tensor([1, 4, 6]), torch.tensor([1.0, 3.0, 1.0])),
+             (1, torch.tensor([2, 5]), torch.tensor([4.0, 2.0]))]
     read = KeepPlan.from_keep_mask(keep, states, sizes)
     told = KeepPlan.from_keep_mask(keep, states, sizes, per_row=keep.sum(1).tolist(), merged=True)
     hidden = torch.arange(2 * 8 * 2, dtype=torch.float32).view(2, 8, 2)

@@ -3,7 +3,8 @@ Sensitivity-Aware Diverse Selection (:func:`vtprune.ops.sads`).
 
 ``S(i) = (1/m) Σ_j ‖M(x_i + h·u_j) - M(x_i - h·u_j)‖₂ / (2h)``: central differences of the multimodal
 projector ``M`` along ``m`` unit directions shared by every token, ≈ ``E_u ‖J(x_i) u‖₂`` for small ``h``.
-It works on a :class:`~vtprune.capture.ProjectorInput`, treating ``project`` as a black box:
+It works on a :class:`~vtprune.capture.ProjectorInput`, whose ``project`` it runs as a black box (reference mode,
+projectors of no known structure) or whose :class:`~vtprune.capture.MLPProjector` structure it exploits (clean mode):
 
 * LLaVA / LLaVA-NeXT: ``x_i`` is one CLIP feature (g = 1), ``M`` the 2-layer MLP.
 * Qwen2-VL / Qwen2.5-VL: ``x_i`` is the concatenation of the 4 *pre-norm* patch vectors of a 2×2 group
@@ -109,7 +110,8 @@ def central_difference_sensitivity(inputs: torch.Tensor, project, directions: to
 
 def mlp_sensitivity(inputs: torch.Tensor, mlp: MLPProjector, directions: torch.Tensor, step: float,
                     out_factor: torch.Tensor) -> torch.Tensor:
-    """The same central differences for a ``Linear -> act -> Linear`` projector, computed without the
+    """The same central differences for a ``Linear -> act -> Linear`` projector (after a per-vector norm:
+    :class:`NormedFirstLayer`), computed without the
     wasted work: ``W1(x ± h·u) + b1 = a(x) ± h·W1 u`` shares the first layer across tokens and directions,
     the biases of the last layer cancel, and ``‖W2 z‖ = ‖Σ Vᵀ z‖`` (``W2 = U Σ Vᵀ``), so the last layer is
     replaced by ``out_factor`` (:func:`output_factor`: W2 itself or its QR's R at full rank, ``Σᵣ Vᵣᵀ`` at rank r).
@@ -145,8 +147,8 @@ class NormedFirstLayer:
     direction without running the layer per direction. A norm is ``γ ⊙ c(v) / s(v) + β`` with ``c`` linear (the
     centring, or nothing for RMSNorm) and ``s`` a scalar per vector, so with ``A_p = W1_p (γ ⊙ c(x_p))`` per token
     and ``B_p = W1_p (γ ⊙ c(u_p))`` per direction (one first-layer pass each) the pre-activation is
-    ``Σ_p (A_p ± h·B_p) / s_p± + W1 β + b1``, where ``s_p±² = (‖c(x_p)‖² ± 2h c(x_p)·c(u_p) + h²‖c(u_p)‖²) / d + ε``
-    needs only dot products. Float32."""
+    ``Σ_p (A_p ± h·B_p) / s_p± + W1 β + b1``, where
+    ``s_p±² = (‖c(x_p)‖² ± 2h c(x_p)·c(u_p) + h²‖c(u_p)‖²) / d + ε`` needs only dot products. Float32."""
 
     def __init__(self, inputs: torch.Tensor, mlp: MLPProjector, directions: torch.Tensor, step: float) -> None:
         n, g, d = inputs.shape
@@ -267,9 +269,10 @@ class ZOScorer:
     LLaVA), black-box central differences, ``rank`` = truncated SVD of every projector layer. Otherwise
     directions are drawn in float32 (the draw does not depend on the model's dtype) and MLP projectors use
     the structured estimator :func:`mlp_sensitivity` (same value at full rank, several times cheaper; with
-    ``rank`` only the last layer is truncated); other projectors (Qwen's PatchMerger, InternVL's) stay black
-    boxes, every layer truncated to ``rank`` as in the reference mode. Set :attr:`directions` ([m, g·d_v]) to inject the exact
-    direction bank of a reference run."""
+    ``rank`` only the last layer is truncated), Qwen's PatchMerger included (its per-patch norm, see
+    :class:`NormedFirstLayer`); other projectors (InternVL's, Gemma 3's) stay black boxes, every layer truncated to
+    ``rank`` as in the reference mode. Set :attr:`directions` ([m, g·d_v]) to inject the exact direction bank of a
+    reference run."""
 
     def __init__(self, options: ZOOptions, reference: bool = False) -> None:
         self.options = options
@@ -306,9 +309,9 @@ class ZOScorer:
 @dataclass
 class ZooConfig(PrunerConfig, ZOOptions, ModeOption):
     """ZOO-Prune. Sensitivity options: ``directions`` (m = 64), ``step`` (h = 0.01), ``rank`` (None = full-rank
-    projector; e.g. 128, much cheaper), ``precision`` (see :class:`ZOOptions`). Directions come from the pruner's seeded generator, one bank per image
-    shared by all its tokens. On LLaVA's MLP projector the clean mode computes the same central differences
-    with the structured estimator of :func:`mlp_sensitivity` (identical at full rank;
+    projector; e.g. 128, much cheaper), ``precision`` (see :class:`ZOOptions`). Directions come from the pruner's
+    seeded generator, one bank per image shared by all its tokens. On LLaVA's MLP projector and Qwen's PatchMerger
+    the clean mode computes the same central differences with the structured estimator of :func:`mlp_sensitivity` (identical at full rank;
     ``rank`` truncates the last layer's SVD); the reference mode runs the projector as a black box, with
     ``rank`` truncating every layer as the reference's low-rank LLaVA-NeXT projector does.
 
