@@ -222,7 +222,8 @@ def test_token_map_and_projector_inputs_reproduce_the_visual_tokens(probe):
         with torch.no_grad():
             torch.testing.assert_close(proj(gathered), feats, atol=1e-6, rtol=1e-5)
             p = view.extras["projector"]
-            assert p.inputs.shape == (view.num_tokens, 4, patches.shape[-1]) and p.mlp is None
+            assert p.inputs.shape == (view.num_tokens, 4, patches.shape[-1])
+            assert p.mlp is not None and p.mlp.norm is proj.layer_norm  # the structure ZOO's estimator reads
             torch.testing.assert_close(p.inputs.flatten(1), gathered, atol=0, rtol=0)
             torch.testing.assert_close(p.project(p.inputs), feats, atol=1e-6, rtol=1e-5)
             # negative controls: the projector's LayerNorm cannot be skipped (an MLP-only projector is wrong), and

@@ -169,7 +169,7 @@ def test_low_rank_projector():
 
 
 def test_rank_truncates_a_black_box_projector_in_clean_mode():
-    """A projector without the MLP structure (InternVL's, Gemma 3's): ``rank`` truncates every layer in clean mode
+    """A projector without the MLP structure (Gemma 3's): ``rank`` truncates every layer in clean mode
     too, as in the reference mode; it used to be ignored there (the sensitivity stayed full-rank)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 10))
@@ -370,9 +370,11 @@ def test_structured_mlp_sensitivity_equals_black_box_central_differences():
     assert bool((low <= exact + 1e-5).all()) and not torch.allclose(low, exact)  # truncation only removes energy
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])  # LayerNorm, RMSNorm, LayerNorm
+# per-patch LayerNorm, RMSNorm, LayerNorm; InternVL: one LayerNorm over the 4 patches together
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"])
 def test_structured_sensitivity_of_a_norm_first_merger_equals_black_box_central_differences(family):
-    """Qwen's PatchMerger normalises each of a token's 4 patch vectors before its MLP: the structured estimator
+    """Qwen's PatchMerger normalises each of a token's 4 patch vectors before its MLP (InternVL's projector all of them
+    at once): the structured estimator
     (per-vector norms from dot products, both linear layers shared) computes the black box's central differences;
     negative control: the same MLP without its norm gives other values (and the plain estimator computes those)."""
     from vtprune.capture import MLPProjector

@@ -113,8 +113,9 @@ class ProjectorInput:
 class MLPProjector:
     """The structure of a ``Linear -> activation -> Linear`` projector (LLaVA's), for estimators that can
     exploit it (the first layer is linear in its input, the last is an isometry up to its singular values).
-    ``norm``: a LayerNorm or RMSNorm applied to each of a token's g input vectors before they are concatenated
-    (Qwen's PatchMerger), or ``None``."""
+    ``norm``: a LayerNorm or RMSNorm applied before the first layer to each of its width's slices of a token's
+    concatenated inputs (Qwen's PatchMerger: each of the 4 patch vectors; InternVL's projector: all 4 at once), or
+    ``None``."""
 
     first: torch.nn.Linear
     act: Callable[[torch.Tensor], torch.Tensor]

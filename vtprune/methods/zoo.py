@@ -142,8 +142,8 @@ def mlp_sensitivity(inputs: torch.Tensor, mlp: MLPProjector, directions: torch.T
 
 
 class NormedFirstLayer:
-    """The first layer's pre-activations ``W1·concat_p norm(x_p ± h·u_p) + b1`` of a projector that normalises each
-    of a token's g input vectors first (:attr:`MLPProjector.norm`, LayerNorm or RMSNorm), for every token and
+    """The first layer's pre-activations ``W1·concat_p norm(x_p ± h·u_p) + b1`` of a projector that normalises its
+    input first, vector by vector (:attr:`MLPProjector.norm`, LayerNorm or RMSNorm), for every token and
     direction without running the layer per direction. A norm is ``γ ⊙ c(v) / s(v) + β`` with ``c`` linear (the
     centring, or nothing for RMSNorm) and ``s`` a scalar per vector, so with ``A_p = W1_p (γ ⊙ c(x_p))`` per token
     and ``B_p = W1_p (γ ⊙ c(u_p))`` per direction (one first-layer pass each) the pre-activation is
@@ -151,16 +151,18 @@ class NormedFirstLayer:
     ``s_p±² = (‖c(x_p)‖² ± 2h c(x_p)·c(u_p) + h²‖c(u_p)‖²) / d + ε`` needs only dot products. Float32."""
 
     def __init__(self, inputs: torch.Tensor, mlp: MLPProjector, directions: torch.Tensor, step: float) -> None:
-        n, g, d = inputs.shape
-        norm, weight = mlp.norm, mlp.first.weight.float()  # [d_h, g·d]
+        norm, weight = mlp.norm, mlp.first.weight.float()  # [d_h, g·d_v]
         layer = isinstance(norm, torch.nn.LayerNorm)
+        d = norm.normalized_shape[-1] if layer else norm.weight.shape[-1]  # the width one norm acts on
+        n, width = inputs.shape[0], inputs[0].numel()
+        if width % d or weight.shape[1] != width:
+            raise VTPruneError(f"projector norm over {d} values and first layer over {weight.shape[1]} inputs: expected "
+                               f"the {width} inputs of a token as whole {d}-wide vectors")
+        g = width // d  # the vectors normalised one by one (Qwen: 4 patches; InternVL: 1, all channels at once)
         gamma = norm.weight.float() if norm.weight is not None else torch.ones(d, device=inputs.device)
-        if gamma.shape != (d,) or weight.shape[1] != g * d:
-            raise VTPruneError(f"projector norm over {tuple(gamma.shape)} and first layer over {weight.shape[1]} "
-                               f"inputs: expected one norm per {d}-wide input vector and {g} x {d} inputs")
         beta = getattr(norm, "bias", None) if layer else None
         self.eps = float(norm.eps if layer else norm.variance_epsilon)
-        x, u = inputs.float(), directions.float().view(-1, g, d)
+        x, u = inputs.float().reshape(n, g, d), directions.float().view(-1, g, d)
         cx, cu = (x - x.mean(-1, keepdim=True), u - u.mean(-1, keepdim=True)) if layer else (x, u)
         per_member = weight.view(-1, g, d).permute(1, 2, 0)  # [g, d, d_h]: W1_p transposed
         self.a = torch.bmm((gamma * cx).transpose(0, 1), per_member).transpose(0, 1)  # [n, g, d_h]
@@ -270,9 +272,9 @@ class ZOScorer:
     directions are drawn in float32 (the draw does not depend on the model's dtype) and MLP projectors use
     the structured estimator :func:`mlp_sensitivity` (same value at full rank, several times cheaper; with
     ``rank`` only the last layer is truncated), Qwen's PatchMerger included (its per-patch norm, see
-    :class:`NormedFirstLayer`); other projectors (InternVL's, Gemma 3's) stay black boxes, every layer truncated to
-    ``rank`` as in the reference mode. Set :attr:`directions` ([m, g·d_v]) to inject the exact direction bank of a
-    reference run."""
+    :class:`NormedFirstLayer`) and InternVL's projector; other projectors (Gemma 3's) stay black boxes, every layer
+    truncated to ``rank`` as in the reference mode. Set :attr:`directions` ([m, g·d_v]) to inject the exact direction
+    bank of a reference run."""
 
     def __init__(self, options: ZOOptions, reference: bool = False) -> None:
         self.options = options

@@ -17,8 +17,9 @@ What the adapter gathers (docs/families/internvl.md has the details):
   [CLS] kept, so [CLS]-reading methods run on the real [CLS] row (no fallback).
 * **Projector.** ``LayerNorm(s²·C) → linear_1 → GELU → linear_2`` on the shuffled features; the projector inputs
   are the s² patch features each token concatenates ([V, s², C], the pixel shuffle's channel-block order), and
-  re-projecting them is exactly the model's visual input. The LayerNorm makes the first stage non-linear, so no
-  :class:`~vtprune.capture.MLPProjector` structure is offered (ZOO-Prune uses black-box central differences here).
+  re-projecting them is exactly the model's visual input. The LayerNorm over all s²·C values makes the first stage
+  non-linear; the :class:`~vtprune.capture.MLPProjector` offered names it, and ZOO-Prune's structured estimator
+  handles it (one scale per token and direction, from dot products).
 
 Video frames use the same ``<IMG_CONTEXT>`` id (``Frame{i}: <img>…</img>``): each frame is a one-view image.
 """
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import InputCapture, ProjectorInput, VisionQK
+from ..capture import InputCapture, MLPProjector, ProjectorInput, VisionQK, per_vector_norm
 from ..errors import VTPruneError
 from ..view import ImageLayout, Segment
 from .base import LmmsWrapper, ModelAdapter, SyntheticImage, VisionWork, tiny_text_config, tiny_tokenizer
@@ -190,11 +191,20 @@ class InternVLAdapter(ModelAdapter):
             inputs = torch.cat([x[i] for i, _ in maps])  # an image's views are consecutive: tokens in order
             inputs = inputs.view(layout.size, g, -1)  # the s² patch features of each token, in channel-block order
             valid = torch.ones(layout.size, dtype=torch.bool, device=x.device)
-            out.append(ProjectorInput(inputs=inputs, valid=valid, project=self._project))
+            out.append(ProjectorInput(inputs=inputs, valid=valid, project=self._project, mlp=self._mlp()))
         return out
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(x.reshape(x.shape[0], -1))
+
+    def _mlp(self) -> MLPProjector | None:
+        """The projector as LayerNorm (over a token's 4 pixel-shuffled patch features at once) -> Linear -> act ->
+        Linear, for the structured ZO estimator; ``None`` for a projector of another shape."""
+        p = self.projector
+        if not per_vector_norm(getattr(p, "layer_norm", None)) \
+                or not all(hasattr(p, n) for n in ("linear_1", "act", "linear_2")):
+            return None
+        return MLPProjector(first=p.linear_1, act=p.act, last=p.linear_2, norm=p.layer_norm)
 
     # ---- family level: FLOPs, tiny model, benchmark image -----------------------------------------------
     @classmethod
