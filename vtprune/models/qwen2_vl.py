@@ -227,7 +227,8 @@ class Qwen2VLAdapter(ModelAdapter):
         assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
         improc = tf.Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
                                           size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
-        video = tf.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
+        # the per-frame pixel cap pinned off, as transformers' current default (it warns on every call otherwise)
+        video = tf.Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=False,
                                          size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
         return tok, improc, video, dict(text_config=text, **ids)
 

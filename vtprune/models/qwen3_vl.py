@@ -195,7 +195,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                                      "mrope_section": [2, 3, 3]})
         if moe:
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-        video = tf.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+        video = tf.Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=False,
                                          size={"shortest_edge": 64 * 64, "longest_edge": 4 * 128 * 128})
         proc = tf.Qwen3VLProcessor(improc, tok, video, chat_template=CHAT_TEMPLATE)
         config_class = tf.Qwen3VLMoeConfig if moe else tf.Qwen3VLConfig
