@@ -164,3 +164,15 @@ def test_dpc_knn_separates_two_blobs():
         side = assign[centres[0]]
         assert torch.equal(assign == side, torch.arange(12) // 6 == int(centres[0]) // 6)
     assert math.isclose(float(ops.cluster_means(x, assign, 2).abs().mean()), 5.0, rel_tol=0.05)
+
+
+def test_per_frame_raters_are_the_text_after_each_frame():
+    """Per-frame selection on a Qwen3-VL video (timestamps between frames): each frame's raters are the text after
+    that frame at layer 0 and at the cut alike (the video's own text-after count does not stand for a frame)."""
+    from test_video import video_inputs
+
+    tv = model("qwen3_vl")
+    inputs = video_inputs(tv, [0, 1])
+    with vtprune.apply(tv.model, "sparsevlm", keep=0.25, layer=2, per_frame=True) as handle:
+        tv.model(**inputs)
+        assert handle.stats.visual_after != handle.stats.visual_before

@@ -128,9 +128,9 @@ def _frame_extras(extras: dict[str, Any], tokens: torch.Tensor, n: int) -> dict[
     out = restrict_extras(extras, tokens, n)
     for key in (LLM_QK, LAYER_QK, LM_INPUT):
         if key in extras:
-            out[key] = dataclasses.replace(extras[key], image=extras[key].image[tokens.to(extras[key].image.device)])
-            if key != LM_INPUT:  # the text after the frame is not the text after the video
-                out[key].text_after = None
+            # the text after the frame is not the text after the video: counted anew
+            out[key] = dataclasses.replace(extras[key], image=extras[key].image[tokens.to(extras[key].image.device)],
+                                           text_after=None)
     return out
 
 
