@@ -1,7 +1,8 @@
 """Does ZOO-Prune's low-rank sensitivity pass (``rank=128``), its last-layer product in bf16
 (``precision="bfloat16"``, what ``precision="model"`` runs on a bf16 model), or the projector run as a black box
 (``--black-box``: ``2m`` projector passes per token, as before the structured estimator covered Qwen's PatchMerger)
-select the same tokens as the float32 full-rank structured one? (issue 20, item 2: a faster estimator may become the default only if its selections match.)
+select the same tokens as the float32 full-rank structured one? (issue 20, item 2: a faster estimator may become
+the default only if its selections match.)
 
 For each view ``zoo`` receives (its default site and options), the tokens selected with the full-rank projector
 are compared with those of ``rank=r`` or ``precision=p`` (same seed, so the same ZO directions): overlap = |A ∩ B| / k.

@@ -303,8 +303,7 @@ class Signals:
         if self.lm_input is not None and self.lm_input.calls:
             states = self.lm_input.tensor("hidden_states")
             rank = real.long().cumsum(1) - 1
-            after = spans.text_after or [None] * len(spans)
-            for ex, row, pos, text_after in zip(spans.extras, spans.rows, spans.positions, after):
+            for ex, row, pos, text_after in zip(spans.extras, spans.rows, spans.positions, spans.items_text_after()):
                 ex[LM_INPUT] = LMInput(states=states[row][real_index(spans, real, row)], image=rank[row, pos],
                                        text=rank[row, spans.text_index(real, row)], text_after=text_after)
         if self.llm is None:
@@ -318,8 +317,7 @@ def add_qk_extras(key: str, q: torch.Tensor, k: torch.Tensor, scaling: float, wi
     """Attach post-RoPE q [b, H, L, hd] / k [b, H_kv, L, hd] of a call's L tokens (``real`` [b, L]) to each image's
     extras under ``key``, as :class:`LLMQK` over its sample's real tokens."""
     rank = real.long().cumsum(1) - 1
-    after = spans.text_after or [None] * len(spans)
-    for ex, row, pos, text_after in zip(spans.extras, spans.rows, spans.positions, after):
+    for ex, row, pos, text_after in zip(spans.extras, spans.rows, spans.positions, spans.items_text_after()):
         idx = real_index(spans, real, row)
         ex[key] = LLMQK(query=q[row][:, idx], key=k[row][:, idx], image=rank[row, pos],
                         text=rank[row, spans.text_index(real, row)], scaling=scaling, window=window,

@@ -122,10 +122,7 @@ class KeepPlan:
             merged = any(bool((s > 1).any()) for _, _, s in sizes)
         if not merged and not replacements:  # the common case: nothing to place in slots
             return plan
-        # each kept token's slot, by a scatter (padding slots write to a spare column L): no host read
-        slot_of = torch.full((b, full_len + 1), -1, dtype=torch.long, device=keep.device)
-        slot_of.scatter_(1, torch.where(plan.valid, index, full_len),
-                         torch.arange(lk, device=keep.device).expand(b, lk))
+        slot_of = plan.slot_of()
         if merged:
             plan.bias = torch.zeros(b, lk, device=keep.device)
             for row, pos, size in sizes:
@@ -135,6 +132,15 @@ class KeepPlan:
             slots = torch.cat([slot_of[row, pos] for row, pos, _ in replacements])
             plan.replace_slots, plan.replace_values = (rows, slots), torch.cat([v for _, _, v in replacements])
         return plan
+
+    def slot_of(self) -> torch.Tensor:
+        """[b, L] the slot each kept token sits in, -1 for a dropped one, found by a scatter (padding slots write to a
+        spare column that is cut off): no host read."""
+        b, lk = self.index.shape
+        out = torch.full((b, self.full_len + 1), -1, dtype=torch.long, device=self.index.device)
+        out.scatter_(1, self.index.masked_fill(~self.valid, self.full_len),
+                     torch.arange(lk, device=self.index.device).expand(b, lk))
+        return out[:, :-1]
 
     # ---- gathering --------------------------------------------------------------------------------
     def gather(self, x: torch.Tensor, seq_dim: int, batch_dim: int = 0, index: torch.Tensor | None = None

@@ -119,26 +119,32 @@ def mlp_sensitivity(inputs: torch.Tensor, mlp: MLPProjector, directions: torch.T
     differences are formed in float32 and rounded to it only for that product)."""
     n = inputs.shape[0]
     m = directions.shape[0]
-    first = mlp.first
-    if mlp.norm is None:
-        base = F.linear(inputs.flatten(1), first.weight, first.bias).float()  # [n, d_h]: the g inputs concatenated
-        shift = step * F.linear(directions.to(first.weight.dtype), first.weight).float()  # [m, d_h]
-        pre = None
-    else:
-        pre = NormedFirstLayer(inputs, mlp, directions, step)
+    pre = (LinearFirstLayer if mlp.norm is None else NormedFirstLayer)(inputs, mlp, directions, step)
     factor_t = out_factor.T
     out = torch.empty(n, dtype=torch.float32, device=inputs.device)
     per_chunk = max(1, CHUNK_ROWS // m)
     for start in range(0, n, per_chunk):
-        if pre is None:
-            a = base[start:start + per_chunk, None]
-            plus, minus = a + shift, a - shift
-        else:
-            plus, minus = pre(slice(start, start + per_chunk))
+        plus, minus = pre(slice(start, start + per_chunk))
         diff = mlp.act(plus) - mlp.act(minus)  # [c, m, d_h]
         moved = diff.to(factor_t.dtype) @ factor_t
         out[start:start + diff.shape[0]] = moved.float().norm(dim=-1).mean(-1) / (2 * step)
     return out
+
+
+class LinearFirstLayer:
+    """The first layer's pre-activations ``W1(x ± h·u) + b1 = a(x) ± h·W1 u`` of a projector without a norm (the g
+    inputs of a token concatenated), for every token and direction: one pass of the layer for the tokens, one for the
+    directions."""
+
+    def __init__(self, inputs: torch.Tensor, mlp: MLPProjector, directions: torch.Tensor, step: float) -> None:
+        first = mlp.first
+        self.base = F.linear(inputs.flatten(1), first.weight, first.bias).float()  # [n, d_h]
+        self.shift = step * F.linear(directions.to(first.weight.dtype), first.weight).float()  # [m, d_h]
+
+    def __call__(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-activations of the tokens ``rows`` for +h and -h: two [c, m, d_h]."""
+        a = self.base[rows, None]
+        return a + self.shift, a - self.shift
 
 
 class NormedFirstLayer:

@@ -118,6 +118,10 @@ class ImageSpans:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def items_text_after(self) -> list[int | None]:
+        """Per item, the text tokens after it when the site read them, else ``None`` for each."""
+        return self.text_after or [None] * len(self)
+
     def image_mask(self, shape: tuple[int, int]) -> torch.Tensor:
         """[b, L] bool mask of every image token of the batch (built once per shape: treat it as read-only)."""
         key = ("image", tuple(shape))

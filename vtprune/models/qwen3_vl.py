@@ -83,10 +83,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     deepstack: bool = True
 
     def _mlp(self) -> MLPProjector | None:
-        """The merger as norm-each-patch (LayerNorm) -> Linear -> GELU -> Linear, for the structured ZO estimator;
-        ``None`` for a merger that normalises after concatenating (``use_postshuffle_norm``) or of another shape."""
+        """The merger as LayerNorm (each patch, or all 4 at once with ``use_postshuffle_norm``) -> Linear -> GELU ->
+        Linear, for the structured ZO estimator; ``None`` for a merger of another shape."""
         p = self.projector
-        if getattr(p, "use_postshuffle_norm", True) or not per_vector_norm(getattr(p, "norm", None)) \
+        if not per_vector_norm(getattr(p, "norm", None)) \
                 or not all(hasattr(p, n) for n in ("linear_fc1", "act_fn", "linear_fc2")):
             return None
         return MLPProjector(first=p.linear_fc1, act=p.act_fn, last=p.linear_fc2, norm=p.norm)

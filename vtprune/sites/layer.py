@@ -132,12 +132,7 @@ def _restrict(spans: Any, rows: KeepPlan) -> Any:
     one row per frame), and its per-token signals (vision q/k patch maps, projector inputs) restricted to the
     survivors. With ``rows.item_counts`` (each item's survivors, known on the host) nothing is read from the device
     for an image (a video's frames are still read back)."""
-    b, lk = rows.index.shape
-    # each valid slot's number at its sequence index; padding slots write to a dropped extra column instead
-    target = rows.index.masked_fill(~rows.valid, rows.full_len)
-    slot_of = torch.full((b, rows.full_len + 1), -1, dtype=torch.long, device=rows.index.device)
-    slot_of.scatter_(1, target, torch.arange(lk, device=target.device).expand(b, lk))
-    slot_of = slot_of[:, :-1]
+    slot_of = rows.slot_of()
     counts = rows.item_counts or [None] * len(spans)
     positions, layouts, extras = [], [], []
     for row, pos, ex, layout, n in zip(spans.rows, spans.positions, spans.extras, spans.layouts, counts):
