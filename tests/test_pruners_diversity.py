@@ -399,6 +399,20 @@ def test_structured_sensitivity_of_a_norm_first_merger_equals_black_box_central_
     assert not torch.allclose(bare, black_box, rtol=2e-2)
 
 
+def test_a_norm_that_does_not_tile_the_projector_input_is_refused():
+    """A norm whose width does not divide a token's inputs (or a first layer over another width) gets a named error,
+    not a silently mis-shaped estimate; a tiling one passes (negative control)."""
+    from vtprune.capture import MLPProjector
+    from vtprune.methods.zoo import NormedFirstLayer, unit_directions
+
+    first, last = nn.Linear(12, 8), nn.Linear(8, 5)
+    x, u = torch.randn(3, 4, 3), unit_directions(2, 12, torch.Generator().manual_seed(0))
+    NormedFirstLayer(x, MLPProjector(first=first, act=nn.GELU(), last=last, norm=nn.LayerNorm(3)), u, 0.01)
+    for norm in (nn.LayerNorm(5), nn.LayerNorm(24)):
+        with pytest.raises(VTPruneError, match=r"projector norm over \d+ values and first layer over 12 inputs"):
+            NormedFirstLayer(x, MLPProjector(first=first, act=nn.GELU(), last=last, norm=norm), u, 0.01)
+
+
 def test_zoo_precision_sets_the_dtype_of_the_last_layer_product_only():
     """``precision="model"`` runs the structured estimator's product in the projector's dtype: a float32 model is
     unchanged bit for bit, a bf16 one rounds only that product (differences and norms stay float32)."""
